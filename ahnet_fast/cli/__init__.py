@@ -1,0 +1,41 @@
+"""`ahnet-fast` command line: one module per sub-command in this package.
+
+Each sub-command module defines ``register(subparsers)`` which adds its parser
+and sets ``func`` (a callable taking the parsed args and returning an exit
+code). Modules import heavy dependencies inside ``func`` so that
+``ahnet-fast --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+# sub-command name -> module path; the order is the order shown in --help
+COMMANDS = {
+    "info": "ahnet_fast.cli.info",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ahnet-fast", description="Fast anisotropic 3D networks (AH-Net) for CT/MRI segmentation."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in COMMANDS.values():
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
