@@ -1,0 +1,222 @@
+"""The fused pipeline shared by the triton and cuda backends.
+
+Both backends expose the same launchers (OPS_CONTRACT.md): ``conv3d_fused``, ``channel_stats``,
+``bn_act_apply``, ``bn_act_backward``, ``zmaxpool_forward``, ``zmaxpool_backward``. This module
+strings them together once; ``triton_backend.py`` and ``cuda_backend.py`` only say where the
+launchers come from and which devices they serve.
+
+Pipelines (scale/shift = the BN affine folded per channel, fp32):
+
+* conv_bn_act, eval, no grad: ONE ``conv3d_fused`` call with bias, the folded BN as epilogue
+  affine, z-pool (before or after the affine), residual and ReLU.
+* conv_bn_act, training: ``conv3d_fused(compute_stats=True)`` (pool-before inside when nothing
+  needs the unpooled conv output) -> fp32 finalize -> ``bn_act_apply`` (pool-after, residual, ReLU).
+  When backward needs it, the unpooled conv output c is kept and the pool/stats run separately.
+* conv_bn_act backward: ``bn_act_backward`` (ReLU mask from the saved output, pool-after routing,
+  BN backward) -> ``zmaxpool_backward`` for a pool-before -> ``aten.convolution_backward``.
+* bn_act_conv: ``channel_stats`` (training) -> ``conv3d_fused`` with in_scale/in_shift (BN+ReLU in
+  the prologue, zero padding after the transform), optionally straight into a channel slice.
+* bn_act_conv backward: z = ``bn_act_apply`` (transient) -> ``aten.convolution_backward`` ->
+  ``bn_act_backward`` with the ReLU mask z > 0.
+
+Convs the fused conv kernel does not cover (e.g. the stem's 7x7x3, or a build where
+``conv3d_fused`` is not available yet) run through torch's conv (cuDNN on a GPU) while the BN,
+ReLU, pool and residual work around them stays fused, as the issue allows for the stem.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+from ._util import bn_affine, is_supported_layout, running_stats
+
+Tensor = torch.Tensor
+
+LAUNCHERS = ("conv3d_fused", "channel_stats", "bn_act_apply", "bn_act_backward",
+             "zmaxpool_forward", "zmaxpool_backward")
+# launchers an op cannot do without (conv3d_fused is optional: torch's conv stands in)
+REQUIRED = {
+    "zmaxpool": ("zmaxpool_forward", "zmaxpool_backward"),
+    "conv_bn_act": ("channel_stats", "bn_act_apply", "bn_act_backward", "zmaxpool_forward", "zmaxpool_backward"),
+    "bn_act_conv": ("channel_stats", "bn_act_apply", "bn_act_backward"),
+}
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# (kernel, stride) pairs conv3d_fused is used for; AH-Net's anisotropic convs
+FUSED_KERNELS = ((3, 3, 1), (1, 1, 3), (1, 1, 1))
+FUSED_STRIDES = ((1, 1, 1), (2, 2, 1))
+_ZPOOL_KERNEL = {"none": "none", "before_bn": "before_affine", "after_bn": "after_affine"}
+
+
+def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.detach().to(torch.float32).contiguous()
+
+
+class FusedPipeline:
+    """The fused ops over one set of launchers, loaded lazily by ``loader``.
+
+    ``loader()`` returns a mapping name -> launcher for the launchers that exist (missing ones
+    are simply absent) or raises ImportError/RuntimeError when none can be had; the error text
+    becomes the refusal reason.
+    """
+
+    def __init__(self, name: str, loader: Callable[[], dict[str, Callable]]):
+        self.name = name
+        self._loader = loader
+        self._launchers: Optional[SimpleNamespace] = None
+        self._error: Optional[str] = None
+
+    # -- loading ------------------------------------------------------------------------------
+    def launchers(self) -> Optional[SimpleNamespace]:
+        if self._launchers is None and self._error is None:
+            try:
+                found = self._loader()
+            except Exception as exc:  # ImportError, a failed build check, a triton error...
+                self._error = f"{type(exc).__name__}: {exc}"
+            else:
+                self._launchers = SimpleNamespace(**{k: found.get(k) for k in LAUNCHERS})
+        return self._launchers
+
+    def load_error(self) -> Optional[str]:
+        self.launchers()
+        return self._error
+
+    def missing(self, op: str) -> list[str]:
+        lau = self.launchers()
+        if lau is None:
+            return list(REQUIRED[op])
+        return [n for n in REQUIRED[op] if getattr(lau, n) is None]
+
+    def has_conv(self) -> bool:
+        lau = self.launchers()
+        return lau is not None and lau.conv3d_fused is not None
+
+    def call_reasons(self, op: str, tensors: Sequence[Optional[Tensor]]) -> list[str]:
+        """Reasons (dtype, layout, missing launchers) this pipeline cannot serve a call."""
+        out: list[str] = []
+        err = self.load_error()
+        if err is not None:
+            out.append(f"{self.name} launchers could not be loaded ({err})")
+        else:
+            miss = self.missing(op)
+            if miss:
+                out.append(f"{self.name} launchers missing for {op}: {', '.join(miss)}")
+        x = tensors[0]
+        assert x is not None
+        if x.dtype not in SUPPORTED_DTYPES:
+            out.append(f"dtype {x.dtype} is not supported (accepted: float32, float16, bfloat16)")
+        for t in tensors:
+            if t is not None and t.dim() == 5 and not is_supported_layout(t):
+                out.append(f"a (N, C, H, W, D) tensor with shape {tuple(t.shape)} and strides {t.stride()} "
+                           "is neither contiguous nor channels_last_3d")
+                break
+        return out
+
+    def conv_fused_ok(self, weight: Tensor, stride: Sequence[int], padding: Sequence[int]) -> bool:
+        k = tuple(weight.shape[2:])
+        return (self.has_conv() and k in FUSED_KERNELS and tuple(stride) in FUSED_STRIDES
+                and all(p in (0, kk // 2) for p, kk in zip(padding, k)))
+
+    # -- zmaxpool --------------------------------------------------------------------------------
+    def zmaxpool_forward(self, x: Tensor) -> Tensor:
+        return self.launchers().zmaxpool_forward(x)
+
+    def zmaxpool_backward(self, x: Tensor, grad_y: Tensor) -> Tensor:
+        return self.launchers().zmaxpool_backward(x, grad_y)
+
+    # -- conv -> BN -> act -------------------------------------------------------------------------
+    def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, fused: bool, **kw):
+        if fused:
+            return self.launchers().conv3d_fused(x, weight, stride=tuple(stride), padding=tuple(padding),
+                                                 bias=bias, **kw)
+        assert not kw
+        return F.conv3d(x, weight, bias, list(stride), list(padding))
+
+    def conv_bn_act_forward(self, x, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, residual,
+                            stride, padding, training, eps, zpool, relu, save):
+        L = self.launchers()
+        fused = self.conv_fused_ok(weight, stride, padding)
+        before, after = zpool == "before_bn", zpool == "after_bn"
+        c: Optional[Tensor] = None
+        if training:
+            if fused and not save:
+                # pool-before inside the conv epilogue; stats of the pooled raw values
+                y, (mean, var) = self._conv(x, weight, conv_bias, stride, padding, True,
+                                            zpool="before_affine" if before else "none", compute_stats=True)
+            elif fused and not before:
+                c, (mean, var) = self._conv(x, weight, conv_bias, stride, padding, True, compute_stats=True)
+                y = c
+            else:
+                c = self._conv(x, weight, conv_bias, stride, padding, fused)
+                y = L.zmaxpool_forward(c) if before else c
+                mean, var = L.channel_stats(y)
+            invstd = torch.rsqrt(var + eps)
+        else:
+            mean, invstd, var = running_stats(running_mean, running_var, eps, torch.float32)
+        scale, shift = bn_affine(mean, invstd, _f32(bn_weight), _f32(bn_bias))
+        scale, shift = scale.contiguous(), shift.contiguous()
+        if not training and not save and fused:
+            # inference: BN folded into the conv epilogue, everything in one kernel
+            out = self._conv(x, weight, conv_bias, stride, padding, True, out_scale=scale, out_shift=shift,
+                             zpool=_ZPOOL_KERNEL[zpool], residual=residual, relu=relu)
+            return out, None, mean, invstd, var
+        if not training:
+            c = self._conv(x, weight, conv_bias, stride, padding, fused)
+            y = L.zmaxpool_forward(c) if before else c
+        out = L.bn_act_apply(y, scale, shift, zpool="after_affine" if after else "none",
+                             residual=residual, relu=relu)
+        return out, (c if save else None), mean, invstd, var
+
+    def conv_bn_act_backward(self, grad_out, x, weight, c, mean, invstd, bn_weight, bn_bias, out, stride, padding,
+                             training, zpool, relu, has_residual, has_conv_bias, output_mask):
+        L = self.launchers()
+        before = zpool == "before_bn"
+        y = L.zmaxpool_forward(c) if before else c
+        grad_y, g_gamma, g_beta, g_res = L.bn_act_backward(
+            grad_out, y, mean.float(), invstd.float(), _f32(bn_weight), out=out if relu else None,
+            zpool="after_affine" if zpool == "after_bn" else "none", relu=relu, batch_stats=training,
+            residual_grad=bool(has_residual and output_mask[5]))
+        grad_c = L.zmaxpool_backward(c, grad_y) if before else grad_y
+        gx, gw, gb = reference._conv_backward(grad_c, x, weight, stride, padding, has_conv_bias, output_mask[:3])
+        return gx, gw, gb, g_gamma, g_beta, g_res
+
+    # -- BN -> act -> conv -------------------------------------------------------------------------
+    def bn_act_conv_forward(self, x, bn_weight, bn_bias, running_mean, running_var, weight, conv_bias, stride,
+                            padding, training, eps, relu, out=None, out_channel_offset=0):
+        L = self.launchers()
+        if training:
+            mean, var = L.channel_stats(x)
+            invstd = torch.rsqrt(var + eps)
+        else:
+            mean, invstd, var = running_stats(running_mean, running_var, eps, torch.float32)
+        scale, shift = bn_affine(mean, invstd, _f32(bn_weight), _f32(bn_bias))
+        scale, shift = scale.contiguous(), shift.contiguous()
+        if self.conv_fused_ok(weight, stride, padding):
+            o = self._conv(x, weight, conv_bias, stride, padding, True, in_scale=scale, in_shift=shift,
+                           in_relu=relu, out=out, out_channel_offset=out_channel_offset)
+            return o, mean, invstd, var
+        z = L.bn_act_apply(x, scale, shift, relu=relu)
+        o = F.conv3d(z, weight, conv_bias, list(stride), list(padding))
+        if out is not None:
+            out.narrow(1, out_channel_offset, o.shape[1]).copy_(o)
+            return out, mean, invstd, var
+        return o, mean, invstd, var
+
+    def bn_act_conv_backward(self, grad_out, x, bn_weight, bn_bias, mean, invstd, weight, stride, padding, training,
+                             relu, has_conv_bias, output_mask):
+        L = self.launchers()
+        scale, shift = bn_affine(mean.float(), invstd.float(), _f32(bn_weight), _f32(bn_bias))
+        z = L.bn_act_apply(x, scale.contiguous(), shift.contiguous(), relu=relu)  # transient recompute
+        need_bn = bool(output_mask[0] or output_mask[1] or output_mask[2])
+        gz, gw, gb = reference._conv_backward(grad_out, z, weight, stride, padding, has_conv_bias,
+                                              [need_bn, output_mask[3], output_mask[4]])
+        gx = g_gamma = g_beta = None
+        if need_bn:
+            if not is_supported_layout(gz):
+                gz = gz.contiguous(memory_format=torch.channels_last_3d if x.stride(1) == 1 else torch.contiguous_format)
+            gx, g_gamma, g_beta, _ = L.bn_act_backward(gz, x, mean.float(), invstd.float(), _f32(bn_weight),
+                                                       out=z if relu else None, relu=relu, batch_stats=training)
+        return gx, g_gamma, g_beta, gw, gb

@@ -1,0 +1,358 @@
+"""torch.library registration of the fused ops (namespace ``ahnet_fast``): schemas, fakes, autograd.
+
+Each op is a functional custom op whose implementation picks a backend at run time
+(``_backend.select``) and whose outputs are then conformed to exactly what the fake promises
+(dtype, shape, strides), so ``torch.compile(fullgraph=True)`` and ``torch.library.opcheck`` hold
+for every backend. Autograd wraps the ops (``register_autograd``); the backward passes are ops
+themselves, so AOTAutograd traces them as opaque calls too.
+
+Ops (all tensors (N, C, H, W, D); "marker" = a 0-element tensor for a result not computed):
+
+* ``zmaxpool(x, backend) -> y`` and ``zmaxpool_backward(x, grad_y, backend) -> grad_x``
+* ``conv_bn_act(x, weight, conv_bias?, bn_weight?, bn_bias?, running_mean?, running_var?,
+  residual?, stride, padding, training, eps, zpool, relu, save, backend)
+  -> (out, c, mean, invstd, var)``; ``c`` = conv(x)+bias before any pool (saved for backward,
+  a marker unless ``save``); mean/invstd/var (biased) of the BN input, fp32 (float64 for
+  float64 input): batch statistics when training, else from the running statistics.
+* ``conv_bn_act_backward(...) -> (grad_x, grad_weight, grad_conv_bias, grad_bn_weight,
+  grad_bn_bias, grad_residual)`` (markers where output_mask is False or the input is absent)
+* ``bn_act_conv(x, bn_weight?, bn_bias?, running_mean?, running_var?, weight, conv_bias?,
+  stride, padding, training, eps, relu, backend) -> (out, mean, invstd, var)``
+* ``bn_act_conv_into(..., out!, out_channel_offset, backend) -> (mean, invstd, var)``: writes
+  into ``out[:, off:off+Cout]`` (mutates ``out``; no autograd).
+* ``bn_act_conv_backward(...) -> (grad_x, grad_bn_weight, grad_bn_bias, grad_weight, grad_conv_bias)``
+* ``bn_update_running_stats(running_mean!, running_var!, batch_mean, batch_var, count, momentum)``:
+  ``r = (1-m)*r + m*batch`` with the unbiased variance ``var*count/(count-1)``, as F.batch_norm.
+  Kept separate from the forward ops because torch.library cannot attach autograd to a
+  mutating op; the running statistics need no gradient.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _backend
+from ._util import conv_out_shape, empty5, empty_marker, is_supported_layout, memory_format, restride, stat_dtype
+
+NS = "ahnet_fast"
+
+
+# ----------------------------------------------------------------------------- shared helpers
+def _stat_empty(x: Tensor, c: int) -> Tensor:
+    return torch.empty((c,), dtype=stat_dtype(x.dtype), device=x.device)
+
+
+def _conform(t: Optional[Tensor], like: Tensor, fmt: Optional[torch.memory_format] = None,
+             dtype: Optional[torch.dtype] = None, want: bool = True) -> Tensor:
+    """Backend result -> the exact output the fake describes (marker when absent/unwanted)."""
+    if t is None or not want:
+        return empty_marker(like)
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
+    if fmt is not None:
+        t = restride(t, fmt)
+    elif not t.is_contiguous():
+        t = t.contiguous()
+    return t
+
+
+def _grad_in(g: Tensor, ref: Tensor) -> Tensor:
+    """Incoming gradients may be expanded/odd-strided: give backends one of the two layouts."""
+    if is_supported_layout(g):
+        return g
+    return g.contiguous(memory_format=memory_format(ref))
+
+
+def _pooled_shapes(x_shape: Sequence[int], w_shape: Sequence[int], stride: Sequence[int],
+                   padding: Sequence[int], zpool: str) -> tuple[list[int], list[int]]:
+    c_shape = conv_out_shape(x_shape, w_shape, stride, padding)
+    out_shape = list(c_shape)
+    if zpool != "none":
+        out_shape[-1] = c_shape[-1] // 2
+    return c_shape, out_shape
+
+
+# ----------------------------------------------------------------------------- zmaxpool
+@torch.library.custom_op(f"{NS}::zmaxpool", mutates_args=())
+def zmaxpool_op(x: Tensor, backend: str) -> Tensor:
+    impl = _backend.select("zmaxpool", backend, [x])
+    return _conform(impl.zmaxpool_forward(x), x, memory_format(x))
+
+
+@zmaxpool_op.register_fake
+def _zmaxpool_fake(x: Tensor, backend: str) -> Tensor:
+    return empty5((*x.shape[:4], x.shape[4] // 2), x, memory_format(x))
+
+
+@torch.library.custom_op(f"{NS}::zmaxpool_backward", mutates_args=())
+def zmaxpool_backward_op(x: Tensor, grad_y: Tensor, backend: str) -> Tensor:
+    impl = _backend.select("zmaxpool", backend, [x, grad_y])
+    return _conform(impl.zmaxpool_backward(x, grad_y), x, memory_format(x), x.dtype)
+
+
+@zmaxpool_backward_op.register_fake
+def _zmaxpool_backward_fake(x: Tensor, grad_y: Tensor, backend: str) -> Tensor:
+    return empty5(x.shape, x, memory_format(x))
+
+
+def _zmaxpool_setup(ctx, inputs, output) -> None:
+    x, backend = inputs
+    ctx.save_for_backward(x)
+    ctx.backend = backend
+
+
+def _zmaxpool_bwd(ctx, grad_y: Tensor):
+    (x,) = ctx.saved_tensors
+    return zmaxpool_backward_op(x, _grad_in(grad_y, x), ctx.backend), None
+
+
+zmaxpool_op.register_autograd(_zmaxpool_bwd, setup_context=_zmaxpool_setup)
+
+
+# ----------------------------------------------------------------------------- conv -> BN -> act
+@torch.library.custom_op(f"{NS}::conv_bn_act", mutates_args=())
+def conv_bn_act_op(x: Tensor, weight: Tensor, conv_bias: Optional[Tensor], bn_weight: Optional[Tensor],
+                   bn_bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                   residual: Optional[Tensor], stride: list[int], padding: list[int], training: bool,
+                   eps: float, zpool: str, relu: bool, save: bool, backend: str
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    impl = _backend.select("conv_bn_act", backend, [x, weight, conv_bias, bn_weight, bn_bias,
+                                                    running_mean, running_var, residual])
+    out, c, mean, invstd, var = impl.conv_bn_act_forward(
+        x, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, residual,
+        stride, padding, training, eps, zpool, relu, save)
+    fmt = memory_format(x)
+    sdt = stat_dtype(x.dtype)
+    return (_conform(out, x, fmt, x.dtype), _conform(c, x, fmt, x.dtype, want=save),
+            _conform(mean, x, dtype=sdt), _conform(invstd, x, dtype=sdt), _conform(var, x, dtype=sdt))
+
+
+@conv_bn_act_op.register_fake
+def _conv_bn_act_fake(x, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, residual,
+                      stride, padding, training, eps, zpool, relu, save, backend):
+    fmt = memory_format(x)
+    c_shape, out_shape = _pooled_shapes(x.shape, weight.shape, stride, padding, zpool)
+    c = empty5(c_shape, x, fmt) if save else empty_marker(x)
+    co = weight.shape[0]
+    return empty5(out_shape, x, fmt), c, _stat_empty(x, co), _stat_empty(x, co), _stat_empty(x, co)
+
+
+@torch.library.custom_op(f"{NS}::conv_bn_act_backward", mutates_args=())
+def conv_bn_act_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, c: Tensor, mean: Tensor,
+                            invstd: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                            out: Optional[Tensor], stride: list[int], padding: list[int], training: bool,
+                            zpool: str, relu: bool, has_residual: bool, has_conv_bias: bool,
+                            output_mask: list[bool], backend: str
+                            ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    impl = _backend.select("conv_bn_act", backend, [x, weight, grad_out, c, bn_weight, bn_bias, out])
+    grads = impl.conv_bn_act_backward(grad_out, x, weight, c, mean, invstd, bn_weight, bn_bias, out,
+                                      stride, padding, training, zpool, relu, has_residual,
+                                      has_conv_bias, output_mask)
+    return _conform_cba_grads(grads, x, weight, bn_weight, bn_bias, has_residual, has_conv_bias, output_mask)
+
+
+def _cba_grad_specs(x, weight, bn_weight, bn_bias, has_residual, has_conv_bias, output_mask):
+    """(shape, fmt, dtype, wanted) of each conv_bn_act gradient, shared by the impl and the fake."""
+    fmt = memory_format(x)
+    co = weight.shape[0]
+    present = [True, True, has_conv_bias, bn_weight is not None, bn_bias is not None, has_residual]
+    return [
+        (tuple(x.shape), fmt, x.dtype),
+        (tuple(weight.shape), memory_format(weight), weight.dtype),
+        ((co,), None, weight.dtype),
+        ((co,), None, bn_weight.dtype if bn_weight is not None else x.dtype),
+        ((co,), None, bn_bias.dtype if bn_bias is not None else x.dtype),
+        (None, fmt, x.dtype),  # residual: shape of the output, known from the backend result
+    ], [bool(m) and p for m, p in zip(output_mask, present)]
+
+
+def _conform_cba_grads(grads, x, weight, bn_weight, bn_bias, has_residual, has_conv_bias, output_mask):
+    specs, wanted = _cba_grad_specs(x, weight, bn_weight, bn_bias, has_residual, has_conv_bias, output_mask)
+    return tuple(_conform(g, x, fmt, dt, want=w) for g, (_, fmt, dt), w in zip(grads, specs, wanted))
+
+
+@conv_bn_act_backward_op.register_fake
+def _conv_bn_act_backward_fake(grad_out, x, weight, c, mean, invstd, bn_weight, bn_bias, out, stride,
+                               padding, training, zpool, relu, has_residual, has_conv_bias, output_mask,
+                               backend):
+    specs, wanted = _cba_grad_specs(x, weight, bn_weight, bn_bias, has_residual, has_conv_bias, output_mask)
+    res = []
+    for (shape, fmt, dt), w in zip(specs, wanted):
+        if not w:
+            res.append(empty_marker(x))
+            continue
+        shape = tuple(grad_out.shape) if shape is None else shape
+        if fmt is None or len(shape) != 5:
+            res.append(torch.empty(shape, dtype=dt, device=x.device))
+        else:
+            res.append(torch.empty(shape, dtype=dt, device=x.device, memory_format=fmt))
+    return tuple(res)
+
+
+def _cba_setup(ctx, inputs, output) -> None:
+    (x, weight, conv_bias, bn_weight, bn_bias, _rm, _rv, residual, stride, padding, training, _eps,
+     zpool, relu, save, backend) = inputs
+    out, c, mean, invstd, var = output
+    ctx.mark_non_differentiable(c, mean, invstd, var)
+    ctx.set_materialize_grads(False)
+    # Saved: x and weight (conv grads), c = conv output before any pool, the per-channel stats,
+    # the BN affine params, and `out` only when a ReLU mask is needed.
+    ctx.save_for_backward(x, weight, c, mean, invstd, bn_weight, bn_bias, out if relu else None)
+    ctx.params = (list(stride), list(padding), training, zpool, relu, residual is not None,
+                  conv_bias is not None, save, backend)
+
+
+def _cba_backward(ctx, grad_out: Optional[Tensor], *_unused):
+    none16 = (None,) * 16
+    if grad_out is None:
+        return none16
+    x, weight, c, mean, invstd, bn_weight, bn_bias, out = ctx.saved_tensors
+    stride, padding, training, zpool, relu, has_res, has_bias, save, backend = ctx.params
+    if not save:
+        raise RuntimeError("ahnet_fast::conv_bn_act was called with save=False but a gradient is needed; "
+                           "call it through ahnet_fast.ops.conv_bn_act, which sets save itself")
+    nig = ctx.needs_input_grad
+    mask = [nig[0], nig[1], nig[2], nig[3], nig[4], nig[7]]
+    if not any(mask):
+        return none16
+    grads = conv_bn_act_backward_op(_grad_in(grad_out, x), x, weight, c, mean, invstd, bn_weight, bn_bias, out,
+                                    stride, padding, training, zpool, relu, has_res, has_bias, mask, backend)
+    gx, gw, gb, gg, gbeta, gres = (g if m else None for g, m in zip(grads, mask))
+    return (gx, gw, gb, gg, gbeta, None, None, gres) + (None,) * 8
+
+
+conv_bn_act_op.register_autograd(_cba_backward, setup_context=_cba_setup)
+
+
+# ----------------------------------------------------------------------------- BN -> act -> conv
+@torch.library.custom_op(f"{NS}::bn_act_conv", mutates_args=())
+def bn_act_conv_op(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                   running_mean: Optional[Tensor], running_var: Optional[Tensor], weight: Tensor,
+                   conv_bias: Optional[Tensor], stride: list[int], padding: list[int], training: bool,
+                   eps: float, relu: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    impl = _backend.select("bn_act_conv", backend, [x, weight, conv_bias, bn_weight, bn_bias,
+                                                    running_mean, running_var])
+    out, mean, invstd, var = impl.bn_act_conv_forward(x, bn_weight, bn_bias, running_mean, running_var, weight,
+                                                      conv_bias, stride, padding, training, eps, relu)
+    sdt = stat_dtype(x.dtype)
+    return (_conform(out, x, memory_format(x), x.dtype), _conform(mean, x, dtype=sdt),
+            _conform(invstd, x, dtype=sdt), _conform(var, x, dtype=sdt))
+
+
+@bn_act_conv_op.register_fake
+def _bn_act_conv_fake(x, bn_weight, bn_bias, running_mean, running_var, weight, conv_bias, stride, padding,
+                      training, eps, relu, backend):
+    co = weight.shape[0]
+    shape = conv_out_shape(x.shape, weight.shape, stride, padding)
+    return empty5(shape, x, memory_format(x)), _stat_empty(x, x.shape[1]), _stat_empty(x, x.shape[1]), \
+        _stat_empty(x, x.shape[1])
+
+
+@torch.library.custom_op(f"{NS}::bn_act_conv_into", mutates_args=("out",))
+def bn_act_conv_into_op(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                        running_mean: Optional[Tensor], running_var: Optional[Tensor], weight: Tensor,
+                        conv_bias: Optional[Tensor], stride: list[int], padding: list[int], training: bool,
+                        eps: float, relu: bool, out: Tensor, out_channel_offset: int, backend: str
+                        ) -> tuple[Tensor, Tensor, Tensor]:
+    impl = _backend.select("bn_act_conv", backend, [x, weight, conv_bias, bn_weight, bn_bias,
+                                                    running_mean, running_var, out])
+    _, mean, invstd, var = impl.bn_act_conv_forward(x, bn_weight, bn_bias, running_mean, running_var, weight,
+                                                    conv_bias, stride, padding, training, eps, relu,
+                                                    out, out_channel_offset)
+    sdt = stat_dtype(x.dtype)
+    return _conform(mean, x, dtype=sdt), _conform(invstd, x, dtype=sdt), _conform(var, x, dtype=sdt)
+
+
+@bn_act_conv_into_op.register_fake
+def _bn_act_conv_into_fake(x, bn_weight, bn_bias, running_mean, running_var, weight, conv_bias, stride,
+                           padding, training, eps, relu, out, out_channel_offset, backend):
+    return _stat_empty(x, x.shape[1]), _stat_empty(x, x.shape[1]), _stat_empty(x, x.shape[1])
+
+
+@torch.library.custom_op(f"{NS}::bn_act_conv_backward", mutates_args=())
+def bn_act_conv_backward_op(grad_out: Tensor, x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                            mean: Tensor, invstd: Tensor, weight: Tensor, stride: list[int], padding: list[int],
+                            training: bool, relu: bool, has_conv_bias: bool, output_mask: list[bool],
+                            backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    impl = _backend.select("bn_act_conv", backend, [x, weight, grad_out, bn_weight, bn_bias])
+    grads = impl.bn_act_conv_backward(grad_out, x, bn_weight, bn_bias, mean, invstd, weight, stride, padding,
+                                      training, relu, has_conv_bias, output_mask)
+    specs, wanted = _bac_grad_specs(x, weight, bn_weight, bn_bias, has_conv_bias, output_mask)
+    return tuple(_conform(g, x, fmt, dt, want=w) for g, (_, fmt, dt), w in zip(grads, specs, wanted))
+
+
+def _bac_grad_specs(x, weight, bn_weight, bn_bias, has_conv_bias, output_mask):
+    ci, co = x.shape[1], weight.shape[0]
+    specs = [
+        (tuple(x.shape), memory_format(x), x.dtype),
+        ((ci,), None, bn_weight.dtype if bn_weight is not None else x.dtype),
+        ((ci,), None, bn_bias.dtype if bn_bias is not None else x.dtype),
+        (tuple(weight.shape), memory_format(weight), weight.dtype),
+        ((co,), None, weight.dtype),
+    ]
+    present = [True, bn_weight is not None, bn_bias is not None, True, has_conv_bias]
+    return specs, [bool(m) and p for m, p in zip(output_mask, present)]
+
+
+@bn_act_conv_backward_op.register_fake
+def _bn_act_conv_backward_fake(grad_out, x, bn_weight, bn_bias, mean, invstd, weight, stride, padding, training,
+                               relu, has_conv_bias, output_mask, backend):
+    specs, wanted = _bac_grad_specs(x, weight, bn_weight, bn_bias, has_conv_bias, output_mask)
+    res = []
+    for (shape, fmt, dt), w in zip(specs, wanted):
+        if not w:
+            res.append(empty_marker(x))
+        elif fmt is None:
+            res.append(torch.empty(shape, dtype=dt, device=x.device))
+        else:
+            res.append(torch.empty(shape, dtype=dt, device=x.device, memory_format=fmt))
+    return tuple(res)
+
+
+def _bac_setup(ctx, inputs, output) -> None:
+    (x, bn_weight, bn_bias, _rm, _rv, weight, conv_bias, stride, padding, training, _eps, relu, backend) = inputs
+    out, mean, invstd, var = output
+    ctx.mark_non_differentiable(mean, invstd, var)
+    ctx.set_materialize_grads(False)
+    # Saved: x, the per-channel stats, the BN affine params and the conv weight; the activation
+    # z = relu(bn(x)) is recomputed transiently in backward instead of being stored.
+    ctx.save_for_backward(x, bn_weight, bn_bias, mean, invstd, weight)
+    ctx.params = (list(stride), list(padding), training, relu, conv_bias is not None, backend)
+
+
+def _bac_backward(ctx, grad_out: Optional[Tensor], *_unused):
+    none13 = (None,) * 13
+    if grad_out is None:
+        return none13
+    x, bn_weight, bn_bias, mean, invstd, weight = ctx.saved_tensors
+    stride, padding, training, relu, has_bias, backend = ctx.params
+    nig = ctx.needs_input_grad
+    mask = [nig[0], nig[1], nig[2], nig[5], nig[6]]
+    if not any(mask):
+        return none13
+    grads = bn_act_conv_backward_op(_grad_in(grad_out, x), x, bn_weight, bn_bias, mean, invstd, weight, stride,
+                                    padding, training, relu, has_bias, mask, backend)
+    gx, gg, gbeta, gw, gb = (g if m else None for g, m in zip(grads, mask))
+    return (gx, gg, gbeta, None, None, gw, gb) + (None,) * 6
+
+
+bn_act_conv_op.register_autograd(_bac_backward, setup_context=_bac_setup)
+
+
+# ----------------------------------------------------------------------------- running statistics
+@torch.library.custom_op(f"{NS}::bn_update_running_stats", mutates_args=("running_mean", "running_var"))
+def bn_update_running_stats_op(running_mean: Tensor, running_var: Tensor, batch_mean: Tensor, batch_var: Tensor,
+                               count: int, momentum: float) -> None:
+    # same arithmetic as ATen's batch_norm: r = m*batch + (1-m)*r, unbiased variance, in the
+    # statistics dtype, stored back in the buffers' dtype
+    sdt = batch_mean.dtype
+    unbiased = batch_var * (count / (count - 1))
+    running_mean.copy_(batch_mean * momentum + running_mean.to(sdt) * (1.0 - momentum))
+    running_var.copy_(unbiased * momentum + running_var.to(sdt) * (1.0 - momentum))
+
+
+@bn_update_running_stats_op.register_fake
+def _bn_update_running_stats_fake(running_mean, running_var, batch_mean, batch_var, count, momentum) -> None:
+    return None

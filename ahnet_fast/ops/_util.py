@@ -1,0 +1,99 @@
+"""Small helpers shared by the op wrappers, the fakes and every backend (no policy here)."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+ZPOOL_MODES = ("none", "before_bn", "after_bn")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def triple(v: int | Sequence[int], name: str) -> list[int]:
+    """(a, b, c) from an int or a 3-sequence of ints (as nn.Conv3d accepts)."""
+    if isinstance(v, int):
+        return [v, v, v]
+    vals = [int(t) for t in v]
+    if len(vals) != 3:
+        raise ValueError(f"{name} must be an int or 3 ints (h, w, d), got {tuple(v)}")
+    return vals
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """BN statistics are fp32, except for float64 inputs (gradcheck), which keep float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format outputs follow: channels_last_3d for a channels-last input (also a
+    channel slice of one), contiguous otherwise (including tensors that are both)."""
+    if x.dim() != 5 or x.is_contiguous():
+        return torch.contiguous_format
+    if x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    if x.size(1) > 1 and x.stride(1) == 1:
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def is_supported_layout(t: torch.Tensor) -> bool:
+    """Dense contiguous or channels_last_3d (the fused kernels also accept channel slices)."""
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last_3d):
+        return True
+    return False
+
+
+def empty5(shape: Sequence[int], like: torch.Tensor, fmt: torch.memory_format,
+           dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    return torch.empty(tuple(shape), dtype=dtype or like.dtype, device=like.device, memory_format=fmt)
+
+
+def restride(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    """Return ``t`` with exactly the strides of ``torch.empty(t.shape, memory_format=fmt)``.
+
+    The fakes allocate outputs that way, so real outputs must match stride for stride (this
+    also fixes the ambiguous cases where a tensor is both contiguous and channels-last).
+    A copy happens only when the strides differ.
+    """
+    want = torch.empty(t.shape, device="meta", memory_format=fmt).stride()
+    if t.stride() == want:
+        return t
+    out = torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=fmt)
+    out.copy_(t)
+    return out
+
+
+def conv_out_shape(x_shape: Sequence[int], w_shape: Sequence[int], stride: Sequence[int],
+                   padding: Sequence[int]) -> list[int]:
+    n, _, *sp = x_shape
+    co, _, *k = w_shape
+    outs = [(s + 2 * p - kk) // st + 1 for s, p, kk, st in zip(sp, padding, k, stride)]
+    return [n, co, *outs]
+
+
+def empty_marker(like: torch.Tensor) -> torch.Tensor:
+    """A 0-element tensor standing for "not computed" in an op's fixed-arity outputs."""
+    return torch.empty((0,), dtype=like.dtype, device=like.device)
+
+
+def bn_affine(mean: torch.Tensor, invstd: torch.Tensor, weight: Optional[torch.Tensor],
+              bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (scale, shift) with BN(y) = y*scale + shift, in the dtype of ``invstd``."""
+    scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias.to(invstd.dtype)
+    return scale, shift
+
+
+def running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, eps: float,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, invstd, var) from running statistics, as fresh tensors of ``dtype``."""
+    mean = running_mean.detach().to(dtype=dtype, copy=True)
+    var = running_var.detach().to(dtype=dtype, copy=True)
+    return mean, torch.rsqrt(var + eps), var
+
+
+def bcast(v: torch.Tensor) -> torch.Tensor:
+    """(C,) -> (1, C, 1, 1, 1) for broadcasting against (N, C, H, W, D)."""
+    return v.view(1, -1, 1, 1, 1)

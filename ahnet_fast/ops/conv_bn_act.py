@@ -1,0 +1,86 @@
+"""``conv_bn_act``: post-activation block conv -> [z-pool] -> BN -> [z-pool] -> [+ residual] -> [ReLU]."""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+
+from . import _backend, _checks
+from ._library import bn_update_running_stats_op, conv_bn_act_op
+from ._util import ZPOOL_MODES, triple
+
+__all__ = ["conv_bn_act"]
+
+Tensor = torch.Tensor
+IntOr3 = Union[int, Sequence[int]]
+
+
+def conv_bn_act(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                running_mean: Optional[Tensor], running_var: Optional[Tensor], *,
+                conv_bias: Optional[Tensor] = None, stride: IntOr3 = (1, 1, 1), padding: IntOr3 = (0, 0, 0),
+                training: bool = False, momentum: float = 0.1, eps: float = 1e-5, zpool: str = "none",
+                residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
+    """Fused ``relu([pool_after](BN([pool_before](conv3d(x)))) + residual)`` (encoder / stem block).
+
+    Exactly nn.Conv3d(bias=conv_bias is not None, groups=1, dilation=1, zero padding) ->
+    [nn.MaxPool3d((1,1,2)) if zpool="before_bn"] -> F.batch_norm -> [MaxPool3d((1,1,2)) if
+    zpool="after_bn"] -> [+ residual] -> [ReLU if relu].
+
+    Args:
+        x: (N, Cin, H, W, D), float32/float16/bfloat16 (float64: reference backend only),
+           contiguous or channels_last_3d; the output follows its memory format.
+        weight: (Cout, Cin, kh, kw, kd), x's dtype. The fused conv kernel covers (3,3,1), (1,1,3),
+           (1,1,1) with stride (1,1,1)/(2,2,1) and "same" or zero padding; other convs (the stem's
+           7x7x3) run through torch's conv with the rest still fused.
+        bn_weight, bn_bias: (Cout,) or None (affine=False); any floating dtype.
+        running_mean, running_var: (Cout,) or None (track_running_stats=False). training=True
+           updates them in place like F.batch_norm: r = (1-momentum)*r + momentum*batch, with the
+           unbiased batch variance. training=False normalises with them (they must be given).
+           num_batches_tracked and momentum=None are the caller's (nn module's) bookkeeping, see
+           ahnet_fast.nn.conv_bn_act_modules.
+        conv_bias: (Cout,) or None. stride, padding: int or (h, w, d).
+        training: True = batch statistics over (N, H, W, D) of the BN input, in fp32.
+        zpool: "none" | "before_bn" (max of the raw conv output, then the affine: a negative BN
+           scale never turns the max into a min) | "after_bn". Pooled depth = Dconv // 2.
+        residual: tensor of the output's shape and x's dtype, added before the ReLU.
+    Returns:
+        (N, Cout, Ho, Wo, Do), Do = Dconv or Dconv // 2 with a z-pool.
+
+    Saved for backward (only when a gradient is needed): x and weight (for the conv gradients),
+    c = the raw conv output before any pool, per-channel mean/invstd (fp32), the BN affine
+    parameters, and the output (ReLU mask) when relu=True; the normalised value, the pool
+    argmax and the pre-ReLU sum are recomputed. The unfused chain saves x, c, the BN output or
+    the ReLU output, and with a z-pool also the pool input and an int64 index tensor (8 bytes
+    per pooled element): with a pool this op saves strictly less; without one it saves the
+    same tensors as an in-place-ReLU chain (x and the output are shared with the neighbouring
+    layers, so c is the only activation it adds).
+    Backward: BN/ReLU/pool/residual gradients fused, conv gradients via aten.convolution_backward.
+    """
+    _checks.tensor5("x", x)
+    stride_, padding_ = triple(stride, "stride"), triple(padding, "padding")
+    c_shape = _checks.conv_args(x, weight, conv_bias, stride_, padding_)
+    cout = weight.shape[0]
+    if zpool not in ZPOOL_MODES:
+        raise ValueError(f"zpool={zpool!r}; accepted: {', '.join(ZPOOL_MODES)}")
+    if zpool != "none" and c_shape[-1] < 2:
+        raise ValueError(f"zpool={zpool!r} needs a conv output depth >= 2, got {c_shape}")
+    _checks.bn_args(cout, x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps)
+    bn_shape = list(c_shape)
+    if zpool == "before_bn":
+        bn_shape[-1] //= 2
+    out_shape = list(c_shape)
+    if zpool != "none":
+        out_shape[-1] //= 2
+    if residual is not None:
+        _checks.same("residual", residual, x)
+        if list(residual.shape) != out_shape:
+            raise ValueError(f"residual must have the output shape {out_shape}, got {list(residual.shape)}")
+    count = _checks.batch_count(bn_shape, training)
+    save = _checks.any_requires_grad(x, weight, conv_bias, bn_weight, bn_bias, residual)
+    out, _c, mean, _invstd, var = conv_bn_act_op(
+        x, weight, conv_bias, bn_weight, bn_bias,
+        None if training else running_mean, None if training else running_var, residual,
+        stride_, padding_, bool(training), float(eps), zpool, bool(relu), save, _backend.call_arg())
+    if training and running_mean is not None:
+        bn_update_running_stats_op(running_mean, running_var, mean, var, count, float(momentum))
+    return out

@@ -1,0 +1,210 @@
+"""Reference backend: the fused ops written with plain torch ops.
+
+This is the oracle the other backends are tested against and the CPU path. Every function has
+the signature the op layer (``_library.py``) calls on every backend; semantics are those of
+
+    nn.Conv3d -> [nn.MaxPool3d((1,1,2))] -> nn.BatchNorm3d -> [pool] -> [+ residual] -> [ReLU]
+    nn.BatchNorm3d -> [ReLU] -> nn.Conv3d
+
+with BN arithmetic in fp32 (float64 for float64 inputs) and outputs cast back to the input
+dtype once, at the end. It never refuses an input (any device, floating dtype and strides).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ._util import bcast, bn_affine, running_stats, stat_dtype
+
+NAME = "reference"
+_RED = (0, 2, 3, 4)  # BN reduces over (N, H, W, D)
+
+
+def availability() -> tuple[bool, str]:
+    return True, "plain torch ops (always available; the oracle and the CPU path)"
+
+
+def reasons(op: str, tensors: Sequence[Optional[torch.Tensor]]) -> list[str]:
+    return []
+
+
+def atomic_ops() -> frozenset[str]:
+    # torch's own kernels honour torch.use_deterministic_algorithms themselves
+    return frozenset()
+
+
+# ----------------------------------------------------------------------------- z max-pool
+def _pair_views(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    d2 = t.shape[-1] // 2
+    a = t[..., 0:2 * d2:2]
+    b = t[..., 1:2 * d2:2]
+    # torch's max_pool3d keeps the first element unless the second is greater or NaN
+    # (`if (val > maxval || isnan(val))`): ties go to d=2j, a NaN takes the gradient.
+    return a, b, (b > a) | torch.isnan(b)
+
+
+def zmax(t: torch.Tensor) -> torch.Tensor:
+    """max over z-pairs (d=2j, 2j+1): (..., D) -> (..., D//2), torch's tie/NaN rules."""
+    a, b, b_wins = _pair_views(t)
+    return torch.where(b_wins, b, a)
+
+
+def zmax_backward(t: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Route ``grad`` (..., D//2) to the pair element zmax(t) took; odd tail slice gets 0."""
+    a, b, b_wins = _pair_views(t)
+    out = torch.zeros_like(t, dtype=grad.dtype)
+    d2 = t.shape[-1] // 2
+    zero = grad.new_zeros(())
+    out[..., 0:2 * d2:2] = torch.where(b_wins, zero, grad)
+    out[..., 1:2 * d2:2] = torch.where(b_wins, grad, zero)
+    return out
+
+
+def zmaxpool_forward(x: torch.Tensor) -> torch.Tensor:
+    return zmax(x)
+
+
+def zmaxpool_backward(x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
+    return zmax_backward(x, grad_y)
+
+
+# ----------------------------------------------------------------------------- BN pieces
+def _stats(y: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+           training: bool, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, invstd, biased var) of the BN input: batch statistics or running statistics."""
+    sdt = stat_dtype(y.dtype)
+    if training:
+        var, mean = torch.var_mean(y.to(sdt), dim=_RED, correction=0)
+        return mean, torch.rsqrt(var + eps), var
+    assert running_mean is not None and running_var is not None
+    return running_stats(running_mean, running_var, eps, sdt)
+
+
+def bn_act_backward(grad_out: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                    gamma: Optional[torch.Tensor], beta: Optional[torch.Tensor], out: Optional[torch.Tensor],
+                    *, pool_after: bool, relu: bool, batch_stats: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of o = relu(pool(gamma*xhat + beta) [+ residual]), xhat = (y - mean)*invstd.
+
+    Returns (grad_y [y.dtype], grad_gamma, grad_beta [stat dtype], g_s [stat dtype]) where g_s
+    is the gradient of the pre-ReLU sum, i.e. the residual's gradient.
+    """
+    sdt = mean.dtype
+    xhat = (y.to(sdt) - bcast(mean)) * bcast(invstd)
+    g_s = grad_out.to(sdt)
+    if relu:
+        if out is not None:
+            g_s = g_s * (out > 0)
+        else:  # only valid without pool-after and residual: out > 0  <=>  t > 0
+            scale, shift = bn_affine(mean, invstd, gamma, beta)
+            g_s = g_s * ((y.to(sdt) * bcast(scale) + bcast(shift)) > 0)
+    if pool_after:
+        # route to the pair element the forward pool took (recomputed from t itself)
+        g_t = zmax_backward(_affine(xhat, gamma, beta, sdt), g_s)
+    else:
+        g_t = g_s
+    grad_beta = g_t.sum(dim=_RED)
+    grad_gamma = (g_t * xhat).sum(dim=_RED)
+    g = bcast(gamma.to(sdt)) if gamma is not None else 1.0
+    if batch_stats:
+        m = y.numel() // y.shape[1]
+        grad_y = g * bcast(invstd) * (g_t - bcast(grad_beta) / m - xhat * bcast(grad_gamma) / m)
+    else:
+        grad_y = g * bcast(invstd) * g_t
+    return grad_y.to(y.dtype), grad_gamma, grad_beta, g_s
+
+
+def _affine(xhat: torch.Tensor, gamma: Optional[torch.Tensor], beta: Optional[torch.Tensor],
+            sdt: torch.dtype) -> torch.Tensor:
+    t = xhat if gamma is None else xhat * bcast(gamma.to(sdt))
+    return t if beta is None else t + bcast(beta.to(sdt))
+
+
+def _conv_backward(grad_c: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int],
+                   padding: Sequence[int], has_bias: bool, mask: Sequence[bool]
+                   ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+    if not any(mask):
+        return None, None, None
+    return torch.ops.aten.convolution_backward(
+        grad_c, x, weight, [weight.shape[0]] if has_bias else None, list(stride), list(padding),
+        [1, 1, 1], False, [0, 0, 0], 1, [bool(mask[0]), bool(mask[1]), bool(mask[2]) and has_bias])
+
+
+# ----------------------------------------------------------------------------- conv -> BN -> act
+def conv_bn_act_forward(x: torch.Tensor, weight: torch.Tensor, conv_bias: Optional[torch.Tensor],
+                        bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor],
+                        running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                        residual: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
+                        training: bool, eps: float, zpool: str, relu: bool, save: bool
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    c = F.conv3d(x, weight, conv_bias, list(stride), list(padding))
+    y = zmax(c) if zpool == "before_bn" else c
+    mean, invstd, var = _stats(y, running_mean, running_var, training, eps)
+    scale, shift = bn_affine(mean, invstd, bn_weight, bn_bias)
+    t = y.to(mean.dtype) * bcast(scale) + bcast(shift)
+    if zpool == "after_bn":
+        t = zmax(t)
+    if residual is not None:
+        t = t + residual.to(t.dtype)
+    if relu:
+        t = torch.relu(t)
+    return t.to(x.dtype), (c if save else None), mean, invstd, var
+
+
+def conv_bn_act_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, c: torch.Tensor,
+                         mean: torch.Tensor, invstd: torch.Tensor, bn_weight: Optional[torch.Tensor],
+                         bn_bias: Optional[torch.Tensor], out: Optional[torch.Tensor], stride: Sequence[int],
+                         padding: Sequence[int], training: bool, zpool: str, relu: bool, has_residual: bool,
+                         has_conv_bias: bool, output_mask: Sequence[bool]) -> tuple[Optional[torch.Tensor], ...]:
+    y = zmax(c) if zpool == "before_bn" else c
+    grad_y, g_gamma, g_beta, g_s = bn_act_backward(
+        grad_out, y, mean, invstd, bn_weight, bn_bias, out,
+        pool_after=zpool == "after_bn", relu=relu, batch_stats=training)
+    grad_c = zmax_backward(c, grad_y) if zpool == "before_bn" else grad_y
+    gx, gw, gb = _conv_backward(grad_c, x, weight, stride, padding, has_conv_bias, output_mask[:3])
+    return gx, gw, gb, g_gamma, g_beta, g_s
+
+
+# ----------------------------------------------------------------------------- BN -> act -> conv
+def _pre_activation(x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, bn_weight: Optional[torch.Tensor],
+                    bn_bias: Optional[torch.Tensor], relu: bool) -> torch.Tensor:
+    scale, shift = bn_affine(mean, invstd, bn_weight, bn_bias)
+    z = x.to(mean.dtype) * bcast(scale) + bcast(shift)
+    if relu:
+        z = torch.relu(z)
+    return z.to(x.dtype)
+
+
+def bn_act_conv_forward(x: torch.Tensor, bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor],
+                        running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                        weight: torch.Tensor, conv_bias: Optional[torch.Tensor], stride: Sequence[int],
+                        padding: Sequence[int], training: bool, eps: float, relu: bool,
+                        out: Optional[torch.Tensor] = None, out_channel_offset: int = 0
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    mean, invstd, var = _stats(x, running_mean, running_var, training, eps)
+    z = _pre_activation(x, mean, invstd, bn_weight, bn_bias, relu)
+    # zero padding is applied by the conv to z, i.e. after the BN+ReLU transform
+    o = F.conv3d(z, weight, conv_bias, list(stride), list(padding))
+    if out is not None:
+        out.narrow(1, out_channel_offset, o.shape[1]).copy_(o)
+        return out, mean, invstd, var
+    return o, mean, invstd, var
+
+
+def bn_act_conv_backward(grad_out: torch.Tensor, x: torch.Tensor, bn_weight: Optional[torch.Tensor],
+                         bn_bias: Optional[torch.Tensor], mean: torch.Tensor, invstd: torch.Tensor,
+                         weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int], training: bool,
+                         relu: bool, has_conv_bias: bool, output_mask: Sequence[bool]
+                         ) -> tuple[Optional[torch.Tensor], ...]:
+    z = _pre_activation(x, mean, invstd, bn_weight, bn_bias, relu)  # recomputed, transient
+    need_bn = output_mask[0] or output_mask[1] or output_mask[2]
+    gz, gw, gb = _conv_backward(grad_out, z, weight, stride, padding, has_conv_bias,
+                                [need_bn, output_mask[3], output_mask[4]])
+    gx = g_gamma = g_beta = None
+    if need_bn:
+        assert gz is not None
+        gx, g_gamma, g_beta, _ = bn_act_backward(gz, x, mean, invstd, bn_weight, bn_bias, None,
+                                                 pool_after=False, relu=relu, batch_stats=training)
+    return gx, g_gamma, g_beta, gw, gb
