@@ -1,0 +1,7 @@
+"""Modules and module-level helpers over the fused ops (state_dict keys of Conv3d/BatchNorm3d pairs)."""
+from __future__ import annotations
+
+from .functional import bn_act_conv_modules, conv_bn_act_modules
+from .modules import BNActConv3d, ConvBNAct3d, ZMaxPool3d
+
+__all__ = ["BNActConv3d", "ConvBNAct3d", "ZMaxPool3d", "bn_act_conv_modules", "conv_bn_act_modules"]

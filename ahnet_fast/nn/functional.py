@@ -1,0 +1,123 @@
+"""Run the fused ops with the parameters of existing nn.Conv3d / nn.BatchNorm3d modules.
+
+The fast AH-Net keeps MONAI's block structure (e.g. ``block.conv1`` and ``block.bn1``) and calls
+these helpers with the submodules it already holds, so state_dicts stay MONAI's. The helpers do
+the BatchNorm bookkeeping exactly like nn.BatchNorm3d.forward: num_batches_tracked is
+incremented in training, momentum=None becomes the cumulative factor 1/num_batches_tracked,
+track_running_stats=False normalises with batch statistics in eval too, and buffers are
+updated in place.
+
+2D networks (spatial_dims=2, nn.Conv2d / nn.BatchNorm2d): pass 4-D (N, C, H, W) input; it is
+viewed as (N, C, H, W, 1) with the 2D kernel as (kh, kw, 1), and the result is viewed back to
+4-D. A z-pool is not possible then (D = 1).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ahnet_fast.ops import bn_act_conv, conv_bn_act
+
+__all__ = ["bn_act_conv_modules", "bn_running_args", "conv_args", "conv_bn_act_modules"]
+
+Tensor = torch.Tensor
+
+
+def conv_args(conv: nn.Module) -> tuple[list[int], list[int]]:
+    """(stride, padding) of a Conv3d/Conv2d the fused ops can run (groups=1, dilation=1, zeros)."""
+    if not isinstance(conv, (nn.Conv3d, nn.Conv2d)):
+        raise TypeError(f"expected an nn.Conv3d (or nn.Conv2d for 2D networks), got {type(conv).__name__}")
+    nd = conv.weight.dim() - 2
+    if conv.groups != 1:
+        raise ValueError(f"fused ops need groups=1, got groups={conv.groups}")
+    if any(d != 1 for d in conv.dilation):
+        raise ValueError(f"fused ops need dilation=1, got dilation={conv.dilation}")
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"fused ops need padding_mode='zeros', got {conv.padding_mode!r}")
+    padding = conv.padding
+    if isinstance(padding, str):
+        if padding != "valid":
+            raise ValueError("fused ops need explicit integer padding (or 'valid'), got padding='same'; "
+                             "construct the conv with padding=k//2")
+        padding = (0,) * nd
+    stride, padding = list(conv.stride), list(padding)
+    if nd == 2:
+        stride, padding = stride + [1], padding + [0]
+    return stride, padding
+
+
+def bn_running_args(bn: nn.Module) -> tuple[bool, float, Optional[Tensor], Optional[Tensor]]:
+    """(use batch statistics, momentum factor, running_mean, running_var), as nn.BatchNorm does.
+
+    Increments ``bn.num_batches_tracked`` when training with tracked statistics (call once per
+    forward).
+    """
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        raise TypeError(f"expected an nn.BatchNorm3d (or BatchNorm2d for 2D networks), got {type(bn).__name__}")
+    factor = 0.0 if bn.momentum is None else float(bn.momentum)
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else float(bn.momentum)
+    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
+    track = not bn.training or bn.track_running_stats
+    return use_batch, factor, (bn.running_mean if track else None), (bn.running_var if track else None)
+
+
+def _as5d(x: Tensor, name: str) -> Tensor:
+    if x.dim() == 4:
+        return x.unsqueeze(-1)
+    if x.dim() != 5:
+        raise ValueError(f"{name} must be (N, C, H, W, D) or, for 2D networks, (N, C, H, W); got {tuple(x.shape)}")
+    return x
+
+
+def _weight5d(conv: nn.Module, x: Tensor) -> Tensor:
+    w = conv.weight
+    if w.dim() == 4:
+        if x.dim() != 4:
+            raise ValueError(f"an nn.Conv2d needs 4-D input (N, C, H, W), got {tuple(x.shape)}")
+        return w.unsqueeze(-1)
+    if x.dim() != 5:
+        raise ValueError(f"an nn.Conv3d needs 5-D input (N, C, H, W, D), got {tuple(x.shape)}")
+    return w
+
+
+def conv_bn_act_modules(x: Tensor, conv: nn.Module, bn: nn.Module, *, zpool: str = "none",
+                        residual: Optional[Tensor] = None, relu: bool = True) -> Tensor:
+    """``relu([pool](bn([pool](conv(x)))) + residual)`` fused, with ``conv``'s and ``bn``'s tensors.
+
+    Args: x (N, Cin, H, W, D) [or (N, Cin, H, W) with 2D modules]; conv an nn.Conv3d/Conv2d with
+    groups=1, dilation=1, zero padding; bn an nn.BatchNorm3d/2d over Cout; zpool "none" |
+    "before_bn" | "after_bn"; residual of the output's shape. Returns (N, Cout, Ho, Wo, Do).
+    Same numbers, gradients and buffer updates as ``relu(bn(conv(x)) + residual)``.
+    """
+    w = _weight5d(conv, x)
+    stride, padding = conv_args(conv)
+    four = x.dim() == 4
+    if four and zpool != "none":
+        raise ValueError("zpool needs a depth axis; 4-D (2D network) input has none")
+    use_batch, factor, rm, rv = bn_running_args(bn)
+    out = conv_bn_act(_as5d(x, "x"), w, bn.weight, bn.bias, rm, rv, conv_bias=conv.bias, stride=stride,
+                      padding=padding, training=use_batch, momentum=factor, eps=bn.eps, zpool=zpool,
+                      residual=None if residual is None else _as5d(residual, "residual"), relu=relu)
+    return out.squeeze(-1) if four else out
+
+
+def bn_act_conv_modules(x: Tensor, bn: nn.Module, conv: nn.Module, *, relu: bool = True,
+                        out: Optional[Tensor] = None, out_channel_offset: int = 0) -> Tensor:
+    """``conv(relu(bn(x)))`` fused (pre-activation), with ``bn``'s and ``conv``'s tensors.
+
+    Args: x (N, Cin, H, W, D) [or 4-D with 2D modules]; bn over Cin; conv as in
+    conv_bn_act_modules. ``out``/``out_channel_offset`` write into a channel slice of a
+    preallocated buffer (no autograd), see ahnet_fast.ops.bn_act_conv.
+    """
+    w = _weight5d(conv, x)
+    stride, padding = conv_args(conv)
+    four = x.dim() == 4
+    use_batch, factor, rm, rv = bn_running_args(bn)
+    res = bn_act_conv(_as5d(x, "x"), bn.weight, bn.bias, rm, rv, w, conv_bias=conv.bias, stride=stride,
+                      padding=padding, training=use_batch, momentum=factor, eps=bn.eps, relu=relu,
+                      out=None if out is None else _as5d(out, "out"), out_channel_offset=out_channel_offset)
+    return res.squeeze(-1) if four else res
