@@ -1,0 +1,159 @@
+"""Shared helpers for the Triton launchers: input validation, layouts, index width.
+
+Nothing here touches CUDA at import time. ``INTERPRET`` is read once, at import: the
+Triton interpreter must be chosen (TRITON_INTERPRET=1) before triton is imported,
+so it cannot change later in the process anyway.
+
+Layout vocabulary used by every launcher (tensors are logical (N, C, H, W, D)):
+
+* channels-last kind: ``stride(C) == 1`` (memory order N, H, W, D, C); a channel
+  slice ``buf[:, a:b]`` of a channels_last_3d buffer is of this kind too.
+* contiguous kind: ``stride(D) == 1`` (memory order N, C, H, W, D); a channel slice
+  of a contiguous buffer is of this kind too.
+
+The elementwise/reduction kernels address an element as ``n*sN + p*sP + c*sC`` with
+``p = (h*W + w)*D + d``; that needs (H, W, D) to collapse into one strided axis,
+which holds for both kinds and for channel slices of them.  Anything else is copied
+into the matching dense layout (correct, and never hit by the ops layer).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET") == "1"
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Offsets are computed in int32 unless some tensor's furthest element could pass this.
+_I32_LIMIT = 2**31 - 1
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def next_pow2(v: int) -> int:
+    v = max(int(v), 1)
+    return 1 << (v - 1).bit_length()
+
+
+def check_tensor5(name: str, t: torch.Tensor, *, dtype: Optional[torch.dtype] = None,
+                  device: Optional[torch.device] = None) -> None:
+    """Raise a clear error unless ``t`` is a 5-D (N, C, H, W, D) tensor of a supported dtype."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 5:
+        raise ValueError(f"{name} must be 5-D (N, C, H, W, D), got shape {tuple(t.shape)}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} has dtype {t.dtype}; accepted: float32, bfloat16, float16")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but must match the input dtype {dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the input is on {device}")
+    check_device(name, t)
+
+
+def check_device(name: str, t: torch.Tensor) -> None:
+    """Triton runs on CUDA tensors, or on any tensor under the interpreter."""
+    if t.device.type != "cuda" and not INTERPRET:
+        raise ValueError(
+            f"{name} is on {t.device}: the Triton kernels need CUDA tensors "
+            "(or TRITON_INTERPRET=1 set before triton is imported, for CPU checks)")
+
+
+def check_channel_vec(name: str, v: Optional[torch.Tensor], C: int, device: torch.device,
+                      *, required: bool = False) -> Optional[torch.Tensor]:
+    """Validate a per-channel fp32 vector of shape (C,); returns it contiguous."""
+    if v is None:
+        if required:
+            raise ValueError(f"{name} is required (an fp32 tensor of shape ({C},))")
+        return None
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(v).__name__}")
+    if v.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32 (per-channel BN parameters are fp32), got {v.dtype}")
+    if tuple(v.shape) != (C,):
+        raise ValueError(f"{name} must have shape ({C},), got {tuple(v.shape)}")
+    if v.device != device:
+        raise ValueError(f"{name} is on {v.device} but the input is on {device}")
+    return v.contiguous()
+
+
+def check_zpool(zpool: str, allowed: Sequence[str]) -> None:
+    if zpool not in allowed:
+        raise ValueError(f"zpool={zpool!r} is not accepted here; choose one of {list(allowed)}")
+
+
+def is_channels_last(t: torch.Tensor) -> bool:
+    """True for the channels-last kind (C is the unit-stride axis), incl. channel slices."""
+    if t.size(1) > 1:
+        return t.stride(1) == 1
+    # C == 1: both layouts coincide except when D is strided; take channels-last iff D is not
+    # the unit-stride axis and the tensor is channels_last_3d-contiguous.
+    return t.is_contiguous(memory_format=torch.channels_last_3d) and not t.is_contiguous()
+
+
+def memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last_3d if is_channels_last(t) else torch.contiguous_format
+
+
+def empty5(shape: Sequence[int], like: torch.Tensor, *, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Uninitialised (N, C, H, W, D) tensor in the memory format of ``like``."""
+    return torch.empty(tuple(shape), dtype=dtype or like.dtype, device=like.device,
+                       memory_format=memory_format_of(like))
+
+
+def _collapsed_p_stride(t: torch.Tensor) -> Optional[int]:
+    """Stride of p = (h*W + w)*D + d if (H, W, D) collapse into one strided axis, else None."""
+    dims = [(t.size(i), t.stride(i)) for i in (2, 3, 4) if t.size(i) != 1]
+    if not dims:
+        return 1
+    inner = dims[-1][1]
+    expected = dims[-1][0] * dims[-1][1]
+    for size, st in reversed(dims[:-1]):
+        if st != expected:
+            return None
+        expected = size * st
+    return inner
+
+
+def flat_strides(t: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+    """Return (t', sN, sP, sC) with element (n, c, p) at ``n*sN + p*sP + c*sC``.
+
+    p = (h*W + w)*D + d.  ``t'`` is ``t`` itself when (H, W, D) collapse (both layout
+    kinds and their channel slices), otherwise a dense copy in ``t``'s layout kind.
+    """
+    sP = _collapsed_p_stride(t)
+    if sP is None:
+        t = t.contiguous(memory_format=memory_format_of(t))
+        sP = _collapsed_p_stride(t)
+        assert sP is not None
+    return t, t.stride(0), sP, t.stride(1)
+
+
+def max_offset(t: torch.Tensor) -> int:
+    """Largest element offset (in elements) reachable in ``t``."""
+    return sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
+
+
+def needs_i64(*tensors: Optional[torch.Tensor], extra: int = 0) -> bool:
+    """True when any offset or flat index could overflow int32 (so kernels must use int64)."""
+    lim = _I32_LIMIT // 2  # margin: offsets are formed as sums of two partial products
+    if extra > lim:
+        return True
+    for t in tensors:
+        if t is None:
+            continue
+        if t.numel() > lim or max_offset(t) > lim:
+            return True
+    return False
+
+
+def stats_partials(P: int, C: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Buffers for per-tile (count, mean, M2) partials, each fp32 (P, C)."""
+    return (torch.empty((P, C), dtype=torch.float32, device=device),
+            torch.empty((P, C), dtype=torch.float32, device=device),
+            torch.empty((P, C), dtype=torch.float32, device=device))

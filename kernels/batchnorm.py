@@ -1,0 +1,560 @@
+"""BatchNorm pieces around the convs: batch statistics, normalize+act apply, and its backward.
+
+All BN math is fp32 whatever the storage dtype.  Reductions are deterministic (no atomics):
+every program writes per-channel partials into a (P, C) buffer and a second small kernel
+combines them in a fixed tree order.
+
+Tiling (shared by every kernel here): a program owns [BLOCK_S, BLOCK_C] = spatial rows x
+channels.  Rows are flattened (n, h, w, d) positions (or (n, h, w, j) z-pairs when pooling);
+in the channels-last kind a row is one contiguous C vector.  Per-channel vectors
+(scale/shift/mean/...) are loaded once per program and broadcast down the rows.
+
+* channel_stats: stats-partial kernel (each program walks ROWS_PER_PROG rows in BLOCK_S chunks,
+  exact two-pass (mean, M2) per chunk held in registers, Chan merge across chunks) + merge kernel
+  (tl.reduce with the Chan combine over BLOCK_P partials at a time).  1 read of x.
+* bn_act_apply: y*scale+shift -> [z-pair max] -> [+residual] -> [ReLU], 1 read, 1 write.
+* bn_act_backward: reduce pass (sum g_t, sum g_t*xhat) + apply pass (grad_y, grad_residual);
+  the z-pair route is recomputed from y (no index tensor) and the ReLU mask from the forward
+  output, so the forward saves only y (the conv output) and its own output.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (INTERPRET, cdiv, check_channel_vec, check_tensor5, check_zpool, empty5, flat_strides,
+                      is_channels_last, needs_i64, next_pow2, stats_partials)
+from .zpool import pair_take_second
+
+# ----------------------------------------------------------------------------------------------
+# Welford/Chan helpers (shared with the conv stats epilogue)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def chan_merge(na, ma, m2a, nb, mb, m2b):
+    """Merge two (count, mean, M2) summaries (Chan et al.); any count may be 0."""
+    n = na + nb
+    frac = nb / tl.where(n > 0, n, 1.0)
+    delta = mb - ma
+    mean = ma + delta * frac
+    m2 = m2a + m2b + delta * delta * na * frac
+    return n, mean, m2
+
+
+@triton.jit
+def tile_stats(v, valid, nvalid):
+    """Column-wise (mean, M2) of a [BLOCK_S, BLOCK_C] fp32 tile over its ``valid`` rows.
+
+    Exact two-pass on registers: mean first, then the sum of squared deviations.
+    ``nvalid`` is the number of valid rows (a scalar or a [BLOCK_C] vector).
+    """
+    cnt = tl.where(nvalid > 0, nvalid, 1.0)
+    mean = tl.sum(tl.where(valid, v, 0.0), axis=0) / cnt
+    dev = tl.where(valid, v - mean[None, :], 0.0)
+    m2 = tl.sum(dev * dev, axis=0)
+    return mean, m2
+
+
+@triton.jit
+def _stats_partial_kernel(x_ptr, pcnt_ptr, pmean_ptr, pm2_ptr, S, HWD, C, sxn, sxp, sxc,
+                          ROWS_PER_PROG, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                          I64: tl.constexpr):
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    if I64:
+        row0 = pid_p.to(tl.int64) * ROWS_PER_PROG
+        cc = c.to(tl.int64)
+    else:
+        row0 = pid_p * ROWS_PER_PROG
+        cc = c
+    n_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m2_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for start in range(0, ROWS_PER_PROG, BLOCK_S):
+        s = row0 + start + tl.arange(0, BLOCK_S)
+        n = s // HWD
+        p = s % HWD
+        rv = s < S
+        valid = rv[:, None] & cm[None, :]
+        off = (n * sxn + p * sxp)[:, None] + (cc * sxc)[None, :]
+        v = tl.load(x_ptr + off, mask=valid, other=0.0).to(tl.float32)
+        nb = tl.sum(rv.to(tl.float32), axis=0)
+        mb, m2b = tile_stats(v, valid, nb)
+        n_acc, m_acc, m2_acc = chan_merge(n_acc, m_acc, m2_acc, nb, mb, m2b)
+    po = pid_p * C + c
+    tl.store(pcnt_ptr + po, n_acc, mask=cm)
+    tl.store(pmean_ptr + po, m_acc, mask=cm)
+    tl.store(pm2_ptr + po, m2_acc, mask=cm)
+
+
+@triton.jit
+def _chan_combine(na, ma, m2a, nb, mb, m2b):
+    return chan_merge(na, ma, m2a, nb, mb, m2b)
+
+
+@triton.jit
+def stats_merge_kernel(pcnt_ptr, pmean_ptr, pm2_ptr, P, C, mean_ptr, var_ptr,
+                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Combine (P, C) partials into per-channel mean and biased variance (fixed order)."""
+    pid_c = tl.program_id(0)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    n_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m2_acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        msk = (p < P)[:, None] & cm[None, :]
+        off = (p * C)[:, None] + c[None, :]
+        nb = tl.load(pcnt_ptr + off, mask=msk, other=0.0)
+        mb = tl.load(pmean_ptr + off, mask=msk, other=0.0)
+        m2b = tl.load(pm2_ptr + off, mask=msk, other=0.0)
+        nr, mr, m2r = tl.reduce((nb, mb, m2b), 0, _chan_combine)
+        n_acc, m_acc, m2_acc = chan_merge(n_acc, m_acc, m2_acc, nr, mr, m2r)
+    var = m2_acc / tl.where(n_acc > 0, n_acc, 1.0)
+    tl.store(mean_ptr + c, m_acc, mask=cm)
+    tl.store(var_ptr + c, var, mask=cm)
+
+
+def merge_stats(pcnt: torch.Tensor, pmean: torch.Tensor, pm2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, C) fp32 partials (count, mean, M2) -> (mean, var_biased), fp32 (C,)."""
+    P, C = pmean.shape
+    mean = torch.empty(C, dtype=torch.float32, device=pmean.device)
+    var = torch.empty(C, dtype=torch.float32, device=pmean.device)
+    bc = min(next_pow2(C), 64)
+    bp = min(next_pow2(P), _MERGE_BLOCK_P)
+    stats_merge_kernel[(cdiv(C, bc),)](pcnt, pmean, pm2, P, C, mean, var,
+                                       BLOCK_P=bp, BLOCK_C=bc, num_warps=4)
+    return mean, var
+
+
+def _row_tile(C: int, S: int, channels_last: bool) -> tuple[int, int]:
+    """[BLOCK_S, BLOCK_C] of about 2K elements; C-vectors as rows in the channels-last kind.
+    Fewer rows when S (the number of rows) is smaller than that."""
+    if channels_last or INTERPRET:   # the interpreter pays per program: few, wide tiles
+        bc = min(next_pow2(C), 64)
+    else:
+        bc = min(next_pow2(C), 4)
+    return max(min(2048 // bc, next_pow2(S)), 16), bc
+
+
+# Upper bound on per-channel partials of a reduction (P x C-blocks programs): about 8 waves of
+# programs on an H100 (132 SMs) while keeping the merge kernel to a few BLOCK_P steps.
+_MAX_PARTIALS = 1024
+# Partials combined per step of the merge kernels (tree order inside a step, sequential across).
+_MERGE_BLOCK_P = 64
+
+
+def _num_partials(S: int, bs: int, n_cblocks: int) -> tuple[int, int]:
+    """(P, rows per program): enough programs to fill a GPU, few enough partials to merge fast."""
+    target = max(1, _MAX_PARTIALS // n_cblocks)
+    P = min(cdiv(S, bs), target)
+    rows = cdiv(cdiv(S, P), bs) * bs
+    return cdiv(S, rows), rows
+
+
+def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel batch statistics of x over (N, H, W, D).
+
+    x: (N, C, H, W, D), float32/bfloat16/float16, either layout.  Returns (mean, var_biased),
+    both fp32 (C,), computed in fp32 with a numerically stable (count, mean, M2) merge;
+    deterministic (no atomics).  Requires N*H*W*D > 0.
+    """
+    check_tensor5("x", x)
+    N, C, H, W, D = x.shape
+    S = N * H * W * D
+    if S == 0 or C == 0:
+        raise ValueError(f"channel_stats needs at least one element per channel, got shape {tuple(x.shape)}")
+    x, sxn, sxp, sxc = flat_strides(x)
+    bs, bc = _row_tile(C, S, is_channels_last(x))
+    ncb = cdiv(C, bc)
+    P, rows = _num_partials(S, bs, ncb)
+    pcnt, pmean, pm2 = stats_partials(P, C, x.device)
+    _stats_partial_kernel[(P, ncb)](x, pcnt, pmean, pm2, S, H * W * D, C, sxn, sxp, sxc, rows,
+                                    BLOCK_S=bs, BLOCK_C=bc, I64=needs_i64(x, extra=S + rows),
+                                    num_warps=4)
+    return merge_stats(pcnt, pmean, pm2)
+
+
+# ----------------------------------------------------------------------------------------------
+# forward apply: z = relu(pool(y*scale + shift) + residual)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bn_apply_kernel(y_ptr, scale_ptr, shift_ptr, r_ptr, o_ptr, S, HWDo, Dp, D, C,
+                     syn, syp, syc, srn, srp, src, son, sop, soc,
+                     POOL: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+                     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, I64: tl.constexpr):
+    pid_s = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    if I64:
+        s = pid_s.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S).to(tl.int64)
+        cc = c.to(tl.int64)
+    else:
+        s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+        cc = c
+    n = s // HWDo
+    q = s % HWDo                 # output spatial index
+    if POOL:
+        p = (q // Dp) * D + 2 * (q % Dp)
+    else:
+        p = q
+    mask = (s < S)[:, None] & cm[None, :]
+    sc = tl.load(scale_ptr + c, mask=cm, other=0.0)[None, :]
+    sh = tl.load(shift_ptr + c, mask=cm, other=0.0)[None, :]
+    yo = (n * syn + p * syp)[:, None] + (cc * syc)[None, :]
+    t = tl.load(y_ptr + yo, mask=mask, other=0.0).to(tl.float32) * sc + sh
+    if POOL:
+        t2 = tl.load(y_ptr + yo + syp, mask=mask, other=0.0).to(tl.float32) * sc + sh
+        t = tl.where(pair_take_second(t, t2), t2, t)
+    if HAS_RES:
+        ro = (n * srn + q * srp)[:, None] + (cc * src)[None, :]
+        t = t + tl.load(r_ptr + ro, mask=mask, other=0.0).to(tl.float32)
+    if RELU:
+        t = tl.where(t < 0.0, 0.0, t)   # keeps NaN, like torch.relu
+    oo = (n * son + q * sop)[:, None] + (cc * soc)[None, :]
+    tl.store(o_ptr + oo, t.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+def _check_out(out: torch.Tensor, like: torch.Tensor, shape: tuple, offset: int) -> torch.Tensor:
+    """Validate a preallocated (N, Ctot, ...) buffer and return its channel-slice view."""
+    check_tensor5("out", out, dtype=like.dtype, device=like.device)
+    N, C = shape[0], shape[1]
+    if out.shape[0] != N or tuple(out.shape[2:]) != tuple(shape[2:]):
+        raise ValueError(f"out must have shape (N={N}, Ctot, {', '.join(map(str, shape[2:]))}), "
+                         f"got {tuple(out.shape)}")
+    if not (0 <= offset and offset + C <= out.shape[1]):
+        raise ValueError(f"out_channel_offset={offset} with {C} channels does not fit in "
+                         f"out's {out.shape[1]} channels")
+    view = out[:, offset:offset + C]
+    if flat_strides(view)[0].data_ptr() != view.data_ptr():
+        raise ValueError("out must be contiguous or channels_last_3d (a channel slice is written into it)")
+    return view
+
+
+def bn_act_apply(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, zpool: str = "none",
+                 residual: Optional[torch.Tensor] = None, relu: bool = True,
+                 out: Optional[torch.Tensor] = None, out_channel_offset: int = 0) -> torch.Tensor:
+    """z = relu(pool(y*scale[c] + shift[c]) + residual), one pass.
+
+    y: (N, C, H, W, D) float32/bfloat16/float16, either layout.  scale/shift: fp32 (C,).
+    zpool: "none" or "after_affine" (max over z-pairs (2j, 2j+1) of the affine value; output
+    depth D // 2).  residual: optional, same shape as the output, y's dtype, either layout.
+    relu: apply ReLU last (NaN is kept).  out/out_channel_offset: write into
+    out[:, off:off+C] of a preallocated (N, Ctot, H, W, Do) buffer (same dtype; must not overlap
+    y or residual) and return that view; otherwise a new tensor in y's memory format.
+    """
+    check_tensor5("y", y)
+    check_zpool(zpool, ("none", "after_affine"))
+    N, C, H, W, D = y.shape
+    scale = check_channel_vec("scale", scale, C, y.device, required=True)
+    shift = check_channel_vec("shift", shift, C, y.device, required=True)
+    pool = zpool == "after_affine"
+    Do = D // 2 if pool else D
+    oshape = (N, C, H, W, Do)
+    if residual is not None:
+        check_tensor5("residual", residual, dtype=y.dtype, device=y.device)
+        if tuple(residual.shape) != oshape:
+            raise ValueError(f"residual must have the output shape {oshape}, got {tuple(residual.shape)}")
+    o = empty5(oshape, y) if out is None else _check_out(out, y, oshape, out_channel_offset)
+    if o.numel() == 0:
+        return o
+    y, syn, syp, syc = flat_strides(y)
+    _, son, sop, soc = flat_strides(o)
+    if residual is not None:
+        residual, srn, srp, src = flat_strides(residual)
+    else:
+        srn = srp = src = 0
+    S = N * H * W * Do
+    bs, bc = _row_tile(C, S, is_channels_last(y))
+    grid = (cdiv(S, bs), cdiv(C, bc))
+    _bn_apply_kernel[grid](y, scale, shift, residual if residual is not None else y, o,
+                           S, H * W * Do, max(Do, 1), D, C,
+                           syn, syp, syc, srn, srp, src, son, sop, soc,
+                           POOL=pool, HAS_RES=residual is not None, RELU=bool(relu),
+                           BLOCK_S=bs, BLOCK_C=bc, I64=needs_i64(y, o, residual, extra=S + bs),
+                           num_warps=4)
+    return o
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bn_bwd_tile(g_ptr, y_ptr, o_ptr, beta_ptr, s, c, cc, cm, mean, invstd, gam,
+                 S, HWR, R, Dp, D, sgn, sgp, sgc, syn, syp, syc, son, sop, soc,
+                 POOL: tl.constexpr, RELU: tl.constexpr, HAS_OUT: tl.constexpr):
+    """Load one tile and route the gradient.
+
+    Rows are (n, hw, jj), jj in [0, R).  POOL: R = ceil(D/2), elements (2jj, 2jj+1) of y feed
+    pooled position jj (jj == Dp is an odd tail slice that gets no gradient).  No pool: R = D
+    and each row is one element (the "b" element is unused).
+    Returns (ga, gb, xa, xb, gm, ya_off, m_a, m_b, go_off, m_g): routed fp32 gradients g_t at
+    the a/b elements, their xhat, the masked output gradient gm (= grad of the residual), and
+    offsets/masks for the stores.
+    """
+    n = s // HWR
+    r = s % HWR
+    hw = r // R
+    jj = r % R
+    row_ok = s < S
+    if POOL:
+        p = hw * D + 2 * jj
+        q = hw * Dp + jj
+        pair_ok = row_ok & (jj < Dp)
+    else:
+        p = hw * D + jj
+        q = p
+        pair_ok = row_ok
+    cm2 = cm[None, :]
+    m_a = row_ok[:, None] & cm2
+    m_g = pair_ok[:, None] & cm2
+    ya_off = (n * syn + p * syp)[:, None] + (cc * syc)[None, :]
+    ya = tl.load(y_ptr + ya_off, mask=m_a, other=0.0).to(tl.float32)
+    xa = (ya - mean[None, :]) * invstd[None, :]
+    go_off = (n * sgn + q * sgp)[:, None] + (cc * sgc)[None, :]
+    g = tl.load(g_ptr + go_off, mask=m_g, other=0.0).to(tl.float32)
+    if RELU:
+        if HAS_OUT:
+            oo = (n * son + q * sop)[:, None] + (cc * soc)[None, :]
+            o = tl.load(o_ptr + oo, mask=m_g, other=0.0).to(tl.float32)
+            g = tl.where(o > 0.0, g, 0.0)
+        else:
+            # no pool, no residual: out = relu(t) so out > 0 <=> t > 0
+            beta = tl.load(beta_ptr + cc, mask=cm, other=0.0)
+            t = gam[None, :] * xa + beta[None, :]
+            g = tl.where(t > 0.0, g, 0.0)
+    if POOL:
+        m_b = m_g
+        yb = tl.load(y_ptr + ya_off + syp, mask=m_b, other=0.0).to(tl.float32)
+        xb = (yb - mean[None, :]) * invstd[None, :]
+        # t = gamma*xhat + beta is affine in y with the sign of gamma (invstd > 0): route on the
+        # exact order of t, first element wins ties, NaN takes (torch max-pool rule).
+        gpos = (gam > 0.0)[None, :]
+        gneg = (gam < 0.0)[None, :]
+        second = (gpos & (yb > ya)) | (gneg & (yb < ya)) | (yb != yb)
+        ga = tl.where(second, 0.0, g)
+        gb = tl.where(second, g, 0.0)
+    else:
+        m_b = m_g          # unused: gb is 0 and no b element is stored without POOL
+        xb = xa
+        ga = g
+        gb = tl.zeros_like(g)
+    return ga, gb, xa, xb, g, ya_off, m_a, m_b, go_off, m_g
+
+
+@triton.jit
+def _bn_bwd_reduce_kernel(g_ptr, y_ptr, o_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
+                          psg_ptr, psgx_ptr, S, HWR, R, Dp, D, C,
+                          sgn, sgp, sgc, syn, syp, syc, son, sop, soc, ROWS_PER_PROG,
+                          POOL: tl.constexpr, RELU: tl.constexpr, HAS_OUT: tl.constexpr,
+                          HAS_GAMMA: tl.constexpr,
+                          BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, I64: tl.constexpr):
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    if I64:
+        row0 = pid_p.to(tl.int64) * ROWS_PER_PROG
+        cc = c.to(tl.int64)
+    else:
+        row0 = pid_p * ROWS_PER_PROG
+        cc = c
+    mean = tl.load(mean_ptr + c, mask=cm, other=0.0)
+    invstd = tl.load(invstd_ptr + c, mask=cm, other=0.0)
+    if HAS_GAMMA:
+        gam = tl.load(gamma_ptr + c, mask=cm, other=0.0)
+    else:
+        gam = tl.full([BLOCK_C], 1.0, tl.float32)
+    acc_g = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc_gx = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for start in range(0, ROWS_PER_PROG, BLOCK_S):
+        s = row0 + start + tl.arange(0, BLOCK_S)
+        ga, gb, xa, xb, g, ya_off, m_a, m_b, go_off, m_g = _bn_bwd_tile(
+            g_ptr, y_ptr, o_ptr, beta_ptr, s, c, cc, cm, mean, invstd, gam,
+            S, HWR, R, Dp, D, sgn, sgp, sgc, syn, syp, syc, son, sop, soc,
+            POOL, RELU, HAS_OUT)
+        # masked lanes carry g == 0, so they add exactly 0 (xa/xb are finite there)
+        acc_g += tl.sum(ga + gb, axis=0)
+        acc_gx += tl.sum(tl.where(m_a, ga * xa, 0.0) + tl.where(m_b, gb * xb, 0.0), axis=0)
+    po = pid_p * C + c
+    tl.store(psg_ptr + po, acc_g, mask=cm)
+    tl.store(psgx_ptr + po, acc_gx, mask=cm)
+
+
+@triton.jit
+def _sum_partials_kernel(pa_ptr, pb_ptr, P, C, a_ptr, b_ptr,
+                         BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid_c = tl.program_id(0)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    acc_a = tl.zeros([BLOCK_C], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        msk = (p < P)[:, None] & cm[None, :]
+        off = (p * C)[:, None] + c[None, :]
+        acc_a += tl.sum(tl.load(pa_ptr + off, mask=msk, other=0.0), axis=0)
+        acc_b += tl.sum(tl.load(pb_ptr + off, mask=msk, other=0.0), axis=0)
+    tl.store(a_ptr + c, acc_a, mask=cm)
+    tl.store(b_ptr + c, acc_b, mask=cm)
+
+
+@triton.jit
+def _bn_bwd_apply_kernel(g_ptr, y_ptr, o_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
+                         sg_ptr, sgx_ptr, gy_ptr, gr_ptr, inv_M, S, HWR, R, Dp, D, C,
+                         sgn, sgp, sgc, syn, syp, syc, son, sop, soc,
+                         sdn, sdp, sdc, srn, srp, src,
+                         POOL: tl.constexpr, RELU: tl.constexpr, HAS_OUT: tl.constexpr,
+                         HAS_GAMMA: tl.constexpr, BATCH_STATS: tl.constexpr, RES_GRAD: tl.constexpr,
+                         BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, I64: tl.constexpr):
+    pid_s = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    if I64:
+        s = pid_s.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S).to(tl.int64)
+        cc = c.to(tl.int64)
+    else:
+        s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+        cc = c
+    mean = tl.load(mean_ptr + c, mask=cm, other=0.0)
+    invstd = tl.load(invstd_ptr + c, mask=cm, other=0.0)
+    if HAS_GAMMA:
+        gam = tl.load(gamma_ptr + c, mask=cm, other=0.0)
+    else:
+        gam = tl.full([BLOCK_C], 1.0, tl.float32)
+    ga, gb, xa, xb, g, ya_off, m_a, m_b, go_off, m_g = _bn_bwd_tile(
+        g_ptr, y_ptr, o_ptr, beta_ptr, s, c, cc, cm, mean, invstd, gam,
+        S, HWR, R, Dp, D, sgn, sgp, sgc, syn, syp, syc, son, sop, soc,
+        POOL, RELU, HAS_OUT)
+    k = (gam * invstd)[None, :]
+    if BATCH_STATS:
+        sbm = (tl.load(sg_ptr + c, mask=cm, other=0.0) * inv_M)[None, :]
+        sgm = (tl.load(sgx_ptr + c, mask=cm, other=0.0) * inv_M)[None, :]
+        da = k * (ga - sbm - xa * sgm)
+        db = k * (gb - sbm - xb * sgm)
+    else:
+        da = k * ga
+        db = k * gb
+    # grad_y has the layout of y; recompute its offsets from the y offsets' row part
+    n = s // HWR
+    r = s % HWR
+    hw = r // R
+    jj = r % R
+    if POOL:
+        p = hw * D + 2 * jj
+        q = hw * Dp + jj
+    else:
+        p = hw * D + jj
+        q = p
+    do = (n * sdn + p * sdp)[:, None] + (cc * sdc)[None, :]
+    tl.store(gy_ptr + do, da.to(gy_ptr.dtype.element_ty), mask=m_a)
+    if POOL:
+        tl.store(gy_ptr + do + sdp, db.to(gy_ptr.dtype.element_ty), mask=m_b)
+    if RES_GRAD:
+        ro = (n * srn + q * srp)[:, None] + (cc * src)[None, :]
+        tl.store(gr_ptr + ro, g.to(gr_ptr.dtype.element_ty), mask=m_g)
+
+
+def bn_act_backward(grad_out: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                    gamma: Optional[torch.Tensor], *, out: Optional[torch.Tensor] = None,
+                    zpool: str = "none", relu: bool = True, batch_stats: bool = True,
+                    residual_grad: bool = False, beta: Optional[torch.Tensor] = None,
+                    ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
+    """Backward of o = relu(pool(gamma*(y-mean)*invstd + beta) (+ residual)).
+
+    grad_out: (N, C, H, W, Do) gradient of o (Do = D // 2 with zpool="after_affine", else D).
+    y: (N, C, H, W, D) the forward input of the BN (the raw conv output), same dtype.
+    mean, invstd: fp32 (C,) statistics the forward normalised with.  gamma: fp32 (C,) or None
+    (affine=False: ones, and grad_gamma is returned as None).
+    out: the forward output o (same shape/dtype as grad_out); gives the ReLU mask ``out > 0``.
+    Without it the mask is recomputed as t > 0, which needs ``beta`` (fp32 (C,)) and is only
+    valid with no pool and no residual.
+    batch_stats=True (training): grad_y = gamma*invstd*(g_t - sum(g_t)/M - xhat*sum(g_t*xhat)/M),
+    M = N*H*W*D; False (eval, running stats): grad_y = gamma*invstd*g_t.
+    residual_grad=True also returns grad_out*mask (the residual's gradient).
+    Returns (grad_y [y's dtype/layout], grad_gamma fp32 (C,) or None, grad_beta fp32 (C,),
+    grad_residual [grad_out's dtype/layout] or None).  Deterministic two-pass (no atomics).
+    """
+    check_tensor5("y", y)
+    check_tensor5("grad_out", grad_out, dtype=y.dtype, device=y.device)
+    check_zpool(zpool, ("none", "after_affine"))
+    N, C, H, W, D = y.shape
+    pool = zpool == "after_affine"
+    Do = D // 2 if pool else D
+    oshape = (N, C, H, W, Do)
+    if tuple(grad_out.shape) != oshape:
+        raise ValueError(f"grad_out must have shape {oshape} (y {tuple(y.shape)}, zpool={zpool!r}), "
+                         f"got {tuple(grad_out.shape)}")
+    mean = check_channel_vec("mean", mean, C, y.device, required=True)
+    invstd = check_channel_vec("invstd", invstd, C, y.device, required=True)
+    gamma = check_channel_vec("gamma", gamma, C, y.device)
+    beta = check_channel_vec("beta", beta, C, y.device)
+    if out is not None:
+        check_tensor5("out", out, dtype=y.dtype, device=y.device)
+        if tuple(out.shape) != oshape:
+            raise ValueError(f"out (the forward output) must have shape {oshape}, got {tuple(out.shape)}")
+    elif relu:
+        if pool or residual_grad:
+            raise ValueError("bn_act_backward: pass `out` (the forward output) for the ReLU mask when "
+                             "zpool or a residual is used; t > 0 is only equivalent without them")
+        if beta is None:
+            raise ValueError("bn_act_backward: relu=True without `out` recomputes t > 0 and needs `beta`")
+    gy = empty5(y.shape, y)
+    gres = empty5(oshape, grad_out) if residual_grad else None
+    sum_g = torch.zeros(C, dtype=torch.float32, device=y.device)
+    sum_gx = torch.zeros(C, dtype=torch.float32, device=y.device)
+    M = N * H * W * D
+    if M == 0:
+        return gy, (sum_gx if gamma is not None else None), sum_g, gres
+    y, syn, syp, syc = flat_strides(y)
+    grad_out, sgn, sgp, sgc = flat_strides(grad_out)
+    if out is not None:
+        out, son, sop, soc = flat_strides(out)
+    else:
+        son = sop = soc = 0
+    _, sdn, sdp, sdc = flat_strides(gy)
+    if gres is not None:
+        _, srn, srp, src = flat_strides(gres)
+    else:
+        srn = srp = src = 0
+    R = (D + 1) // 2 if pool else D
+    S = N * H * W * R
+    bs, bc = _row_tile(C, S, is_channels_last(y))
+    ncb = cdiv(C, bc)
+    i64 = needs_i64(y, grad_out, out, gres, extra=S + bs)
+    common = dict(POOL=pool, RELU=bool(relu), HAS_OUT=out is not None, HAS_GAMMA=gamma is not None)
+    dummy = mean
+    P, rows = _num_partials(S, bs, ncb)
+    psg = torch.empty((P, C), dtype=torch.float32, device=y.device)
+    psgx = torch.empty((P, C), dtype=torch.float32, device=y.device)
+    _bn_bwd_reduce_kernel[(P, ncb)](
+        grad_out, y, out if out is not None else y, mean, invstd,
+        gamma if gamma is not None else dummy, beta if beta is not None else dummy,
+        psg, psgx, S, H * W * R, R, max(Do, 1), D, C,
+        sgn, sgp, sgc, syn, syp, syc, son, sop, soc, rows,
+        BLOCK_S=bs, BLOCK_C=bc, I64=i64, num_warps=4, **common)
+    bcs = min(next_pow2(C), 64)
+    _sum_partials_kernel[(cdiv(C, bcs),)](psg, psgx, P, C, sum_g, sum_gx,
+                                          BLOCK_P=min(next_pow2(P), _MERGE_BLOCK_P), BLOCK_C=bcs, num_warps=4)
+    grid = (cdiv(S, bs), ncb)
+    _bn_bwd_apply_kernel[grid](
+        grad_out, y, out if out is not None else y, mean, invstd,
+        gamma if gamma is not None else dummy, beta if beta is not None else dummy,
+        sum_g, sum_gx, gy, gres if gres is not None else gy, 1.0 / M, S, H * W * R, R, max(Do, 1), D, C,
+        sgn, sgp, sgc, syn, syp, syc, son, sop, soc, sdn, sdp, sdc, srn, srp, src,
+        BATCH_STATS=bool(batch_stats), RES_GRAD=bool(residual_grad),
+        BLOCK_S=bs, BLOCK_C=bc, I64=i64, num_warps=4, **common)
+    return gy, (sum_gx if gamma is not None else None), sum_g, gres
