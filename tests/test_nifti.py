@@ -73,6 +73,11 @@ def test_coarsest_axis_moved_last_and_canonical(tmp_path):
     expected = data[::-1, ::-1, :].transpose(0, 2, 1)  # flip x,y to RAS; y last
     np.testing.assert_array_equal(vol.array, expected)
     assert vol.perm == (0, 2, 1)
+    # the shape comes from the transform, so a Volume whose voxels were dropped can still be saved to
+    vol.array = np.empty((0, 0, 0), np.float32)
+    assert vol.shape == (4, 6, 5)
+    save_like(expected, vol, tmp_path / "b.nii", dtype=np.float32)
+    np.testing.assert_array_equal(nib.load(str(tmp_path / "b.nii")).get_fdata(), data)
 
 
 def test_segment_like_identity_orientation_round_trip(tmp_path):

@@ -88,7 +88,11 @@ class Volume:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.array.shape)  # type: ignore[return-value]
+        """Network-layout shape ``(H, W, D)``, from the transform (valid even if ``array`` was dropped)."""
+        canon = [0, 0, 0]
+        for i, (ax, _) in enumerate(self.ornt):
+            canon[int(ax)] = int(self.original_shape[i])
+        return tuple(canon[p] for p in self.perm)  # type: ignore[return-value]
 
     def to_network(self, stored: np.ndarray) -> np.ndarray:
         """Apply this volume's transform to an array on the stored grid.
