@@ -22,8 +22,11 @@ import os
 from typing import Optional, Sequence
 
 import torch
+import triton
+import triton.language as tl
 
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERPRET_C = tl.constexpr(INTERPRET)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -157,3 +160,17 @@ def stats_partials(P: int, C: int, device: torch.device) -> tuple[torch.Tensor, 
     return (torch.empty((P, C), dtype=torch.float32, device=device),
             torch.empty((P, C), dtype=torch.float32, device=device),
             torch.empty((P, C), dtype=torch.float32, device=device))
+
+
+@triton.jit
+def to_dtype(v, dtype: tl.constexpr):
+    """Cast fp32 ``v`` to ``dtype`` with round-to-nearest-even.
+
+    On a GPU this is a plain cast (RNE).  The interpreter truncates fp32 -> bf16 (doubling the
+    rounding error), so there the rounding is done on the bit pattern first (NaN kept as is).
+    """
+    if _INTERPRET_C and dtype == tl.bfloat16:
+        u = v.to(tl.uint32, bitcast=True)
+        u = (u + (((u >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+        v = tl.where(v != v, v, u.to(tl.float32, bitcast=True))
+    return v.to(dtype)

@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, cdiv, check_channel_vec, check_tensor5, check_zpool, empty5, flat_strides,
-                      is_channels_last, needs_i64, next_pow2, stats_partials)
+from ._common import (INTERPRET, cdiv, check_channel_vec, check_tensor5, check_zpool, empty5,
+                      flat_strides, is_channels_last, needs_i64, next_pow2, stats_partials, to_dtype)
 from .zpool import pair_take_second
 
 # ----------------------------------------------------------------------------------------------
@@ -222,7 +222,7 @@ def _bn_apply_kernel(y_ptr, scale_ptr, shift_ptr, r_ptr, o_ptr, S, HWDo, Dp, D, 
     if RELU:
         t = tl.where(t < 0.0, 0.0, t)   # keeps NaN, like torch.relu
     oo = (n * son + q * sop)[:, None] + (cc * soc)[None, :]
-    tl.store(o_ptr + oo, t.to(o_ptr.dtype.element_ty), mask=mask)
+    tl.store(o_ptr + oo, to_dtype(t, o_ptr.dtype.element_ty), mask=mask)
 
 
 def _check_out(out: torch.Tensor, like: torch.Tensor, shape: tuple, offset: int) -> torch.Tensor:
@@ -460,12 +460,12 @@ def _bn_bwd_apply_kernel(g_ptr, y_ptr, o_ptr, mean_ptr, invstd_ptr, gamma_ptr, b
         p = hw * D + jj
         q = p
     do = (n * sdn + p * sdp)[:, None] + (cc * sdc)[None, :]
-    tl.store(gy_ptr + do, da.to(gy_ptr.dtype.element_ty), mask=m_a)
+    tl.store(gy_ptr + do, to_dtype(da, gy_ptr.dtype.element_ty), mask=m_a)
     if POOL:
-        tl.store(gy_ptr + do + sdp, db.to(gy_ptr.dtype.element_ty), mask=m_b)
+        tl.store(gy_ptr + do + sdp, to_dtype(db, gy_ptr.dtype.element_ty), mask=m_b)
     if RES_GRAD:
         ro = (n * srn + q * srp)[:, None] + (cc * src)[None, :]
-        tl.store(gr_ptr + ro, g.to(gr_ptr.dtype.element_ty), mask=m_g)
+        tl.store(gr_ptr + ro, to_dtype(g, gr_ptr.dtype.element_ty), mask=m_g)
 
 
 def bn_act_backward(grad_out: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,

@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRET, cdiv, check_tensor5, empty5, flat_strides, is_channels_last, needs_i64, next_pow2
+from ._common import (INTERPRET, cdiv, check_tensor5, empty5, flat_strides, is_channels_last,
+                      needs_i64, next_pow2, to_dtype)
 
 
 @triton.jit
@@ -50,7 +51,7 @@ def _zpool_fwd_kernel(x_ptr, y_ptr, S, HWDp, Dp, D, C,
     b = tl.load(x_ptr + xo + sxp, mask=mask, other=0.0).to(tl.float32)
     r = tl.where(pair_take_second(a, b), b, a)
     yo = (n * syn + q * syp)[:, None] + (c * syc)[None, :]
-    tl.store(y_ptr + yo, r.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + yo, to_dtype(r, y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -84,8 +85,8 @@ def _zpool_bwd_kernel(x_ptr, gy_ptr, gx_ptr, S, HWJ, J, Dp, D, C,
     ga = tl.where(second, 0.0, g)
     gb = tl.where(second, g, 0.0)
     xgo = (n * sxgn + p_in * sxgp)[:, None] + (c * sxgc)[None, :]
-    tl.store(gx_ptr + xgo, ga.to(gx_ptr.dtype.element_ty), mask=m_first)
-    tl.store(gx_ptr + xgo + sxgp, gb.to(gx_ptr.dtype.element_ty), mask=m_pair)
+    tl.store(gx_ptr + xgo, to_dtype(ga, gx_ptr.dtype.element_ty), mask=m_first)
+    tl.store(gx_ptr + xgo + sxgp, to_dtype(gb, gx_ptr.dtype.element_ty), mask=m_pair)
 
 
 def _tile(C: int, S: int, channels_last: bool) -> tuple[int, int, int]:

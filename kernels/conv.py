@@ -1,0 +1,360 @@
+"""Implicit-GEMM 3D convolution with a BN+ReLU prologue and a fused epilogue.
+
+GEMM view: rows = output voxels (n, ho, wo, d) [with a z-pool: pooled voxels (n, ho, wo, j),
+each carrying TWO accumulators, for d = 2j and 2j+1, that share every weight tile], columns =
+output channels, reduction = taps (kh, kw, kd) x input channels.
+
+Tiling: a program owns a [BLOCK_M rows, BLOCK_N out-channels] tile in fp32 registers and walks
+taps (runtime loops over KH, KW, KD) and, per tap, the input channels in BLOCK_K chunks:
+  A tile [BLOCK_M, BLOCK_K] = x[n, ci, ho*sh-ph+kh, wo*sw-pw+kw, d*sd-pd+kd]   (channels-last:
+      each row is a contiguous run of BLOCK_K channels -> coalesced, vectorised loads)
+  B tile [BLOCK_K, BLOCK_N] = w_packed[tap, ci, co] (weights repacked once per call to
+      (KH*KW*KD, Cin, Cout), contiguous in co; small, L2-resident)
+  acc += tl.dot(A, B) with fp32 accumulation (tensor cores for bf16/fp16; fp32 uses TF32 only if
+  torch.backends.cuda.matmul.allow_tf32, else IEEE).
+Prologue (pre-activation BN): A = relu(A*in_scale[ci] + in_shift[ci]) in fp32, rounded back to the
+  input dtype (as the unfused composition would store it), then zeroed where the tap falls in
+  the padding -- padding is applied AFTER the transform.
+Epilogue (fp32): v = acc + bias; zpool "before_affine": max of the z-pair on v, then the affine;
+  "after_affine": affine on both, then the max (max(a*s) != s*max(a) when s < 0); + residual;
+  ReLU; store into out (optionally a channel slice of a bigger buffer, for dense-block concat);
+  compute_stats: per-tile (count, mean, M2) of v per channel, exact two-pass on registers,
+  merged deterministically by batchnorm.stats_merge_kernel (no atomics).
+Everything between the conv and the next conv is thus one read of x and one write of the output.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (INTERPRET, cdiv, check_channel_vec, check_tensor5, check_zpool, empty5,
+                      needs_i64, next_pow2, stats_partials, to_dtype)
+from .batchnorm import _check_out, merge_stats, tile_stats
+from .zpool import pair_take_second
+
+_POOL_CODES = {"none": 0, "before_affine": 1, "after_affine": 2}
+
+
+@triton.jit
+def _conv_acc(x_ptr, w_ptr, isc_ptr, ish_ptr, xrow, d_in, row_ok, acc, co, co_ok,
+              Cin, Cout, H, W, D, hi, wi, sxc, sxh, sxw, sxd,
+              kh, kw, kd, tap,
+              HAS_PRO: tl.constexpr, IN_RELU: tl.constexpr, UPCAST: tl.constexpr,
+              IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
+              BLOCK_K: tl.constexpr, I64: tl.constexpr):
+    """acc += A(tap) @ B(tap) over all input channels, for one tap and one output depth."""
+    ok = row_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W) & (d_in >= 0) & (d_in < D)
+    base = xrow + hi * sxh + wi * sxw + d_in * sxd
+    for k0 in range(0, Cin, BLOCK_K):
+        ci = k0 + tl.arange(0, BLOCK_K)
+        ci_ok = ci < Cin
+        if I64:
+            cio = ci.to(tl.int64)
+        else:
+            cio = ci
+        am = ok[:, None] & ci_ok[None, :]
+        a = tl.load(x_ptr + base[:, None] + (cio * sxc)[None, :], mask=am, other=0.0)
+        if HAS_PRO:
+            sc = tl.load(isc_ptr + ci, mask=ci_ok, other=0.0)
+            sh = tl.load(ish_ptr + ci, mask=ci_ok, other=0.0)
+            af = a.to(tl.float32) * sc[None, :] + sh[None, :]
+            if IN_RELU:
+                af = tl.where(af < 0.0, 0.0, af)
+            af = tl.where(am, af, 0.0)            # zero padding after the transform
+            a = to_dtype(af, x_ptr.dtype.element_ty)
+        wrow = (tap * Cin + ci) * Cout
+        b = tl.load(w_ptr + wrow[:, None] + co[None, :], mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
+        if UPCAST:
+            # interpreter: bf16 dot multiplies raw bit patterns -> do it in fp32 (exact products)
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        elif IS_FP32:
+            acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        else:
+            acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _conv_kernel(x_ptr, w_ptr, bias_ptr, isc_ptr, ish_ptr, osc_ptr, osh_ptr, res_ptr, out_ptr,
+                 pcnt_ptr, pmean_ptr, pm2_ptr,
+                 M, Cin, Cout, H, W, D, Ho, Wo, Dr,
+                 sxn, sxc, sxh, sxw, sxd,
+                 son, soc, soh, sow, sod,
+                 srn, src, srh, srw, srd,
+                 STH, STW, STD, PH, PW, PD,
+                 M_BUCKET,  # autotune key only (shape bucket)
+                 KH: tl.constexpr, KW: tl.constexpr, KD: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, HAS_PRO: tl.constexpr, IN_RELU: tl.constexpr,
+                 HAS_OSC: tl.constexpr, HAS_OSH: tl.constexpr, POOL: tl.constexpr,
+                 HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr,
+                 UPCAST: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                 I64: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if I64:
+        m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    else:
+        m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_ok = co < Cout
+    row_ok = m < M
+    # row -> (n, ho, wo, dr); dr is the output depth, or the pooled depth j (pair 2j, 2j+1)
+    dr = m % Dr
+    t = m // Dr
+    wo = t % Wo
+    t = t // Wo
+    ho = t % Ho
+    n = t // Ho
+    xrow = n * sxn
+    if POOL != 0:
+        d0 = 2 * dr
+    else:
+        d0 = dr
+    acc0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for kh in range(KH):
+        hi = ho * STH - PH + kh
+        for kw in range(KW):
+            wi = wo * STW - PW + kw
+            for kd in range(KD):
+                tap = (kh * KW + kw) * KD + kd
+                acc0 = _conv_acc(x_ptr, w_ptr, isc_ptr, ish_ptr, xrow, d0 * STD - PD + kd, row_ok,
+                                 acc0, co, co_ok, Cin, Cout, H, W, D, hi, wi, sxc, sxh, sxw, sxd,
+                                 kh, kw, kd, tap, HAS_PRO, IN_RELU, UPCAST, IS_FP32, PRECISION,
+                                 BLOCK_K, I64)
+                if POOL != 0:
+                    acc1 = _conv_acc(x_ptr, w_ptr, isc_ptr, ish_ptr, xrow, (d0 + 1) * STD - PD + kd,
+                                     row_ok, acc1, co, co_ok, Cin, Cout, H, W, D, hi, wi,
+                                     sxc, sxh, sxw, sxd, kh, kw, kd, tap, HAS_PRO, IN_RELU, UPCAST,
+                                     IS_FP32, PRECISION, BLOCK_K, I64)
+
+    # ---- epilogue (fp32) ----
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + co, mask=co_ok, other=0.0)[None, :]
+        acc0 = acc0 + bias
+        acc1 = acc1 + bias
+    if HAS_OSC:
+        osc = tl.load(osc_ptr + co, mask=co_ok, other=0.0)[None, :]
+    if HAS_OSH:
+        osh = tl.load(osh_ptr + co, mask=co_ok, other=0.0)[None, :]
+    if POOL == 1:
+        # max of the raw (biased) accumulator first; the affine comes after
+        v = tl.where(pair_take_second(acc0, acc1), acc1, acc0)
+    else:
+        v = acc0
+    valid = row_ok[:, None] & co_ok[None, :]
+    if STATS:
+        nrows = tl.sum(row_ok.to(tl.float32), axis=0)
+        tmean, tm2 = tile_stats(v, valid, nrows)
+        po = pid_m * Cout + co
+        tl.store(pcnt_ptr + po, tl.zeros([BLOCK_N], dtype=tl.float32) + nrows, mask=co_ok)
+        tl.store(pmean_ptr + po, tmean, mask=co_ok)
+        tl.store(pm2_ptr + po, tm2, mask=co_ok)
+    if HAS_OSC:
+        v = v * osc
+    if HAS_OSH:
+        v = v + osh
+    if POOL == 2:
+        v1 = acc1
+        if HAS_OSC:
+            v1 = v1 * osc
+        if HAS_OSH:
+            v1 = v1 + osh
+        v = tl.where(pair_take_second(v, v1), v1, v)
+    if I64:
+        coo = co.to(tl.int64)
+    else:
+        coo = co
+    if HAS_RES:
+        ro = (n * srn + ho * srh + wo * srw + dr * srd)[:, None] + (coo * src)[None, :]
+        v = v + tl.load(res_ptr + ro, mask=valid, other=0.0).to(tl.float32)
+    if RELU:
+        v = tl.where(v < 0.0, 0.0, v)
+    oo = (n * son + ho * soh + wo * sow + dr * sod)[:, None] + (coo * soc)[None, :]
+    tl.store(out_ptr + oo, to_dtype(v, out_ptr.dtype.element_ty), mask=valid)
+
+
+# --------------------------------------------------------------------------- autotuning (GPU only)
+
+def _cfg(bm, bn, bk, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+# H100 starting points: large-C encoder convs want 128x128x64 tiles; the decoder's Cout=20 convs
+# want narrow N (32) and tall M; 1x1x1 convs with small Cin want BLOCK_K=16/32.
+_GPU_CONFIGS = [
+    _cfg(128, 128, 64, 8, 3), _cfg(128, 64, 64, 4, 3), _cfg(64, 128, 64, 4, 3),
+    _cfg(64, 64, 64, 4, 4), _cfg(128, 64, 32, 4, 4), _cfg(256, 64, 32, 8, 3),
+    _cfg(128, 32, 64, 4, 4), _cfg(256, 32, 32, 8, 3), _cfg(64, 32, 32, 4, 4),
+    _cfg(128, 16, 32, 4, 4), _cfg(64, 16, 16, 2, 4), _cfg(128, 32, 16, 4, 4),
+]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles wider than the (power-of-2 rounded) channel counts; tl.dot needs >= 16."""
+    cin = max(next_pow2(named_args["Cin"]), 16)
+    cout = max(next_pow2(named_args["Cout"]), 16)
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= cout and c.kwargs["BLOCK_K"] <= cin]
+    if not kept:
+        kept = [_cfg(64, min(cout, 64), min(cin, 64), 4, 3)]
+    return kept
+
+
+_conv_kernel_tuned = triton.autotune(
+    configs=_GPU_CONFIGS,
+    key=["M_BUCKET", "Cin", "Cout", "KH", "KW", "KD", "STH", "STD", "POOL", "HAS_PRO", "STATS"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_conv_kernel)
+
+
+def _interp_blocks(M: int, Cin: int, Cout: int) -> tuple[int, int, int]:
+    """One config for the interpreter: few, wide programs (it pays per program and per op)."""
+    bn = min(max(next_pow2(Cout), 16), 64)
+    bk = min(max(next_pow2(Cin), 16), 64)
+    bm = min(max(next_pow2(M), 16), 128)
+    return bm, bn, bk
+
+
+# --------------------------------------------------------------------------- launcher
+
+def _triple(name: str, v: Union[int, Sequence[int]]) -> tuple[int, int, int]:
+    if isinstance(v, int):
+        v = (v, v, v)
+    v = tuple(int(i) for i in v)
+    if len(v) != 3:
+        raise ValueError(f"{name} must be an int or a sequence of 3 ints, got {v}")
+    return v
+
+
+def conv3d_fused(x: torch.Tensor, weight: torch.Tensor, *,
+                 stride: Union[int, Sequence[int]] = (1, 1, 1),
+                 padding: Union[int, Sequence[int]] = (0, 0, 0),
+                 bias: Optional[torch.Tensor] = None,
+                 in_scale: Optional[torch.Tensor] = None, in_shift: Optional[torch.Tensor] = None,
+                 in_relu: bool = True,
+                 out_scale: Optional[torch.Tensor] = None, out_shift: Optional[torch.Tensor] = None,
+                 zpool: str = "none",
+                 residual: Optional[torch.Tensor] = None, relu: bool = False,
+                 out: Optional[torch.Tensor] = None, out_channel_offset: int = 0,
+                 compute_stats: bool = False,
+                 ) -> Union[torch.Tensor, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
+    """Fused 3D convolution (cross-correlation, like F.conv3d; no dilation, no groups).
+
+    x: (N, Cin, H, W, D) float32/bfloat16/float16, channels_last_3d or contiguous (channel slices
+    of either are fine).  weight: (Cout, Cin, KH, KW, KD), x's dtype.  Output depth before any pool
+    Do = (D + 2*pd - KD)//sd + 1 (same for H, W).
+    Prologue: if in_scale/in_shift (fp32 (Cin,), both required together) are given, every input
+    value v becomes relu(v*in_scale + in_shift) (relu iff in_relu), zero padding applied after.
+    Epilogue: t = (acc + bias) * out_scale + out_shift (bias: (Cout,), fp32 or x's dtype;
+    out_scale/out_shift fp32 (Cout,); missing pieces are identities); zpool "before_affine" takes
+    the max over z-pairs of (acc + bias) then the affine, "after_affine" the affine then the max;
+    pooled depth Do // 2.  Then + residual (the final output's shape, x's dtype, either layout),
+    then ReLU if relu.
+    out/out_channel_offset: write into out[:, off:off+Cout] of a preallocated
+    (N, Ctot, Ho, Wo, Dfinal) buffer of x's dtype (either layout; must not overlap x or
+    residual) and return that view; otherwise a new tensor in x's memory format.
+    compute_stats: also return (mean, var_biased), fp32 (Cout,), over (N, Ho, Wo, Dfinal) of
+    acc + bias (after a "before_affine" pool), deterministic; needs out_scale/out_shift None and
+    zpool in {"none", "before_affine"}.
+    Returns out, or (out, (mean, var)) with compute_stats.
+    """
+    check_tensor5("x", x)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 5:
+        raise ValueError("weight must be a 5-D tensor (Cout, Cin, KH, KW, KD), got "
+                         f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight dtype {weight.dtype} must match x dtype {x.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device} but x is on {x.device}")
+    check_zpool(zpool, tuple(_POOL_CODES))
+    N, Cin, H, W, D = x.shape
+    Cout, wcin, KH, KW, KD = weight.shape
+    if wcin != Cin:
+        raise ValueError(f"weight expects {wcin} input channels but x has {Cin} (groups are not supported)")
+    sth, stw, std = _triple("stride", stride)
+    ph, pw, pd = _triple("padding", padding)
+    if min(sth, stw, std) < 1 or min(ph, pw, pd) < 0:
+        raise ValueError(f"stride must be >= 1 and padding >= 0, got stride={stride}, padding={padding}")
+    Ho = (H + 2 * ph - KH) // sth + 1
+    Wo = (W + 2 * pw - KW) // stw + 1
+    Do = (D + 2 * pd - KD) // std + 1
+    if min(Ho, Wo, Do) < 1:
+        raise ValueError(f"input spatial size {(H, W, D)} is too small for kernel {(KH, KW, KD)} "
+                         f"with padding {(ph, pw, pd)}")
+    if (in_scale is None) != (in_shift is None):
+        raise ValueError("in_scale and in_shift must be given together (prologue BN affine)")
+    in_scale = check_channel_vec("in_scale", in_scale, Cin, x.device)
+    in_shift = check_channel_vec("in_shift", in_shift, Cin, x.device)
+    out_scale = check_channel_vec("out_scale", out_scale, Cout, x.device)
+    out_shift = check_channel_vec("out_shift", out_shift, Cout, x.device)
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (Cout,):
+            raise ValueError(f"bias must be a tensor of shape ({Cout},)")
+        if bias.dtype not in (torch.float32, x.dtype) or bias.device != x.device:
+            raise TypeError(f"bias must be float32 or {x.dtype} on {x.device}, got {bias.dtype} on {bias.device}")
+        bias = bias.to(torch.float32).contiguous()
+    if compute_stats and (out_scale is not None or out_shift is not None or zpool == "after_affine"):
+        raise ValueError("compute_stats=True needs out_scale/out_shift None and zpool in "
+                         "{'none', 'before_affine'}: the statistics are of the pre-affine value")
+    pool = _POOL_CODES[zpool]
+    Dr = Do // 2 if pool else Do
+    oshape = (N, Cout, Ho, Wo, Dr)
+    if residual is not None:
+        check_tensor5("residual", residual, dtype=x.dtype, device=x.device)
+        if tuple(residual.shape) != oshape:
+            raise ValueError(f"residual must have the output shape {oshape}, got {tuple(residual.shape)}")
+    o = empty5(oshape, x) if out is None else _check_out(out, x, oshape, out_channel_offset)
+    M = N * Ho * Wo * Dr
+    if M == 0 or Cout == 0:
+        if compute_stats:
+            raise ValueError(f"compute_stats needs a non-empty output, got {oshape}")
+        return o
+    # weights as (taps*Cin, Cout), contiguous in Cout: the B tile rows are contiguous
+    w_packed = weight.permute(2, 3, 4, 1, 0).reshape(KH * KW * KD * Cin, Cout).contiguous()
+
+    upcast = INTERPRET and x.dtype == torch.bfloat16
+    is_fp32 = x.dtype == torch.float32
+    precision = "tf32" if (is_fp32 and torch.backends.cuda.matmul.allow_tf32 and not INTERPRET) else "ieee"
+    i64 = needs_i64(x, o, residual, extra=M + 256)
+    dummy = w_packed
+    res_strides = residual.stride() if residual is not None else (0,) * 5
+    args = [x, w_packed, bias if bias is not None else dummy,
+            in_scale if in_scale is not None else dummy, in_shift if in_shift is not None else dummy,
+            out_scale if out_scale is not None else dummy, out_shift if out_shift is not None else dummy,
+            residual if residual is not None else dummy, o]
+    flags = dict(KH=KH, KW=KW, KD=KD, HAS_BIAS=bias is not None, HAS_PRO=in_scale is not None,
+                 IN_RELU=bool(in_relu), HAS_OSC=out_scale is not None, HAS_OSH=out_shift is not None,
+                 POOL=pool, HAS_RES=residual is not None, RELU=bool(relu), STATS=bool(compute_stats),
+                 UPCAST=upcast, IS_FP32=is_fp32, PRECISION=precision, I64=i64)
+    scalars = [M, Cin, Cout, H, W, D, Ho, Wo, Dr,
+               x.stride(0), x.stride(1), x.stride(2), x.stride(3), x.stride(4),
+               o.stride(0), o.stride(1), o.stride(2), o.stride(3), o.stride(4),
+               *res_strides, sth, stw, std, ph, pw, pd, next_pow2(M)]
+    if INTERPRET:
+        bm, bn, bk = _interp_blocks(M, Cin, Cout)
+        P = cdiv(M, bm)
+        parts = stats_partials(P, Cout, x.device) if compute_stats else (dummy, dummy, dummy)
+        _conv_kernel[(P, cdiv(Cout, bn))](*args, *parts, *scalars, **flags,
+                                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    else:
+        if compute_stats:
+            # partial rows depend on the tuned BLOCK_M: size for the smallest candidate
+            min_bm = min(c.kwargs["BLOCK_M"] for c in _GPU_CONFIGS)
+            parts = stats_partials(cdiv(M, min_bm), Cout, x.device)
+        else:
+            parts = (dummy, dummy, dummy)
+
+        def grid(meta):
+            return (cdiv(M, meta["BLOCK_M"]), cdiv(Cout, meta["BLOCK_N"]))
+
+        _conv_kernel_tuned[grid](*args, *parts, *scalars, **flags)
+        if compute_stats:
+            P = cdiv(M, _conv_kernel_tuned.best_config.kwargs["BLOCK_M"])
+    if not compute_stats:
+        return o
+    pcnt, pmean, pm2 = (p[:P] for p in parts)
+    return o, merge_stats(pcnt, pmean, pm2)
