@@ -1,8 +1,10 @@
 """2D -> 3D transfer: inflation invariants and the paper's ResNet50 -> AH-Net transform.
 
-The 2D network used as the source is a torchvision-format bottleneck ResNet
-(same module names, strides and state_dict keys as torchvision's resnet50) with a
-configurable number of blocks, so the tests run without torchvision and fast.
+The 2D source is ``ahnet_fast.reference.ResNet50`` (torchvision's module names,
+strides and state_dict keys) with one block per layer, the target
+``ahnet_fast.reference.AHNet(layers=(1, 1, 1, 1))``; one test uses the full-size
+MCFCN -> AHNet pair. (The same tests passed against MONAI's AHNet as the target
+while the reference models were being written; its state_dict keys are the same.)
 """
 from __future__ import annotations
 
@@ -21,57 +23,13 @@ from ahnet_fast.transfer import (
 
 
 # --------------------------------------------------------------------------- 2D source
-class _Bottleneck2d(nn.Module):
-    expansion = 4
-
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * 4)
-        self.relu = nn.ReLU()
-        self.downsample = downsample
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        res = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + res)
-
-
-class _ResNet2d(nn.Module):
-    """torchvision ResNet50 topology (keys conv1, bn1, layerN.i.*, downsample.{0,1}, fc)."""
-
-    def __init__(self, layers=(1, 1, 1, 1), num_classes: int = 10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.relu = nn.ReLU()
-        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
-        self.inplanes = 64
-        self.layer1 = self._make(64, layers[0], 1)
-        self.layer2 = self._make(128, layers[1], 2)
-        self.layer3 = self._make(256, layers[2], 2)
-        self.layer4 = self._make(512, layers[3], 2)
-        self.fc = nn.Linear(2048, num_classes)
-
-    def _make(self, planes, blocks, stride):
-        ds = nn.Sequential(nn.Conv2d(self.inplanes, planes * 4, 1, stride=stride, bias=False), nn.BatchNorm2d(planes * 4))
-        mods = [_Bottleneck2d(self.inplanes, planes, stride, ds)]
-        self.inplanes = planes * 4
-        mods += [_Bottleneck2d(self.inplanes, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*mods)
-
-    def features(self, x):
-        stem = self.relu(self.bn1(self.conv1(x)))
-        f1 = self.layer1(self.maxpool(stem))
-        f2 = self.layer2(f1)
-        f3 = self.layer3(f2)
-        return [stem, f1, f2, f3, self.layer4(f3)]
+def _features2d(net, x):
+    """2D ResNet activations [stem, layer1..4] for (B, 3, H, W) input."""
+    stem = net.relu(net.bn1(net.conv1(x)))
+    f1 = net.layer1(net.maxpool(stem))
+    f2 = net.layer2(f1)
+    f3 = net.layer3(f2)
+    return [stem, f1, f2, f3, net.layer4(f3)]
 
 
 def _randomise_bn(net: nn.Module) -> None:
@@ -86,17 +44,17 @@ def _randomise_bn(net: nn.Module) -> None:
                 m.num_batches_tracked.fill_(7)
 
 
-def _source(layers=(1, 1, 1, 1)) -> _ResNet2d:
-    net = _ResNet2d(layers)
+def _source(layers=(1, 1, 1, 1)):
+    """torchvision-format ResNet50 topology (keys conv1, bn1, layerN.i.*, downsample.{0,1}, fc), few blocks."""
+    from ahnet_fast.reference import ResNet50
+
+    net = ResNet50(num_classes=10, layers=layers)
     _randomise_bn(net)
     return net.double().eval()
 
 
 def _ahnet(layers=(1, 1, 1, 1), **kw):
-    try:  # TEMPORARY until ahnet_fast.reference lands
-        from ahnet_fast.reference import AHNet
-    except ImportError:
-        from monai.networks.nets import AHNet
+    from ahnet_fast.reference import AHNet
 
     kw.setdefault("upsample_mode", "trilinear")
     kw.setdefault("psp_block_num", 0)
@@ -114,7 +72,7 @@ def ahnet64():
 
 
 def _encoder3d(net, x):
-    """AH-Net encoder activations [stem, layer1..4] (same order as _ResNet2d.features)."""
+    """AH-Net encoder activations [stem, layer1..4] (same order as _features2d)."""
     stem = net.relu(net.bn0(net.pool1(net.conv1(x))))
     f1 = net.layer1(net.maxpool(stem))
     f2 = net.layer2(f1)
@@ -224,7 +182,7 @@ def test_transfer_encoder_matches_2d_resnet_per_slice_in_eval_mode(ahnet64):
     vol = img.unsqueeze(-1).expand(-1, -1, -1, -1, 128).contiguous()
     with torch.no_grad():
         f3 = _encoder3d(net, vol)
-        f2 = src.features(img.expand(-1, 3, -1, -1))
+        f2 = _features2d(src, img.expand(-1, 3, -1, -1).contiguous())
     good = [range(1, 63), range(1, 31), range(1, 15), range(1, 7), range(1, 3)]
     for name, a3, a2, zs in zip(["stem", "layer1", "layer2", "layer3", "layer4"], f3, f2, good):
         assert a3.shape[:4] == a2.shape, name
@@ -340,3 +298,21 @@ def test_strict_missing_blocks_raise_and_nothing_is_written():
     report = transfer_2d_to_3d(src, net, strict=False)
     assert report.missing and all(k.startswith("layer1.1.") for k in report.missing)
     assert not torch.equal(net.conv1.weight, before)
+
+
+def test_full_size_mcfcn_into_default_ahnet():
+    from ahnet_fast.reference import AHNet, MCFCN
+
+    src = MCFCN(in_channels=4, pretrained=False)
+    _randomise_bn(src)
+    net = AHNet()  # default configuration: layers (3, 4, 6, 3), 38M parameters
+    report = transfer_2d_to_3d(src, net)
+    assert report.source_format == "fcn" and not report.missing
+    assert len(report.copied) == len([k for k in net.state_dict() if k.startswith(("conv1.", "bn0.", "layer"))])
+    skipped = dict(report.skipped)
+    assert all(k.startswith(("init_proj.", "gcn", "refine", "transformer", "up_conv")) for k in skipped), skipped
+    assert "projection" in skipped["init_proj.conv.weight"]
+    sd2, sd3 = src.state_dict(), net.state_dict()
+    assert torch.equal(sd3["conv1.weight"], sd2["conv1.weight"].permute(0, 2, 3, 1).unsqueeze(1))
+    assert torch.equal(sd3["layer3.5.bn3.running_var"], sd2["layer3.5.bn3.running_var"])
+    assert torch.equal(sd3["layer4.0.downsample.2.running_mean"], sd2["layer4.0.downsample.1.running_mean"])
