@@ -195,3 +195,11 @@ def test_plot_froc_writes_png(tmp_path):
         plot_froc(r, tmp_path / "missing" / "froc.png")
     with pytest.raises(ValueError, match="labels"):
         plot_froc([r], tmp_path / "x.png", labels=["a", "b"])
+
+
+@pytest.mark.gpu
+def test_nms_on_cuda_heatmap_matches_cpu():
+    heat, _, _ = _planted()
+    c_cpu, s_cpu = heatmap_nms(heat, threshold=0.3, min_distance_mm=5.0, spacing=(1.0, 1.0, 3.0))
+    c_gpu, s_gpu = heatmap_nms(heat.cuda(), threshold=0.3, min_distance_mm=5.0, spacing=(1.0, 1.0, 3.0))
+    assert torch.equal(c_cpu, c_gpu) and torch.equal(s_cpu, s_gpu)

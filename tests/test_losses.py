@@ -259,3 +259,18 @@ def test_l2_focal_bad_input():
         l2_focal_loss(x, x, d_max=0.0)
     with pytest.raises(ValueError, match="gamma"):
         L2FocalLoss(gamma=float("nan"))
+
+
+@pytest.mark.gpu
+def test_losses_on_cuda_match_cpu():
+    logits, target = _seg_case()
+    pred, heat = torch.rand(2, 1, 8, 8, 4, dtype=torch.float64), torch.rand(2, 1, 8, 8, 4, dtype=torch.float64)
+    dev = torch.device("cuda")
+    m = FocalLoss("softmax", gamma=2.0, alpha=[0.25, 0.5, 1.0, 2.0], weight=[1.0, 2.0, 3.0, 4.0]).double()
+    torch.testing.assert_close(m.to(dev)(logits.to(dev), target.to(dev)).cpu(), m.cpu()(logits, target), rtol=1e-10, atol=0)
+    for form in ("log1p", "paper"):
+        torch.testing.assert_close(
+            l2_focal_loss(pred.to(dev), heat.to(dev), form=form).cpu(), l2_focal_loss(pred, heat, form=form), rtol=1e-10, atol=0
+        )
+    bf = softmax_focal_loss(logits.to(dev, torch.bfloat16), target.to(dev))
+    assert bf.dtype == torch.float32 and torch.isfinite(bf)
