@@ -12,8 +12,8 @@ Pipelines (scale/shift = the BN affine folded per channel, fp32):
 * conv_bn_act, training: ``conv3d_fused(compute_stats=True)`` (pool-before inside when nothing
   needs the unpooled conv output) -> fp32 finalize -> ``bn_act_apply`` (pool-after, residual, ReLU).
   When backward needs it, the unpooled conv output c is kept and the pool/stats run separately.
-* conv_bn_act backward: ``bn_act_backward`` (ReLU mask from the saved output, pool-after routing,
-  BN backward) -> ``zmaxpool_backward`` for a pool-before -> ``aten.convolution_backward``.
+* conv_bn_act backward: ``bn_act_backward`` (ReLU mask from the saved output, or recomputed as
+  t > 0 from c and beta when no residual/pool-after intervenes; pool-after routing; BN backward) -> ``zmaxpool_backward`` for a pool-before -> ``aten.convolution_backward``.
 * bn_act_conv: ``channel_stats`` (training) -> ``conv3d_fused`` with in_scale/in_shift (BN+ReLU in
   the prologue, zero padding after the transform), optionally straight into a channel slice.
 * bn_act_conv backward: z = ``bn_act_apply`` (transient) -> ``aten.convolution_backward`` ->
@@ -175,10 +175,13 @@ class FusedPipeline:
         L = self.launchers()
         before = zpool == "before_bn"
         y = L.zmaxpool_forward(c) if before else c
+        beta = None
+        if relu and out is None:  # mask recomputed as t > 0 (no residual, no pool-after)
+            beta = _f32(bn_bias) if bn_bias is not None else torch.zeros_like(mean, dtype=torch.float32)
         grad_y, g_gamma, g_beta, g_res = L.bn_act_backward(
             grad_out, y, mean.float(), invstd.float(), _f32(bn_weight), out=out if relu else None,
             zpool="after_affine" if zpool == "after_bn" else "none", relu=relu, batch_stats=training,
-            residual_grad=bool(has_residual and output_mask[5]))
+            residual_grad=bool(has_residual and output_mask[5]), beta=beta)
         grad_c = L.zmaxpool_backward(c, grad_y) if before else grad_y
         gx, gw, gb = reference._conv_backward(grad_c, x, weight, stride, padding, has_conv_bias, output_mask[:3])
         return gx, gw, gb, g_gamma, g_beta, g_res

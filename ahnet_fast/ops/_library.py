@@ -198,8 +198,10 @@ def _cba_setup(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(c, mean, invstd, var)
     ctx.set_materialize_grads(False)
     # Saved: x and weight (conv grads), c = conv output before any pool, the per-channel stats,
-    # the BN affine params, and `out` only when a ReLU mask is needed.
-    ctx.save_for_backward(x, weight, c, mean, invstd, bn_weight, bn_bias, out if relu else None)
+    # the BN affine params, and `out` only when the ReLU mask cannot be recomputed from c
+    # (a residual or a pool after the BN sits between the affine and the ReLU).
+    keep_out = relu and (residual is not None or zpool == "after_bn")
+    ctx.save_for_backward(x, weight, c, mean, invstd, bn_weight, bn_bias, out if keep_out else None)
     ctx.params = (list(stride), list(padding), training, zpool, relu, residual is not None,
                   conv_bias is not None, save, backend)
 

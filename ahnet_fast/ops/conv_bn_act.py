@@ -47,13 +47,13 @@ def conv_bn_act(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias:
         (N, Cout, Ho, Wo, Do), Do = Dconv or Dconv // 2 with a z-pool.
 
     Saved for backward (only when a gradient is needed): x and weight (for the conv gradients),
-    c = the raw conv output before any pool, per-channel mean/invstd (fp32), the BN affine
-    parameters, and the output (ReLU mask) when relu=True; the normalised value, the pool
-    argmax and the pre-ReLU sum are recomputed. The unfused chain saves x, c, the BN output or
-    the ReLU output, and with a z-pool also the pool input and an int64 index tensor (8 bytes
-    per pooled element): with a pool this op saves strictly less; without one it saves the
-    same tensors as an in-place-ReLU chain (x and the output are shared with the neighbouring
-    layers, so c is the only activation it adds).
+    c = the raw conv output before any pool, per-channel mean/invstd (fp32) and the BN affine
+    parameters; the output too, but only when a residual or a pool-after sits between the
+    affine and the ReLU (otherwise the ReLU mask is recomputed as t > 0 from c). The normalised
+    value, the pool argmax and the pre-ReLU sum are always recomputed. The unfused chain saves
+    x, c and the ReLU output, plus with a z-pool the pool input and an int64 index tensor
+    (8 bytes per pooled element): this op always saves less (x and the output are shared with
+    the neighbouring layers anyway).
     Backward: BN/ReLU/pool/residual gradients fused, conv gradients via aten.convolution_backward.
     """
     _checks.tensor5("x", x)
