@@ -117,6 +117,7 @@ def test_evaluate_case_combines():
     assert m.counts[1] == (12, 12, 18)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # MONAI's own deprecation notice inside get_mask_edges
 def test_matches_monai_on_random_blobs():
     metrics = pytest.importorskip("monai.metrics")
     import torch

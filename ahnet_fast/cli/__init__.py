@@ -15,6 +15,9 @@ from typing import Sequence
 # sub-command name -> module path; the order is the order shown in --help
 COMMANDS = {
     "info": "ahnet_fast.cli.info",
+    "segment": "ahnet_fast.cli.segment",
+    "evaluate": "ahnet_fast.cli.evaluate",
+    "show": "ahnet_fast.cli.show",
 }
 
 

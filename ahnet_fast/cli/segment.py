@@ -1,0 +1,94 @@
+"""`ahnet-fast segment IN OUT --checkpoint CKPT`: segment NIfTI volumes with a trained AH-Net."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "segment",
+        help="segment NIfTI volumes with a trained checkpoint",
+        description=(
+            "Segment IN (a .nii/.nii.gz file, a folder of them, or a dataset.json) and write labels to OUT "
+            "(a file for a file, else a folder) on the input's grid: same affine, header and orientation. "
+            "Outputs are written atomically; a failed case leaves no output."
+        ),
+    )
+    p.add_argument("input", metavar="IN", help="NIfTI file, folder of NIfTI files, or dataset.json")
+    p.add_argument("output", metavar="OUT", help="output .nii/.nii.gz (file input) or folder")
+    p.add_argument("--checkpoint", required=True, help="checkpoint with 'model_config' and 'model'")
+    p.add_argument("--probabilities", action="store_true",
+                   help="also write class probabilities as <name>_probabilities.nii.gz (4D, float32)")
+    p.add_argument("--window", type=int, nargs=3, metavar=("H", "W", "D"), default=None,
+                   help="sliding-window size (rounded up to what the network accepts; default: the "
+                        "checkpoint's patch size, else 192 192 64)")
+    p.add_argument("--overlap", type=float, default=0.25, help="window overlap in [0, 1) (default 0.25)")
+    p.add_argument("--blend", choices=("gaussian", "constant"), default="gaussian")
+    p.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass")
+    p.add_argument("--device", default=None, help="device for the model (default: cuda if available, else cpu)")
+    p.add_argument("--stitch-device", default="cpu", help="device holding the whole-volume output (default cpu)")
+    p.add_argument("--bf16", action="store_true", help="run the model under bfloat16 autocast")
+    p.add_argument("--cascade", action="store_true",
+                   help="coarse-to-fine: find the ROI at half in-plane resolution, then segment only the ROI")
+    p.add_argument("--cascade-factor", type=int, default=2)
+    p.add_argument("--split", default="test", choices=("test", "validation", "training"),
+                   help="which list of a dataset.json to segment (default test)")
+    p.add_argument("--intensity", choices=("ct", "percentile", "none"), default=None,
+                   help="override the checkpoint's intensity normalisation")
+    p.add_argument("--ct-window", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                   help="HU window for --intensity ct (default -125 225)")
+    p.add_argument("--nan-to-zero", action="store_true", help="replace NaN/Inf voxels by 0 instead of failing")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load checkpoints the safe loader refuses (only for files you trust)")
+    p.add_argument("--progress", action="store_true", help="show a progress bar per volume")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ahnet_fast.data.intensity import IntensityConfig
+    from ahnet_fast.infer.model_io import load_model
+    from ahnet_fast.infer.segment import SegmentOptions, collect_inputs, intensity_from_meta, segment_file
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        pairs = collect_inputs(args.input, args.output, split=args.split)
+        model, meta = load_model(args.checkpoint, map_location=device, allow_pickle=args.allow_pickle)
+        override = None
+        if args.intensity is not None:
+            kw = {"mode": args.intensity}
+            if args.ct_window:
+                kw["window"] = tuple(args.ct_window)
+            override = IntensityConfig(**kw)
+        intensity = intensity_from_meta(meta, override)
+        window = args.window or meta.get("patch_size") or meta.get("window")
+        opts = SegmentOptions(
+            window=tuple(window) if window else SegmentOptions.window,
+            overlap=args.overlap, blend=args.blend, sw_batch_size=args.sw_batch_size,
+            device=device, stitch_device=args.stitch_device, bf16=args.bf16, progress=args.progress,
+            cascade=args.cascade, cascade_factor=args.cascade_factor,
+            nonfinite="zero" if args.nan_to_zero else "raise",
+        )
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    failures = 0
+    for src, dst in pairs:
+        try:
+            res = segment_file(src, dst, model, intensity, opts, probabilities=args.probabilities)
+        except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: e.g. out of memory
+            failures += 1
+            print(f"error: {src}: {exc}" if str(src) not in str(exc) else f"error: {exc}", file=sys.stderr)
+            continue
+        fg = int((res.labels > 0).sum())
+        line = f"{src} -> {dst}  ({res.seconds:.1f} s, {fg} foreground voxels"
+        if res.stats:
+            line += (f", cascade: pass 2 on {100 * res.stats['pass2_fraction']:.1f}% of the voxels, "
+                     f"{res.stats['time_pass1']:.1f} s + {res.stats['time_pass2']:.1f} s")
+        print(line + ")")
+    if failures:
+        print(f"{failures} of {len(pairs)} case(s) failed; their outputs were not written", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,208 @@
+"""Segment NIfTI files with a trained model: load -> normalise -> infer -> write like the input.
+
+The image is loaded in network layout (:func:`ahnet_fast.data.nifti.load_volume`:
+canonical orientation, coarsest axis last), normalised as in training, run
+through sliding-window (or cascade) inference, and the labels (and optionally
+class probabilities) are written with the input's affine, header and
+orientation restored (:func:`ahnet_fast.data.nifti.save_like`, atomic).
+
+Intensity normalisation comes from the checkpoint's ``"intensity"`` entry (an
+:class:`ahnet_fast.data.intensity.IntensityConfig` dict, written by training);
+it can be overridden, and without either a percentile normalisation is used
+with a warning.
+"""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ahnet_fast.data.nifti import Volume, VolumeError, is_nifti_path, load_volume, save_like
+
+from .cascade import cascade_inference
+from .sliding_window import sliding_window_inference
+
+__all__ = [
+    "SegmentOptions",
+    "SegmentResult",
+    "intensity_from_meta",
+    "predict_volume",
+    "segment_file",
+    "collect_inputs",
+    "probabilities_path",
+]
+
+DEFAULT_WINDOW = (192, 192, 64)
+
+
+@dataclass
+class SegmentOptions:
+    """Inference settings (see :func:`ahnet_fast.infer.sliding_window_inference`)."""
+
+    window: Sequence[int] | None = DEFAULT_WINDOW
+    overlap: float = 0.25
+    blend: str = "gaussian"
+    sw_batch_size: int = 1
+    device: str = "cpu"  # where the model runs
+    stitch_device: str = "cpu"  # where the whole-volume output is assembled
+    bf16: bool = False
+    progress: bool = False
+    cascade: bool = False
+    cascade_factor: int = 2
+    cascade_margin: Sequence[int] = (16, 16, 4)
+    nonfinite: str = "raise"
+
+
+@dataclass
+class SegmentResult:
+    """Labels ``(H, W, D)`` and probabilities ``(H, W, D, K)`` in network layout, and timings."""
+
+    labels: np.ndarray
+    probabilities: np.ndarray
+    seconds: float
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def intensity_from_meta(meta: dict[str, Any], override: Any = None):
+    """The :class:`IntensityConfig` to use: ``override``, else the checkpoint's, else percentile (warned)."""
+    from ahnet_fast.data.intensity import IntensityConfig
+
+    if override is not None:
+        return override if isinstance(override, IntensityConfig) else IntensityConfig.from_dict(dict(override))
+    for holder in (meta, meta.get("data_config") or {}, meta.get("config") or {}):
+        cfg = holder.get("intensity") if isinstance(holder, dict) else None
+        if isinstance(cfg, IntensityConfig):
+            return cfg
+        if isinstance(cfg, dict):
+            return IntensityConfig.from_dict(cfg)
+    warnings.warn(
+        "the checkpoint does not record its intensity normalisation ('intensity'); using percentile "
+        "scaling (0.5-99.5); pass the training setting explicitly if it was a CT window",
+        stacklevel=2,
+    )
+    return IntensityConfig(mode="percentile")
+
+
+def predict_volume(image: np.ndarray, model: nn.Module, opts: SegmentOptions) -> SegmentResult:
+    """Run ``model`` over a normalised ``(H, W, D)`` image.
+
+    Returns labels (uint8/int16 argmax, or ``p > 0.5`` for a 1-channel model)
+    and probabilities (softmax, or sigmoid for 1 channel) in network layout.
+    """
+    in_ch = getattr(getattr(model, "input_spec", None), "in_channels", 1)
+    if in_ch != 1:
+        raise ValueError(f"the model takes {in_ch} input channels; segment handles single-channel images only")
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    kw: dict[str, Any] = dict(
+        window=opts.window, overlap=opts.overlap, blend=opts.blend, sw_batch_size=opts.sw_batch_size,
+        sw_device=opts.device, device=opts.stitch_device,
+        autocast_dtype=torch.bfloat16 if opts.bf16 else None, progress=opts.progress,
+    )
+    t0 = time.perf_counter()
+    stats: dict[str, Any] = {}
+    if opts.cascade:
+        logits, cs = cascade_inference(x, model, factor=opts.cascade_factor, margin=opts.cascade_margin, **kw)
+        stats = {"roi": cs.roi, "pass2_fraction": cs.pass2_fraction,
+                 "time_pass1": cs.time_pass1, "time_pass2": cs.time_pass2}
+    else:
+        logits = sliding_window_inference(x, model, **kw)
+    logits = logits[0].float().cpu()
+    if logits.shape[0] == 1:
+        prob = torch.sigmoid(logits)
+        labels = (prob[0] > 0.5).to(torch.uint8)
+    else:
+        prob = torch.softmax(logits, dim=0)
+        labels = prob.argmax(dim=0).to(torch.uint8 if logits.shape[0] <= 256 else torch.int16)
+    seconds = time.perf_counter() - t0
+    return SegmentResult(labels.numpy(), prob.permute(1, 2, 3, 0).contiguous().numpy(), seconds, stats)
+
+
+def probabilities_path(label_path: str | os.PathLike) -> Path:
+    """``case.nii.gz`` -> ``case_probabilities.nii.gz`` (same folder)."""
+    p = Path(label_path)
+    name = p.name
+    suffix = ".nii.gz" if name.lower().endswith(".nii.gz") else ".nii"
+    return p.with_name(name[: -len(suffix)] + "_probabilities" + suffix)
+
+
+def segment_file(
+    in_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    model: nn.Module,
+    intensity: Any,
+    opts: SegmentOptions,
+    probabilities: bool = False,
+) -> SegmentResult:
+    """Segment one file and write the result(s) on the input's grid (atomically).
+
+    Everything is computed before anything is written, so a failure (bad
+    input, out of memory) leaves no output behind.
+    """
+    from ahnet_fast.data.intensity import normalise
+
+    vol: Volume = load_volume(in_path, nonfinite=opts.nonfinite)  # type: ignore[arg-type]
+    image = normalise(vol.array, intensity, where=str(in_path))
+    res = predict_volume(image, model, opts)
+    if not probabilities:
+        save_like(res.labels, vol, out_path, dtype=res.labels.dtype)
+        return res
+    prob_path = probabilities_path(out_path)
+    save_like(res.probabilities, vol, prob_path, dtype=np.float32)
+    try:
+        save_like(res.labels, vol, out_path, dtype=res.labels.dtype)
+    except BaseException:
+        prob_path.unlink(missing_ok=True)  # no half of a result pair left behind
+        raise
+    return res
+
+
+def collect_inputs(source: str | os.PathLike, out: str | os.PathLike, split: str = "test") -> list[tuple[str, Path]]:
+    """Pairs ``(input file, output file)`` for a file, a folder of NIfTI files, or a dataset.json.
+
+    * file: ``out`` is the output file (must end in .nii/.nii.gz);
+    * folder: every ``*.nii``/``*.nii.gz`` in it (not recursive) -> ``out/<same name>``;
+    * ``*.json``: the ``split`` list (``test``, ``validation`` or ``training``) of a
+      Medical Segmentation Decathlon dataset.json -> ``out/<image name>``.
+    Output folders are created.
+    """
+    src, out = Path(source), Path(out)
+    if not src.exists():
+        raise FileNotFoundError(f"{src}: no such file or folder")
+    if src.is_file() and src.suffix.lower() == ".json":
+        from ahnet_fast.data.dataset import read_dataset
+
+        spec = read_dataset(src)
+        if split not in ("test", "validation", "training"):
+            raise ValueError(f"split must be 'test', 'validation' or 'training', got {split!r}")
+        refs = getattr(spec, split)
+        if not refs:
+            avail = [s for s in ("test", "validation", "training") if getattr(spec, s)]
+            raise VolumeError(f"{src}: the {split!r} list is empty or missing (non-empty: {avail})")
+        files = [r.image for r in refs]
+    elif src.is_dir():
+        files = sorted(str(p) for p in src.iterdir() if p.is_file() and is_nifti_path(p))
+        if not files:
+            raise VolumeError(f"{src}: folder holds no .nii/.nii.gz files")
+    else:
+        if not is_nifti_path(out):
+            raise VolumeError(f"{out}: output for a single input file must end in .nii or .nii.gz")
+        if not out.parent.is_dir():
+            raise FileNotFoundError(f"{out}: output folder {out.parent} does not exist")
+        return [(str(src), out)]
+    if out.exists() and not out.is_dir():
+        raise VolumeError(f"{out}: must be a folder when the input is a folder or a dataset.json")
+    out.mkdir(parents=True, exist_ok=True)
+    pairs = []
+    for f in files:
+        name = Path(f).name
+        if not is_nifti_path(name):
+            name = name.rsplit(".", 1)[0] + ".nii.gz"
+        pairs.append((f, out / name))
+    return pairs
