@@ -8,6 +8,7 @@ from __future__ import annotations
 from .cascade import CascadeStats, cascade_inference
 from .metrics import average_surface_distance, dice, dice_per_class, evaluate_case, global_dice, hd95
 from .model_io import CheckpointError, load_model, save_model_checkpoint
+from .segment import SegmentOptions, SegmentResult, predict_volume, segment_file
 from .sliding_window import importance_map, sliding_window_inference, valid_window, window_rules
 
 __all__ = [
@@ -22,6 +23,10 @@ __all__ = [
     "hd95",
     "importance_map",
     "load_model",
+    "predict_volume",
+    "segment_file",
+    "SegmentOptions",
+    "SegmentResult",
     "save_model_checkpoint",
     "sliding_window_inference",
     "valid_window",
