@@ -1,0 +1,292 @@
+"""Finding and loading image/label pairs.
+
+Accepted sources (:func:`read_dataset`):
+
+* a Medical Segmentation Decathlon folder: ``dataset.json`` whose ``"training"``
+  list holds ``{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}``
+  (paths relative to the json's folder), optional ``"labels"``
+  (``{"0": "background", "1": "liver", ...}``) and ``"modality"``
+  (``{"0": "CT"}``). A folder without ``dataset.json`` but with ``imagesTr/`` and
+  ``labelsTr/`` is paired by file name. Our demo also writes ``"validation"``
+  and ``"test"`` lists of the same form (MSD's own ``"test"`` list holds image
+  paths only; those are accepted too, with no label).
+* the ``dataset.json`` file itself;
+* a CSV file with a header row naming the columns ``image`` and ``label``
+  (paths relative to the CSV's folder; ``label`` may be empty for unlabelled cases).
+
+:func:`load_case` reads one pair into network layout (closest canonical
+orientation, coarsest axis last; see :mod:`ahnet_fast.data.nifti`) and checks it:
+missing/unreadable files, 4D images, NaN/Inf voxels, image/label shape or affine
+mismatch and labels outside the declared classes all raise an error that names
+the file and the problem (:class:`~ahnet_fast.data.errors.DataError`,
+:class:`~ahnet_fast.data.nifti.VolumeError` or ``FileNotFoundError``).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ahnet_fast.data.errors import DataError
+from ahnet_fast.data.intensity import IntensityConfig, normalise
+from ahnet_fast.data.nifti import is_nifti_path, load_label, load_volume
+
+__all__ = ["CaseRef", "DatasetSpec", "Case", "read_dataset", "load_case", "check_headers"]
+
+
+@dataclass(frozen=True)
+class CaseRef:
+    """Paths of one case. ``label`` is None for an unlabelled (inference-only) case."""
+
+    image: str
+    label: str | None
+    name: str
+
+
+@dataclass
+class DatasetSpec:
+    """What :func:`read_dataset` found.
+
+    Attributes:
+        source: the folder/json/csv it was read from.
+        training / validation / test: the case lists (validation and test may be empty).
+        class_names: one name per class, index = label value; background first.
+            ``None`` when the source does not declare classes (CSV): the number
+            of classes is then given by the user (``num_classes``).
+        modality: e.g. ``"CT"`` or ``"MRI"`` when declared, else ``None``.
+    """
+
+    source: str
+    training: list[CaseRef]
+    validation: list[CaseRef] = field(default_factory=list)
+    test: list[CaseRef] = field(default_factory=list)
+    class_names: list[str] | None = None
+    modality: str | None = None
+
+    @property
+    def num_classes(self) -> int | None:
+        return None if self.class_names is None else len(self.class_names)
+
+
+@dataclass
+class Case:
+    """One loaded case in network layout.
+
+    Attributes:
+        image: ``(H, W, D)`` float32, intensity-normalised.
+        label: ``(H, W, D)`` uint8 class indices, or None.
+        spacing: voxel size (mm) along H, W, D.
+        name: case name (file stem).
+        image_path / label_path: source files (for error messages).
+        volume: the :class:`~ahnet_fast.data.nifti.Volume` (header, affine,
+            transform) the image came from, with its ``array`` dropped to save
+            memory (use it with ``save_like``).
+    """
+
+    image: np.ndarray
+    label: np.ndarray | None
+    spacing: tuple[float, float, float]
+    name: str
+    image_path: str
+    label_path: str | None
+    volume: Any = None
+
+
+def _case_name(path: str) -> str:
+    base = os.path.basename(path)
+    for suf in (".nii.gz", ".nii", ".img", ".hdr"):
+        if base.lower().endswith(suf):
+            return base[: -len(suf)]
+    return base
+
+
+def _resolve(root: Path, p: str, where: str) -> str:
+    if not isinstance(p, str) or not p:
+        raise DataError(where, f"expected a file path string, got {p!r}")
+    q = Path(p)
+    return str(q if q.is_absolute() else (root / q))
+
+
+def _refs_from_json_list(items: Any, root: Path, where: str, key: str) -> list[CaseRef]:
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise DataError(where, f'"{key}" must be a list, got {type(items).__name__}')
+    refs = []
+    for i, it in enumerate(items):
+        if isinstance(it, str):  # MSD "test": plain image paths
+            img, lab = _resolve(root, it, where), None
+        elif isinstance(it, dict) and "image" in it:
+            img = _resolve(root, it["image"], where)
+            lab = _resolve(root, it["label"], where) if it.get("label") else None
+        else:
+            raise DataError(where, f'"{key}"[{i}] must be {{"image": ..., "label": ...}} or a path, got {it!r}')
+        refs.append(CaseRef(img, lab, _case_name(img)))
+    return refs
+
+
+def _read_json(path: Path) -> DatasetSpec:
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(path, f"cannot read as JSON ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(meta, dict):
+        raise DataError(path, "expected a JSON object with a \"training\" list")
+    root = path.parent
+    if "training" not in meta:
+        raise DataError(path, 'no "training" list (Medical Segmentation Decathlon format expected)')
+    training = _refs_from_json_list(meta["training"], root, str(path), "training")
+    validation = _refs_from_json_list(meta.get("validation"), root, str(path), "validation")
+    test = _refs_from_json_list(meta.get("test"), root, str(path), "test")
+    class_names = None
+    labels = meta.get("labels")
+    if labels is not None:
+        if not isinstance(labels, dict) or not labels:
+            raise DataError(path, '"labels" must be a non-empty object {"0": "background", "1": ...}')
+        try:
+            idx = sorted(int(k) for k in labels)
+        except ValueError:
+            raise DataError(path, f'"labels" keys must be integers, got {list(labels)}') from None
+        if idx != list(range(len(idx))):
+            raise DataError(path, f'"labels" keys must be 0, 1, ..., n-1 without gaps, got {idx}')
+        class_names = [str(labels[str(i)]) for i in idx]
+    modality = None
+    mod = meta.get("modality")
+    if isinstance(mod, dict) and mod:
+        modality = str(mod.get("0", next(iter(mod.values()))))
+    elif isinstance(mod, str):
+        modality = mod
+    return DatasetSpec(str(path), training, validation, test, class_names, modality)
+
+
+def _read_csv(path: Path) -> DatasetSpec:
+    try:
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+            fields = [f.strip().lower() for f in (reader.fieldnames or [])]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    except (OSError, csv.Error, UnicodeDecodeError) as exc:
+        raise DataError(path, f"cannot read as CSV ({type(exc).__name__}: {exc})") from exc
+    if "image" not in fields:
+        raise DataError(path, f'CSV needs a header row with columns "image" and "label"; found columns {fields}')
+    root = path.parent
+    refs = []
+    for i, row in enumerate(rows, start=2):
+        row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
+        if not row.get("image"):
+            raise DataError(path, f"line {i}: empty image path")
+        img = _resolve(root, row["image"], f"{path}:{i}")
+        lab = _resolve(root, row["label"], f"{path}:{i}") if row.get("label") else None
+        refs.append(CaseRef(img, lab, _case_name(img)))
+    return DatasetSpec(str(path), refs)
+
+
+def _read_folder(path: Path) -> DatasetSpec:
+    js = path / "dataset.json"
+    if js.is_file():
+        return _read_json(js)
+    images, labels = path / "imagesTr", path / "labelsTr"
+    if not images.is_dir():
+        raise DataError(path, "folder has neither dataset.json nor imagesTr/ (Medical Segmentation Decathlon layout)")
+    refs = []
+    for img in sorted(p for p in images.iterdir() if is_nifti_path(p) and not p.name.startswith(".")):
+        lab = labels / img.name
+        if not lab.is_file():
+            raise DataError(img, f"no label file {lab} with the same name")
+        refs.append(CaseRef(str(img), str(lab), _case_name(str(img))))
+    return DatasetSpec(str(path), refs)
+
+
+def read_dataset(source: str | os.PathLike) -> DatasetSpec:
+    """Read the case list from a MSD folder, a ``dataset.json`` or a CSV file.
+
+    Raises:
+        FileNotFoundError: ``source`` does not exist.
+        DataError: unreadable or malformed list, or an empty training list.
+    """
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder (expected a dataset folder, dataset.json or CSV)")
+    if path.is_dir():
+        spec = _read_folder(path)
+    elif path.suffix.lower() == ".json":
+        spec = _read_json(path)
+    elif path.suffix.lower() == ".csv":
+        spec = _read_csv(path)
+    else:
+        raise DataError(path, "expected a dataset folder, a dataset.json or a .csv file")
+    if not spec.training:
+        raise DataError(spec.source, "the dataset has no training cases (empty list)")
+    return spec
+
+
+def check_headers(refs: list[CaseRef]) -> None:
+    """Cheap up-front check of every case: files exist, are readable 3D images,
+    and image/label headers agree in shape and affine (no voxel data read).
+
+    Raises the same errors as :func:`load_case` would, but before training starts.
+    """
+    import nibabel as nib
+
+    for ref in refs:
+        shapes = {}
+        for what, p in (("image", ref.image), ("label", ref.label)):
+            if p is None:
+                continue
+            if not Path(p).is_file():
+                raise FileNotFoundError(f"{p}: {what} file not found (case {ref.name})")
+            try:
+                img = nib.load(p)
+            except Exception as exc:
+                raise DataError(p, f"cannot read {what} as NIfTI ({type(exc).__name__}: {exc})") from exc
+            shape = tuple(int(s) for s in img.shape)
+            if len(shape) != 3 and not (len(shape) > 3 and all(s == 1 for s in shape[3:])):
+                raise DataError(p, f"{what} must be 3D, got shape {shape}")
+            shapes[what] = (shape[:3], np.asarray(img.affine))
+        if "label" in shapes:
+            (si, ai), (sl, al) = shapes["image"], shapes["label"]
+            if si != sl:
+                raise DataError(ref.label, f"label shape {sl} differs from image {ref.image} shape {si}")
+            if not np.allclose(ai, al, rtol=0, atol=1e-3):
+                raise DataError(ref.label, f"label affine differs from image {ref.image} affine")
+
+
+def load_case(ref: CaseRef, num_classes: int | None, intensity: IntensityConfig) -> Case:
+    """Load, check and normalise one case.
+
+    Args:
+        ref: the paths.
+        num_classes: labels must lie in ``[0, num_classes)``; None skips that check.
+        intensity: how to normalise the image (:mod:`ahnet_fast.data.intensity`).
+
+    Returns:
+        A :class:`Case` with ``image`` ``(H, W, D)`` float32 and ``label``
+        ``(H, W, D)`` uint8 (or None).
+    """
+    vol = load_volume(ref.image)
+    label = None
+    if ref.label is not None:
+        lab = load_label(ref.label, vol)
+        hi = int(lab.max()) if lab.size else 0
+        if num_classes is not None and hi >= num_classes:
+            bad = sorted(int(v) for v in np.unique(lab[lab >= num_classes]))[:10]
+            raise DataError(
+                ref.label,
+                f"label values {bad} outside the declared classes 0..{num_classes - 1} "
+                f"(declare more classes or fix the label map)",
+            )
+        if hi > 255:
+            raise DataError(ref.label, f"label value {hi} too large (at most 255 classes are supported)")
+        label = lab.astype(np.uint8)
+    image = normalise(vol.array, intensity, where=ref.image)
+    vol.array = np.empty((0, 0, 0), np.float32)  # keep the header/transform, drop the voxels
+    return Case(image, label, tuple(vol.spacing), ref.name, ref.image, ref.label, vol)
