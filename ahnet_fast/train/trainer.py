@@ -1,0 +1,498 @@
+"""One training stage: loop, mixed precision, accumulation, checkpoints, validation, logs.
+
+:class:`Trainer` trains a model on a :class:`~ahnet_fast.data.loader.PatchDataset`
+for a fixed number of optimizer steps, grouped into epochs of
+``steps_per_epoch`` steps. Per step it draws ``grad_accum`` micro-batches of
+``batch_size`` patches (sample indices ``(step * grad_accum + m) * batch_size + i``,
+so the stream is independent of the worker count and of interruptions).
+
+* Optimiser: Adam (betas 0.9/0.999, eps 1e-8), the paper's settings.
+* Loss: cross-entropy, switched to the focal loss once the epoch loss
+  plateaus (:class:`LossSchedule`); or ``"ce"`` / ``"focal"`` throughout.
+* Mixed precision: ``amp="bf16"`` or ``"fp16"`` autocast; fp16 uses a GradScaler.
+* Activation checkpointing: ``checkpointing=True``.
+* Checkpoints (atomic, :mod:`ahnet_fast.train.checkpoint`): ``last.pt`` every
+  ``ckpt_every`` steps and at each epoch end; ``best.pt`` whenever the
+  validation mean foreground Dice improves. ``resume=True`` restores model,
+  optimiser, scaler, loss schedule, RNG states and the step, and continues
+  exactly where the checkpoint was taken.
+* Logs: a tqdm bar, one summary line per epoch (loss, Dice per class, speed,
+  peak memory) and a JSON-lines file ``log.jsonl`` (one object per epoch and
+  per event).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ahnet_fast.data.loader import PatchDataset, make_loader
+from ahnet_fast.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from ahnet_fast.train.models import enable_activation_checkpointing
+
+__all__ = ["TrainConfig", "LossSchedule", "Trainer", "ValidationCase", "dice_from_counts", "peak_memory_bytes"]
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one stage (see module docstring).
+
+    Attributes:
+        steps: total optimizer steps of the stage.
+        steps_per_epoch: steps between summaries/validation/checkpoints.
+        batch_size: patches per micro-batch.
+        grad_accum: micro-batches per optimizer step.
+        lr: Adam learning rate (paper: 5e-4 for 2D, 1e-3 for 3D).
+        weight_decay: Adam weight decay.
+        amp: ``"none"``, ``"bf16"`` or ``"fp16"``.
+        checkpointing: activation checkpointing.
+        loss: ``"ce_then_focal"`` (paper), ``"ce"`` or ``"focal"``.
+        focal_gamma: focal loss gamma.
+        plateau_patience: epochs without ``plateau_min_delta`` relative
+            improvement of the epoch loss before switching to the focal loss.
+        plateau_min_delta: relative improvement that counts as progress.
+        ckpt_every: also write ``last.pt`` every this many steps (0: epoch ends only).
+        num_workers: DataLoader workers.
+        seed: seed of the sample stream and of torch's RNG.
+        device: ``"cpu"``, ``"cuda"``, ... (None: cuda if available).
+        val_window: sliding-window size for validation (None: whole volume).
+        clip_grad: max gradient norm (0: off).
+    """
+
+    steps: int
+    steps_per_epoch: int
+    batch_size: int
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    amp: str = "none"
+    checkpointing: bool = False
+    loss: str = "ce_then_focal"
+    focal_gamma: float = 2.0
+    plateau_patience: int = 2
+    plateau_min_delta: float = 0.02
+    ckpt_every: int = 0
+    num_workers: int = 0
+    seed: int = 0
+    device: str | None = None
+    val_window: tuple[int, int, int] | None = None
+    clip_grad: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.steps_per_epoch < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError(
+                f"need steps >= 0, steps_per_epoch >= 1, batch_size >= 1, grad_accum >= 1; got "
+                f"{self.steps}, {self.steps_per_epoch}, {self.batch_size}, {self.grad_accum}"
+            )
+        if self.amp not in ("none", "bf16", "fp16"):
+            raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {self.amp!r}")
+        if self.loss not in ("ce_then_focal", "ce", "focal"):
+            raise ValueError(f"loss must be 'ce_then_focal', 'ce' or 'focal', got {self.loss!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+class LossSchedule:
+    """Cross-entropy first, focal loss once the epoch loss stops improving.
+
+    State (saved in checkpoints): current loss name, best epoch loss, epochs
+    without progress, and the step of the switch.
+    """
+
+    def __init__(self, mode: str, patience: int, min_delta: float) -> None:
+        self.mode = mode
+        self.patience = patience
+        self.min_delta = min_delta
+        self.current = "focal" if mode == "focal" else "ce"
+        self.best = math.inf
+        self.bad_epochs = 0
+        self.switched_at: int | None = None
+
+    def end_epoch(self, epoch_loss: float, step: int) -> bool:
+        """Record an epoch's mean loss; True when this call switched to focal."""
+        if self.mode != "ce_then_focal" or self.current == "focal":
+            return False
+        if epoch_loss < self.best * (1 - self.min_delta):
+            self.best = epoch_loss
+            self.bad_epochs = 0
+            return False
+        self.bad_epochs += 1
+        if self.bad_epochs >= self.patience:
+            self.current = "focal"
+            self.switched_at = step
+            return True
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mode": self.mode, "current": self.current, "best": self.best, "bad_epochs": self.bad_epochs,
+                "switched_at": self.switched_at}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.mode, self.current = d["mode"], d["current"]
+        self.best, self.bad_epochs, self.switched_at = float(d["best"]), int(d["bad_epochs"]), d["switched_at"]
+
+
+@dataclass
+class ValidationCase:
+    """A whole volume for validation: ``image (H, W, D)`` float32, ``label (H, W, D)`` ints."""
+
+    image: np.ndarray
+    label: np.ndarray
+    name: str = "case"
+
+
+def dice_from_counts(counts: np.ndarray) -> list[float]:
+    """Per-class Dice from a ``(K, 3)`` array of (tp, fp, fn); NaN where a class is absent in both."""
+    out = []
+    for tp, fp, fn in counts:
+        den = 2 * tp + fp + fn
+        out.append(float(2 * tp / den) if den > 0 else float("nan"))
+    return out
+
+
+def _confusion(pred: torch.Tensor, target: torch.Tensor, k: int) -> np.ndarray:
+    """(K, 3) tp/fp/fn counts of integer maps of equal shape."""
+    idx = (target.reshape(-1).long() * k + pred.reshape(-1).long())
+    cm = torch.bincount(idx, minlength=k * k).reshape(k, k).cpu().numpy().astype(np.int64)
+    tp = np.diag(cm)
+    return np.stack([tp, cm.sum(0) - tp, cm.sum(1) - tp], axis=1)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process: CUDA allocator peak on a GPU, peak RSS on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def _fmt_dice(d: Sequence[float]) -> str:
+    return "[" + ", ".join("nan" if math.isnan(v) else f"{v:.3f}" for v in d) + "]"
+
+
+class Trainer:
+    """Trains one stage (module docstring).
+
+    Args:
+        model: the network (``(B, C, *spatial) -> (B, K, *spatial)``).
+        model_config: constructor kwargs recorded in checkpoints (with
+            ``model_kind`` and ``num_classes`` in ``extra`` if useful).
+        dataset: training patches.
+        config: :class:`TrainConfig`.
+        out_dir: where ``last.pt``, ``best.pt`` and ``log.jsonl`` go.
+        num_classes: K.
+        val_cases: whole volumes for validation Dice (may be empty: then the
+            Dice of the training batches is reported and ``best.pt`` follows the
+            training Dice).
+        predict: ``predict(model, image (H, W, D)) -> logits (K, H, W, D)`` for
+            validation (default: 3D sliding window).
+        train_mode: called instead of ``model.train()`` (e.g. to keep a frozen
+            encoder's BatchNorms in eval mode).
+        stage: name recorded in checkpoints and logs.
+        extra: more entries for every checkpoint (e.g. preprocessing settings).
+        log: callable for human-readable lines (default: print to stderr via tqdm).
+        progress: show a tqdm bar.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        model_config: dict[str, Any],
+        dataset: PatchDataset,
+        config: TrainConfig,
+        out_dir: str | os.PathLike,
+        num_classes: int,
+        val_cases: Sequence[ValidationCase] = (),
+        predict: Callable[[nn.Module, np.ndarray], torch.Tensor] | None = None,
+        train_mode: Callable[[nn.Module], None] | None = None,
+        stage: str = "train",
+        extra: dict[str, Any] | None = None,
+        log: Callable[[str], None] | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.cfg = config
+        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device)
+        self.model_config = dict(model_config)
+        self.dataset = dataset
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.k = num_classes
+        self.val_cases = list(val_cases)
+        self.predict = predict or self._predict_3d
+        self.train_mode = train_mode or (lambda m: m.train())
+        self.stage = stage
+        self.extra = dict(extra or {})
+        self.progress = progress
+        self._log = log
+        if config.checkpointing:
+            enable_activation_checkpointing(self.model)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters")
+        self.optimizer = torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8,
+                                          weight_decay=config.weight_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
+        self.schedule = LossSchedule(config.loss, config.plateau_patience, config.plateau_min_delta)
+        from ahnet_fast.losses import FocalLoss
+
+        self.focal = FocalLoss(mode="softmax", gamma=config.focal_gamma).to(self.device)
+        self.step = 0
+        self.epoch = 0
+        self.best_dice = -math.inf
+        self.history: list[dict[str, Any]] = []
+        self.finished = False
+        self._acc = self._new_acc()
+
+    def _new_acc(self) -> dict[str, Any]:
+        """Running sums of the current epoch (saved in checkpoints so a resumed epoch sums the same)."""
+        return {"loss": 0.0, "n": 0, "counts": np.zeros((self.k, 3), np.int64), "samples": 0}
+
+    # ------------------------------------------------------------------ logging
+    def log(self, msg: str) -> None:
+        if self._log is not None:
+            self._log(msg)
+        else:
+            from tqdm.auto import tqdm
+
+            tqdm.write(msg, file=sys.stderr)
+
+    def _jsonl(self, record: dict[str, Any]) -> None:
+        record = {"time": time.time(), "stage": self.stage, **record}
+        with open(self.out / "log.jsonl", "a") as fh:
+            fh.write(json.dumps(record, default=_json_default) + "\n")
+
+    # ------------------------------------------------------------------ checkpoints
+    def _payload(self) -> dict[str, Any]:
+        return {
+            "model_config": self.model_config,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "rng": capture_rng(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "stage": self.stage,
+            "best_dice": self.best_dice,
+            "finished": self.finished,
+            "train_config": _plain(asdict(self.cfg)),
+            "history": self.history,
+            "epoch_acc": {"loss": self._acc["loss"], "n": self._acc["n"],
+                          "counts": torch.from_numpy(self._acc["counts"].copy()), "samples": self._acc["samples"]},
+            **self.extra,
+        }
+
+    def save(self, name: str = "last.pt") -> Path:
+        return save_checkpoint(self.out / name, self._payload())
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Restore everything a resume needs from ``path``."""
+        ck = load_checkpoint(path, map_location=self.device)
+        if ck.get("stage") not in (None, self.stage):
+            raise ValueError(f"{path}: checkpoint of stage {ck.get('stage')!r}, cannot resume stage {self.stage!r}")
+        self.model.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scaler.load_state_dict(ck["scaler"])
+        self.schedule.load_state_dict(ck["schedule"])
+        restore_rng(ck["rng"])
+        self.step, self.epoch = int(ck["step"]), int(ck["epoch"])
+        self.best_dice = float(ck["best_dice"])
+        self.history = list(ck.get("history", []))
+        self.finished = bool(ck.get("finished", False))
+        acc = ck.get("epoch_acc")
+        if acc is not None:
+            self._acc = {"loss": float(acc["loss"]), "n": int(acc["n"]),
+                         "counts": acc["counts"].cpu().numpy().astype(np.int64), "samples": int(acc["samples"])}
+
+    # ------------------------------------------------------------------ validation
+    def _autocast(self):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.amp)
+        return torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+    def _predict_3d(self, model: nn.Module, image: np.ndarray) -> torch.Tensor:
+        from ahnet_fast.infer.sliding_window import sliding_window_inference
+
+        x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(self.device)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.amp)
+        out = sliding_window_inference(x, model, window=self.cfg.val_window, overlap=0.25,
+                                       autocast_dtype=dtype, pad_value=float(image.min()))
+        return out[0]
+
+    @torch.no_grad()
+    def validate(self) -> list[float] | None:
+        """Per-class Dice over all validation cases (summed counts), or None without cases."""
+        if not self.val_cases:
+            return None
+        self.model.eval()
+        counts = np.zeros((self.k, 3), np.int64)
+        for vc in self.val_cases:
+            logits = self.predict(self.model, vc.image)
+            pred = logits.argmax(0).cpu()
+            counts += _confusion(pred, torch.from_numpy(vc.label.astype(np.int64)), self.k)
+        return dice_from_counts(counts)
+
+    # ------------------------------------------------------------------ training
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if self.schedule.current == "focal":
+            return self.focal(logits, target)
+        return F.cross_entropy(logits, target)
+
+    def fit(self, resume: bool = False, stop_at_step: int | None = None) -> dict[str, Any]:
+        """Train until ``config.steps`` (or ``stop_at_step``, which saves and returns early,
+        as if the run had been killed right after a checkpoint).
+
+        Returns:
+            ``{"best_dice", "last_dice", "steps", "epochs", "history", "seconds", "finished"}``.
+        """
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        last = self.out / "last.pt"
+        if resume and last.is_file():
+            self.load(last)
+            self.log(f"[{self.stage}] resumed from {last} at step {self.step}/{cfg.steps}")
+            self._jsonl({"event": "resume", "step": self.step})
+        elif not resume:
+            torch.manual_seed(cfg.seed)
+        end = cfg.steps if stop_at_step is None else min(cfg.steps, stop_at_step)
+        t_start = time.time()
+        if self.step >= cfg.steps:
+            self.finished = True
+            return self._result(time.time() - t_start)
+        loader = make_loader(self.dataset, cfg.batch_size, (end - self.step) * cfg.grad_accum,
+                             start_step=self.step * cfg.grad_accum, num_workers=cfg.num_workers,
+                             pin_memory=self.device.type == "cuda")
+        it = iter(loader)
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=self.stage, disable=not self.progress,
+                   dynamic_ncols=True, leave=False, file=sys.stderr)
+        acc = self._acc
+        ep_t0 = time.time()
+        epoch_end = True
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.train_mode(self.model)
+        try:
+            while self.step < end:
+                self.optimizer.zero_grad(set_to_none=True)
+                step_loss = 0.0
+                for _ in range(cfg.grad_accum):
+                    batch = next(it)
+                    x = batch["image"].to(self.device, non_blocking=True)
+                    y = batch["label"].to(self.device, non_blocking=True)
+                    with self._autocast():
+                        logits = self.model(x)
+                    loss = self._loss(logits, y) / cfg.grad_accum
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"[{self.stage}] non-finite loss at step {self.step} ({loss.item()}); try a lower "
+                            "learning rate, amp='bf16' instead of 'fp16', or check the input intensities"
+                        )
+                    self.scaler.scale(loss).backward()
+                    step_loss += float(loss.detach())
+                    acc["counts"] += _confusion(logits.detach().argmax(1), y, self.k)
+                    acc["samples"] += int(x.shape[0])
+                if cfg.clip_grad > 0:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.step += 1
+                acc["loss"] += step_loss
+                acc["n"] += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}", fn=self.schedule.current)
+                epoch_end = self.step % cfg.steps_per_epoch == 0 or self.step == cfg.steps
+                if epoch_end:
+                    self.epoch += 1
+                    ended, acc = acc, self._new_acc()
+                    self._acc = acc  # reset before _end_epoch saves the checkpoint
+                    self._end_epoch(ended["loss"] / max(ended["n"], 1), ended["counts"], time.time() - ep_t0,
+                                    ended["samples"])
+                    ep_t0 = time.time()
+                    if self.device.type == "cuda":
+                        torch.cuda.reset_peak_memory_stats(self.device)
+                    self.train_mode(self.model)
+                elif cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
+                    self.save()
+            if self.step >= cfg.steps:
+                self.finished = True
+            if not epoch_end:  # an epoch end saves by itself
+                self.save()
+        finally:
+            bar.close()
+        return self._result(time.time() - t_start)
+
+    def _end_epoch(self, loss: float, counts: np.ndarray, seconds: float, samples: int) -> None:
+        train_dice = dice_from_counts(counts)
+        val_dice = self.validate()
+        score_dice = val_dice if val_dice is not None else train_dice
+        fg = [d for d in score_dice[1:] if not math.isnan(d)]
+        mean_fg = float(np.mean(fg)) if fg else float("nan")
+        improved = not math.isnan(mean_fg) and mean_fg > self.best_dice
+        if improved:
+            self.best_dice = mean_fg
+        switched = self.schedule.end_epoch(loss, self.step)
+        mem = peak_memory_bytes(self.device)
+        patch_vox = int(np.prod(self.dataset.patch_size))
+        rec = {
+            "event": "epoch", "epoch": self.epoch, "step": self.step, "loss": loss,
+            "loss_fn": self.schedule.current, "train_dice": train_dice, "val_dice": val_dice,
+            "mean_fg_dice": mean_fg, "best_dice": self.best_dice,
+            "samples_per_s": samples / max(seconds, 1e-9), "voxels_per_s": samples * patch_vox / max(seconds, 1e-9),
+            "epoch_seconds": seconds, "peak_memory_bytes": mem, "lr": self.optimizer.param_groups[0]["lr"],
+        }
+        self.history.append({k: rec[k] for k in ("epoch", "step", "loss", "mean_fg_dice")})
+        self._jsonl(rec)
+        kind = "val" if val_dice is not None else "train"
+        self.log(
+            f"[{self.stage}] epoch {self.epoch} step {self.step}/{self.cfg.steps} loss {loss:.4f} ({rec['loss_fn']}) "
+            f"{kind} Dice {_fmt_dice(score_dice)} mean fg {mean_fg:.3f}{' *' if improved else ''} | "
+            f"{rec['samples_per_s']:.2f} patches/s | peak mem {mem / 2**30:.2f} GiB"
+        )
+        if switched:
+            self.log(f"[{self.stage}] loss plateaued: switching to focal loss (gamma {self.cfg.focal_gamma}) "
+                     f"at step {self.step}")
+            self._jsonl({"event": "loss_switch", "step": self.step, "to": "focal"})
+        if self.step >= self.cfg.steps:
+            self.finished = True
+        self.save("last.pt")
+        if improved:
+            self.save("best.pt")
+
+    def _result(self, seconds: float) -> dict[str, Any]:
+        last = self.history[-1]["mean_fg_dice"] if self.history else float("nan")
+        return {"best_dice": self.best_dice, "last_dice": last, "steps": self.step, "epochs": self.epoch,
+                "history": self.history, "seconds": seconds, "finished": self.finished}
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
