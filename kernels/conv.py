@@ -184,24 +184,30 @@ def _cfg(bm, bn, bk, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
 
-# H100 starting points: large-C encoder convs want 128x128x64 tiles; the decoder's Cout=20 convs
-# want narrow N (32) and tall M; 1x1x1 convs with small Cin want BLOCK_K=16/32.
+# H100 starting points.  Every config is compiled on first use of a key (tens of seconds each
+# for the pooled variants), so the list is pruned to at most 4 per shape bucket: BLOCK_N and
+# BLOCK_K follow the channel counts (tl.dot needs >= 16), only BLOCK_M/warps/stages are searched.
+#   wide Cout (encoder):   128x128 / 128x64 / 64x64 / 256x64 tiles
+#   narrow Cout (decoder, Cout=20 -> BLOCK_N=32): tall M tiles, 64..256 rows
 _GPU_CONFIGS = [
-    _cfg(128, 128, 64, 8, 3), _cfg(128, 64, 64, 4, 3), _cfg(64, 128, 64, 4, 3),
-    _cfg(64, 64, 64, 4, 4), _cfg(128, 64, 32, 4, 4), _cfg(256, 64, 32, 8, 3),
-    _cfg(128, 32, 64, 4, 4), _cfg(256, 32, 32, 8, 3), _cfg(64, 32, 32, 4, 4),
-    _cfg(128, 16, 32, 4, 4), _cfg(64, 16, 16, 2, 4), _cfg(128, 32, 16, 4, 4),
+    _cfg(bm, bn, bk, w, st)
+    for bn in (16, 32, 64, 128)
+    for bk in (16, 32, 64)
+    for (bm, w, st) in ((64, 4, 4), (128, 4, 3), (128, 8, 3), (256, 8, 3))
 ]
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop tiles wider than the (power-of-2 rounded) channel counts; tl.dot needs >= 16."""
-    cin = max(next_pow2(named_args["Cin"]), 16)
-    cout = max(next_pow2(named_args["Cout"]), 16)
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= cout and c.kwargs["BLOCK_K"] <= cin]
-    if not kept:
-        kept = [_cfg(64, min(cout, 64), min(cin, 64), 4, 3)]
-    return kept
+    """Keep the configs whose BLOCK_N/BLOCK_K fit the channel counts (<= 4 per key)."""
+    bn = min(max(next_pow2(named_args["Cout"]), 16), 128)
+    bk = min(max(next_pow2(named_args["Cin"]), 16), 64)
+    x = named_args["x_ptr"]
+    if getattr(x, "dtype", None) == torch.float32:
+        bk = min(bk, 32)      # fp32 A/B stages at 128x128x64 would need ~190 KB of shared memory
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] == bn and c.kwargs["BLOCK_K"] == bk]
+    if bn == 128:             # 128x128 fp32 accumulators want 8 warps
+        kept = [c for c in kept if c.kwargs["BLOCK_M"] <= 128 and c.num_warps == 8 or c.kwargs["BLOCK_M"] == 64]
+    return kept or [_cfg(64, bn, bk, 4, 3)]
 
 
 _conv_kernel_tuned = triton.autotune(
