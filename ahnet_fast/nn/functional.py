@@ -13,14 +13,16 @@ viewed as (N, C, H, W, 1) with the 2D kernel as (kh, kw, 1), and the result is v
 """
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+import contextvars
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
 
 from ahnet_fast.ops import bn_act_conv, conv_bn_act
 
-__all__ = ["bn_act_conv_modules", "bn_running_args", "conv_args", "conv_bn_act_modules"]
+__all__ = ["bn_act_conv_modules", "bn_running_args", "conv_args", "conv_bn_act_modules", "recomputing"]
 
 Tensor = torch.Tensor
 
@@ -48,6 +50,23 @@ def conv_args(conv: nn.Module) -> tuple[list[int], list[int]]:
     return stride, padding
 
 
+# True while activation checkpointing recomputes a forward for the backward pass: the
+# recomputation must normalise with the same batch statistics but must not update the running
+# statistics (or num_batches_tracked) a second time.
+_RECOMPUTING: contextvars.ContextVar[bool] = contextvars.ContextVar("ahnet_fast_recomputing", default=False)
+
+
+@contextlib.contextmanager
+def recomputing() -> Iterator[None]:
+    """Context for checkpoint recomputation (``torch.utils.checkpoint``'s ``context_fn``):
+    BatchNorm helpers inside it use batch statistics without touching the running ones."""
+    token = _RECOMPUTING.set(True)
+    try:
+        yield
+    finally:
+        _RECOMPUTING.reset(token)
+
+
 def bn_running_args(bn: nn.Module) -> tuple[bool, float, Optional[Tensor], Optional[Tensor]]:
     """(use batch statistics, momentum factor, running_mean, running_var), as nn.BatchNorm does.
 
@@ -57,6 +76,10 @@ def bn_running_args(bn: nn.Module) -> tuple[bool, float, Optional[Tensor], Optio
     if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
         raise TypeError(f"expected an nn.BatchNorm3d (or BatchNorm2d for 2D networks), got {type(bn).__name__}")
     factor = 0.0 if bn.momentum is None else float(bn.momentum)
+    # (a ContextVar cannot be traced by dynamo; compiled graphs recompute inside AOTAutograd,
+    # which never re-runs this Python, so the check only matters in eager mode)
+    if bn.training and not torch.compiler.is_compiling() and _RECOMPUTING.get():
+        return True, 0.0, None, None
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else float(bn.momentum)
