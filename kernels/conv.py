@@ -5,7 +5,8 @@ each carrying TWO accumulators, for d = 2j and 2j+1, that share every weight til
 output channels, reduction = taps (kh, kw, kd) x input channels.
 
 Tiling: a program owns a [BLOCK_M rows, BLOCK_N out-channels] tile in fp32 registers and walks
-taps (runtime loops over KH, KW, KD) and, per tap, the input channels in BLOCK_K chunks:
+one flat K loop over (tap, BLOCK_K chunk of input channels) -- flat so that the pipeliner can
+overlap the loads of step k+1 with the MMA of step k even when Cin fits in one chunk:
   A tile [BLOCK_M, BLOCK_K] = x[n, ci, ho*sh-ph+kh, wo*sw-pw+kw, d*sd-pd+kd]   (channels-last:
       each row is a contiguous run of BLOCK_K channels -> coalesced, vectorised loads)
   B tile [BLOCK_K, BLOCK_N] = w_packed[tap, ci, co] (weights repacked once per call to
@@ -39,41 +40,33 @@ _POOL_CODES = {"none": 0, "before_affine": 1, "after_affine": 2}
 
 
 @triton.jit
-def _conv_acc(x_ptr, w_ptr, isc_ptr, ish_ptr, xrow, d_in, row_ok, acc, co, co_ok,
-              Cin, Cout, H, W, D, hi, wi, sxc, sxh, sxw, sxd,
-              kh, kw, kd, tap,
-              HAS_PRO: tl.constexpr, IN_RELU: tl.constexpr, UPCAST: tl.constexpr,
-              IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
-              BLOCK_K: tl.constexpr, I64: tl.constexpr):
-    """acc += A(tap) @ B(tap) over all input channels, for one tap and one output depth."""
+def _load_a(x_ptr, isc_ptr, ish_ptr, xrow, d_in, row_ok, ci, ci_ok, cio, H, W, D, hi, wi,
+            sxc, sxh, sxw, sxd, HAS_PRO: tl.constexpr, IN_RELU: tl.constexpr):
+    """A tile [BLOCK_M, BLOCK_K] of one tap at input depth d_in, with the BN+ReLU prologue."""
     ok = row_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W) & (d_in >= 0) & (d_in < D)
     base = xrow + hi * sxh + wi * sxw + d_in * sxd
-    for k0 in range(0, Cin, BLOCK_K):
-        ci = k0 + tl.arange(0, BLOCK_K)
-        ci_ok = ci < Cin
-        if I64:
-            cio = ci.to(tl.int64)
-        else:
-            cio = ci
-        am = ok[:, None] & ci_ok[None, :]
-        a = tl.load(x_ptr + base[:, None] + (cio * sxc)[None, :], mask=am, other=0.0)
-        if HAS_PRO:
-            sc = tl.load(isc_ptr + ci, mask=ci_ok, other=0.0)
-            sh = tl.load(ish_ptr + ci, mask=ci_ok, other=0.0)
-            af = a.to(tl.float32) * sc[None, :] + sh[None, :]
-            if IN_RELU:
-                af = tl.where(af < 0.0, 0.0, af)
-            af = tl.where(am, af, 0.0)            # zero padding after the transform
-            a = to_dtype(af, x_ptr.dtype.element_ty)
-        wrow = (tap * Cin + ci) * Cout
-        b = tl.load(w_ptr + wrow[:, None] + co[None, :], mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
-        if UPCAST:
-            # interpreter: bf16 dot multiplies raw bit patterns -> do it in fp32 (exact products)
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        elif IS_FP32:
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(a, b, acc)
+    am = ok[:, None] & ci_ok[None, :]
+    a = tl.load(x_ptr + base[:, None] + (cio * sxc)[None, :], mask=am, other=0.0)
+    if HAS_PRO:
+        sc = tl.load(isc_ptr + ci, mask=ci_ok, other=0.0)
+        sh = tl.load(ish_ptr + ci, mask=ci_ok, other=0.0)
+        af = a.to(tl.float32) * sc[None, :] + sh[None, :]
+        if IN_RELU:
+            af = tl.where(af < 0.0, 0.0, af)
+        af = tl.where(am, af, 0.0)            # zero padding after the transform
+        a = to_dtype(af, x_ptr.dtype.element_ty)
+    return a
+
+
+@triton.jit
+def _mma(a, b, acc, UPCAST: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr):
+    if UPCAST:
+        # interpreter: bf16 dot multiplies raw bit patterns -> do it in fp32 (exact products)
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif IS_FP32:
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    else:
+        acc = tl.dot(a, b, acc)
     return acc
 
 
@@ -116,21 +109,36 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, isc_ptr, ish_ptr, osc_ptr, osh_ptr, res
         d0 = dr
     acc0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for kh in range(KH):
-        hi = ho * STH - PH + kh
-        for kw in range(KW):
-            wi = wo * STW - PW + kw
-            for kd in range(KD):
-                tap = (kh * KW + kw) * KD + kd
-                acc0 = _conv_acc(x_ptr, w_ptr, isc_ptr, ish_ptr, xrow, d0 * STD - PD + kd, row_ok,
-                                 acc0, co, co_ok, Cin, Cout, H, W, D, hi, wi, sxc, sxh, sxw, sxd,
-                                 kh, kw, kd, tap, HAS_PRO, IN_RELU, UPCAST, IS_FP32, PRECISION,
-                                 BLOCK_K, I64)
-                if POOL != 0:
-                    acc1 = _conv_acc(x_ptr, w_ptr, isc_ptr, ish_ptr, xrow, (d0 + 1) * STD - PD + kd,
-                                     row_ok, acc1, co, co_ok, Cin, Cout, H, W, D, hi, wi,
-                                     sxc, sxh, sxw, sxd, kh, kw, kd, tap, HAS_PRO, IN_RELU, UPCAST,
-                                     IS_FP32, PRECISION, BLOCK_K, I64)
+    hbase = ho * STH - PH
+    wbase = wo * STW - PW
+    dbase = d0 * STD - PD
+    # one flat loop over (tap, Cin chunk): a single loop is what the software pipeliner
+    # (num_stages) overlaps, even when Cin fits in one chunk (the decoder's 20/80 channels)
+    n_chunks = tl.cdiv(Cin, BLOCK_K)
+    for it in range(0, KH * KW * KD * n_chunks):
+        tap = it // n_chunks
+        k0 = (it - tap * n_chunks) * BLOCK_K
+        kd = tap % KD
+        kw = (tap // KD) % KW
+        kh = tap // (KD * KW)
+        ci = k0 + tl.arange(0, BLOCK_K)
+        ci_ok = ci < Cin
+        if I64:
+            cio = ci.to(tl.int64)
+        else:
+            cio = ci
+        hi = hbase + kh
+        wi = wbase + kw
+        b = tl.load(w_ptr + ((tap * Cin + ci) * Cout)[:, None] + co[None, :],
+                    mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
+        a = _load_a(x_ptr, isc_ptr, ish_ptr, xrow, dbase + kd, row_ok, ci, ci_ok, cio, H, W, D,
+                    hi, wi, sxc, sxh, sxw, sxd, HAS_PRO, IN_RELU)
+        acc0 = _mma(a, b, acc0, UPCAST, IS_FP32, PRECISION)
+        if POOL != 0:
+            # second output depth of the z-pair: same weight tile
+            a1 = _load_a(x_ptr, isc_ptr, ish_ptr, xrow, dbase + STD + kd, row_ok, ci, ci_ok, cio,
+                         H, W, D, hi, wi, sxc, sxh, sxw, sxd, HAS_PRO, IN_RELU)
+            acc1 = _mma(a1, b, acc1, UPCAST, IS_FP32, PRECISION)
 
     # ---- epilogue (fp32) ----
     if HAS_BIAS:
