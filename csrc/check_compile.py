@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--nvcc", default=os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"))
     parser.add_argument("--out", help="folder for the object files (default: a temporary folder)")
+    parser.add_argument("--only", nargs="*", default=None, help="compile only the sources whose path contains one of these")
     parser.add_argument("-v", "--verbose", action="store_true", help="print the command lines")
     args = parser.parse_args(argv)
     if not os.path.isfile(args.nvcc):
@@ -85,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out or tempfile.mkdtemp(prefix="ahnet_fast_cc_")
     os.makedirs(out_dir, exist_ok=True)
     commands = compile_commands(args.torch_include, args.archs, out_dir, args.nvcc)
+    if args.only:
+        commands = [(src, cmd) for src, cmd in commands if any(part in src for part in args.only)]
+        if not commands:
+            print(f"check_compile: no source matches {args.only}", file=sys.stderr)
+            return 2
 
     def run(item: tuple[str, list[str]]) -> tuple[str, int, float, str]:
         src, cmd = item
