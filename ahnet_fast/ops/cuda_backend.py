@@ -32,7 +32,10 @@ def _load() -> dict[str, Callable]:
         ok, why = status()
         if not ok:
             raise RuntimeError(f"extension not usable: {why}")
-    return {n: getattr(mod, n) for n in LAUNCHERS if getattr(mod, n, None) is not None}
+    # the loader keeps Python wrappers for every launcher; `implemented()` names those whose
+    # kernels the built extension really registers
+    have = set(mod.implemented()) if hasattr(mod, "implemented") else set(LAUNCHERS)
+    return {n: getattr(mod, n) for n in LAUNCHERS if n in have and getattr(mod, n, None) is not None}
 
 
 _pipe = FusedPipeline(NAME, _load)
