@@ -474,23 +474,25 @@ def measure_ceilings(device: torch.device, *, quick: bool = False, dtype: torch.
     """Measured device-copy bandwidth (bytes read + written) and matmul rate.
 
     CUDA: a 1 GiB (quick: 256 MiB) device-to-device copy and an 8192^3 (quick:
-    4096^3) bf16 matmul on random data. CPU: small float32 versions, recorded
+    4096^3) matmul in ``dtype`` on random data. CPU: small float32 versions, recorded
     only so the report has a scale."""
     rec: dict[str, Any] = {}
     if device.type == "cuda":
         n_copy = (128 if quick else 512) * 2**20  # bf16 elements
-        mm_n, mm_dtype = (4096 if quick else 8192), dtype if dtype != torch.float32 else torch.bfloat16
+        # the matmul in the run's dtype: float32 runs have TF32 off, so their ceiling is plain fp32
+        mm_n, mm_dtype = (4096 if quick else 8192), dtype
     else:
-        n_copy, mm_n, mm_dtype = 8 * 2**20, 512, torch.float32
+        n_copy, mm_n, mm_dtype = (2 * 2**20, 256, torch.float32) if quick else (8 * 2**20, 512, torch.float32)
+    reps = 10 if quick else 30
     src = torch.randn(n_copy, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
     dst = torch.empty_like(src)
-    t = time_fn(lambda: dst.copy_(src), [()], device, reps=30, warmup=3, graph=False)
+    t = time_fn(lambda: dst.copy_(src), [()], device, reps=reps, warmup=3, graph=False)
     rec["copy_GBps"] = 2 * src.numel() * src.element_size() / (t.ms * 1e-3) / 1e9
     rec["copy_bytes"] = 2 * src.numel() * src.element_size()
     del src, dst
     a = torch.randn(mm_n, mm_n, device=device, dtype=mm_dtype)
     b = torch.randn(mm_n, mm_n, device=device, dtype=mm_dtype)
-    t = time_fn(lambda: torch.mm(a, b), [()], device, reps=30, warmup=3, graph=False)
+    t = time_fn(lambda: torch.mm(a, b), [()], device, reps=reps, warmup=3, graph=False)
     rec["matmul_TFLOPs"] = 2 * mm_n**3 / (t.ms * 1e-3) / 1e12
     rec["matmul"] = f"{mm_n}x{mm_n}x{mm_n} {dtype_name(mm_dtype)}"
     del a, b

@@ -672,7 +672,7 @@ def run_ops(
     flags = common.set_flags(dtype)
     env = common.env_record(device)
     log(f"[ops] device {env.get('gpu') or env['device']}, torch {env['torch']}, dtype {common.dtype_name(dtype)}")
-    ceilings = common.measure_ceilings(device, quick=quick_ceilings)
+    ceilings = common.measure_ceilings(device, quick=quick_ceilings, dtype=dtype)
     log(f"[ops] ceilings: copy {ceilings['copy_GBps']:.0f} GB/s, matmul {ceilings['matmul_TFLOPs']:.1f} TFLOP/s")
     cudnn = common.cudnn_conv_check(device) if device.type == "cuda" else {"skipped": "no CUDA device"}
     all_contenders = list(contenders if contenders is not None else default_contenders(compile=compile))
@@ -739,7 +739,8 @@ def run_ops(
                 log(f"[ops] {case.name} {mode}: {time.perf_counter() - t_case:.1f} s, budget left "
                     f"{deadline.left():.0f} s")
                 save()
-        save(plot=True)
+        if pass_no == 1 and passes[1]:
+            save(plot=True)  # the compile pass may be cut short: keep a plot of pass 1
     payload["elapsed_s"] = None if budget_s is None else budget_s - deadline.left()
     save(plot=True)
     return payload

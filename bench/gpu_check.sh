@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# The whole GPU pass in ONE command (about 9 minutes on an H100):
+#
+#   bash bench/gpu_check.sh [STEP ...]      STEP in: install info tests ops model (default: all, in order)
+#
+# Steps, each time-boxed (seconds, env overrides) and each allowed to fail without
+# stopping the rest:
+#   wheels   when a .whl/ folder is in the repo root: install those wheels into /tmp/site
+#            (packages the GPU image lacks, e.g. monai, nibabel, nilearn) and put it on PYTHONPATH
+#   install  pip install --no-deps --no-build-isolation -e .      (T_INSTALL, 120)
+#   info     python -m ahnet_fast.info                             (T_INFO, 30)
+#   tests    the whole pytest suite, GPU tests included            (T_TESTS, 150) -> tests.log
+#   ops      python -m bench.ops                                   (share of what is left)
+#   model    python -m bench.model                                 (the rest, until T_TOTAL)
+# T_TOTAL (default 530) caps the whole run; ops gets T_OPS/(T_OPS+T_MODEL) of the time
+# left after tests (defaults 130/110), model the rest. The suites stop starting new work
+# when their budget is spent and record the rest as skipped; their JSON/markdown is
+# rewritten after every case, so even a killed step leaves its results.
+#
+# Output, flat (the device tool returns at most 8 files): ${OUT:-bench/results/latest}/
+#   steps.log tests.log ops.json ops.md roofline.png model.json model.md
+# Extra arguments for the suites: OPS_ARGS / MODEL_ARGS (e.g. MODEL_ARGS="--no-compile").
+# The commit is recorded from git, or from AHNET_FAST_GIT_COMMIT when the copy has no .git.
+set -u
+cd "$(dirname "$0")/.."
+RES="${OUT:-bench/results/latest}"
+mkdir -p "$RES"
+LOG="$RES/steps.log"
+: >"$LOG"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+T_TOTAL="${T_TOTAL:-530}"
+T_INSTALL="${T_INSTALL:-120}"
+T_INFO="${T_INFO:-30}"
+T_TESTS="${T_TESTS:-150}"
+T_OPS="${T_OPS:-130}"
+T_MODEL="${T_MODEL:-110}"
+STEPS="${*:-wheels install info tests ops model}"
+START=$(date +%s)
+if [ -z "${AHNET_FAST_GIT_COMMIT:-}" ]; then
+    AHNET_FAST_GIT_COMMIT="$(git rev-parse HEAD 2>/dev/null || true)"
+fi
+export AHNET_FAST_GIT_COMMIT
+SUMMARY=()
+
+elapsed() { echo $(( $(date +%s) - START )); }
+left() { echo $(( T_TOTAL - $(elapsed) )); }
+want() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
+# run_step NAME LIMIT_S LOGFILE CMD...: time-boxed, output appended to LOGFILE, status recorded
+run_step() {
+    local name=$1 limit=$2 logfile=$3
+    shift 3
+    if [ "$limit" -lt 5 ]; then
+        SUMMARY+=("$name: SKIPPED (no time left)")
+        echo "=== $name skipped: no time left" >>"$LOG"
+        return
+    fi
+    local t0 rc
+    t0=$(date +%s)
+    echo "=== $name (limit ${limit}s, at +$(elapsed)s): $*" | tee -a "$LOG"
+    timeout --kill-after=10 "$limit" "$@" >>"$logfile" 2>&1
+    rc=$?
+    local dt=$(( $(date +%s) - t0 ))
+    if [ $rc -eq 0 ]; then
+        SUMMARY+=("$name: ok (${dt}s)")
+    elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+        SUMMARY+=("$name: TIMED OUT after ${dt}s (limit ${limit}s)")
+    else
+        SUMMARY+=("$name: FAILED rc=$rc (${dt}s)")
+    fi
+    echo "=== $name: rc=$rc after ${dt}s" | tee -a "$LOG"
+}
+
+if want wheels && [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+    echo "=== wheels: $(ls .whl | tr '\n' ' ')" | tee -a "$LOG"
+    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/site .whl/*.whl >>"$LOG" 2>&1; then
+        export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+        SUMMARY+=("wheels: ok")
+    else
+        SUMMARY+=("wheels: FAILED (see steps.log)")
+    fi
+fi
+
+{
+    echo "=== machine"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu \
+        --format=csv 2>&1 || echo "nvidia-smi not available"
+    "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, \
+'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'gpu', \
+torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)" 2>&1
+    "$PY" -c "import triton; print('triton', triton.__version__)" 2>&1
+    "$PY" -c "import monai; print('monai', monai.__version__)" 2>&1 | tail -1
+    echo "commit ${AHNET_FAST_GIT_COMMIT:-unknown}"
+} >>"$LOG" 2>&1
+
+if want install; then
+    run_step install "$(( T_INSTALL < $(left) ? T_INSTALL : $(left) ))" "$LOG" \
+        "$PY" -m pip install --no-deps --no-build-isolation -e .
+fi
+if want info; then
+    run_step info "$(( T_INFO < $(left) ? T_INFO : $(left) ))" "$LOG" "$PY" -m ahnet_fast.info
+fi
+if want tests; then
+    TIMEOUT_ARGS=()
+    if "$PY" -c "import pytest_timeout" >/dev/null 2>&1; then TIMEOUT_ARGS=(--timeout=120); fi
+    : >"$RES/tests.log"
+    run_step tests "$(( T_TESTS < $(left) ? T_TESTS : $(left) ))" "$RES/tests.log" \
+        "$PY" -m pytest tests -q -ra --durations=15 -p no:cacheprovider "${TIMEOUT_ARGS[@]}"
+    tail -n 25 "$RES/tests.log" >>"$LOG"
+fi
+if want ops; then
+    if want model; then
+        L=$(( $(left) * T_OPS / (T_OPS + T_MODEL) ))
+    else
+        L=$(left)
+    fi
+    # the suite's own budget ends 25 s before the hard limit so it writes its files and exits
+    run_step ops "$L" "$LOG" "$PY" -m bench.ops --out "$RES" --budget-s $(( L > 40 ? L - 25 : 15 )) ${OPS_ARGS:-}
+fi
+if want model; then
+    L=$(left)
+    run_step model "$L" "$LOG" "$PY" -m bench.model --out "$RES" --budget-s $(( L > 40 ? L - 25 : 15 )) ${MODEL_ARGS:-}
+fi
+
+echo
+echo "================ gpu_check summary (+$(elapsed)s) ================"
+for s in "${SUMMARY[@]}"; do echo "  $s"; done | tee -a "$LOG"
+for md in ops.md model.md; do
+    if [ -f "$RES/$md" ]; then
+        echo
+        # the 'ours against' table and the environment lines: what a person reads first
+        sed -n '1,/^## Every contender/p' "$RES/$md" | head -n 80
+    fi
+done
+if [ -f "$RES/tests.log" ]; then
+    echo
+    echo "--- tests (tail)"
+    tail -n 15 "$RES/tests.log"
+fi
+echo
+echo "files: $(ls "$RES" | tr '\n' ' ')"
