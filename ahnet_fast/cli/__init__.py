@@ -18,6 +18,7 @@ COMMANDS = {
     "segment": "ahnet_fast.cli.segment",
     "evaluate": "ahnet_fast.cli.evaluate",
     "show": "ahnet_fast.cli.show",
+    "bench": "ahnet_fast.cli.bench",
 }
 
 
