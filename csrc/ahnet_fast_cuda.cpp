@@ -9,8 +9,8 @@
 //  * tensors are logical (N, C, H, W, D), D = slice axis; channels_last_3d or contiguous; outputs
 //    follow the input's memory format; float32 / bfloat16 / float16; all arithmetic in fp32;
 //  * per-channel vectors (scale, shift, mean, invstd, gamma, beta) are float32 (C,);
-//  * `zpool` is a string: "none" or "after_affine" (max over z-pairs d=2j, 2j+1, floor(D/2) outputs,
-//    first element wins ties, NaN wins);
+//  * `zpool` is a string: "none", "after_affine" or, for the conv, "before_affine" (max over z-pairs
+//    d=2j, 2j+1, floor(D/2) outputs, first element wins ties, NaN wins);
 //  * `*_out` variants write into a caller-provided tensor (e.g. a channel slice of a preallocated
 //    concatenation buffer) and return nothing.
 #include <Python.h>
@@ -32,6 +32,15 @@ TORCH_LIBRARY(ahnet_fast_cuda, m) {
   // -> (grad_y, grad_gamma or undefined, grad_beta, grad_residual or undefined)
   m.def("bn_act_backward(Tensor grad_out, Tensor y, Tensor mean, Tensor invstd, Tensor? gamma, Tensor? beta, "
         "Tensor? out, str zpool, bool relu, bool batch_stats, bool residual_grad) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Fused implicit-GEMM conv (csrc/cuda/conv_fused.cu): zpool "none" | "before_affine" | "after_affine";
+  // -> (y, mean, var); mean/var fp32 (Cout,) when compute_stats, else empty. The _out variant writes
+  // into `out` (e.g. a channel slice of a concat buffer) and returns (mean, var).
+  m.def("conv3d_fused(Tensor x, Tensor weight, int[] stride, int[] padding, Tensor? bias, Tensor? in_scale, "
+        "Tensor? in_shift, bool in_relu, Tensor? out_scale, Tensor? out_shift, str zpool, Tensor? residual, "
+        "bool relu, bool compute_stats) -> (Tensor, Tensor, Tensor)");
+  m.def("conv3d_fused_out(Tensor x, Tensor weight, int[] stride, int[] padding, Tensor? bias, Tensor? in_scale, "
+        "Tensor? in_shift, bool in_relu, Tensor? out_scale, Tensor? out_shift, str zpool, Tensor? residual, "
+        "bool relu, bool compute_stats, Tensor(a!) out) -> (Tensor, Tensor)");
 }
 
 // `import ahnet_fast._C` loads this library (running the registrations above and in csrc/cuda/*.cu)
