@@ -57,16 +57,16 @@ K111S2 = dict(kernel=(1, 1, 1), stride=(2, 2, 1), padding=(0, 0, 0))
 STEM = dict(kernel=(7, 7, 3), stride=(2, 2, 1), padding=(3, 3, 1))
 
 
-def combos(cases, *, half_dtypes: bool = True):
-    """(spec, dtype, layout) params: float32 in both layouts for every case; float16 and
-    bfloat16 once per case, alternating layouts between cases (pairwise coverage; the half
-    dtypes are slow on the CPU)."""
+def combos(cases, *, half_dtypes: bool = True, float32_both_layouts: bool = True):
+    """(spec, dtype, layout) params: float32 in both layouts for every case (or in one,
+    alternating); float16 and bfloat16 once per case, alternating layouts between cases
+    (pairwise coverage of dtype x layout x case; the CPU and the interpreter are slow)."""
     import pytest
 
     lays = list(LAYOUTS)
     out = []
     for i, spec in enumerate(cases):
-        for lay in lays:
+        for lay in (lays if float32_both_layouts else [lays[(i + 1) % 2]]):
             out.append(pytest.param(spec, "float32", lay, id=f"{spec.id()}-float32-{lay}"))
         if half_dtypes:
             for j, dt in enumerate(("float16", "bfloat16")):

@@ -58,6 +58,22 @@ def _conform(t: Optional[Tensor], like: Tensor, fmt: Optional[torch.memory_forma
     return t
 
 
+def _unalias(outs: tuple, inputs: Sequence[Optional[Tensor]]) -> tuple:
+    """Custom ops may not return an input or a view of one (e.g. a residual gradient that is
+    grad_out itself when no ReLU masks it): copy such outputs, and duplicates among outputs."""
+    seen = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, Tensor) and t.numel()}
+    res = []
+    for t in outs:
+        if t.numel():
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in seen:
+                t = t.clone()
+                ptr = t.untyped_storage().data_ptr()
+            seen.add(ptr)
+        res.append(t)
+    return tuple(res)
+
+
 def _grad_in(g: Tensor, ref: Tensor) -> Tensor:
     """Incoming gradients may be expanded/odd-strided: give backends one of the two layouts."""
     if is_supported_layout(g):
@@ -89,7 +105,7 @@ def _zmaxpool_fake(x: Tensor, backend: str) -> Tensor:
 @torch.library.custom_op(f"{NS}::zmaxpool_backward", mutates_args=())
 def zmaxpool_backward_op(x: Tensor, grad_y: Tensor, backend: str) -> Tensor:
     impl = _backend.select("zmaxpool", backend, [x, grad_y])
-    return _conform(impl.zmaxpool_backward(x, grad_y), x, memory_format(x), x.dtype)
+    return _unalias((_conform(impl.zmaxpool_backward(x, grad_y), x, memory_format(x), x.dtype),), [x, grad_y])[0]
 
 
 @zmaxpool_backward_op.register_fake
@@ -125,8 +141,9 @@ def conv_bn_act_op(x: Tensor, weight: Tensor, conv_bias: Optional[Tensor], bn_we
         stride, padding, training, eps, zpool, relu, save)
     fmt = memory_format(x)
     sdt = stat_dtype(x.dtype)
-    return (_conform(out, x, fmt, x.dtype), _conform(c, x, fmt, x.dtype, want=save),
-            _conform(mean, x, dtype=sdt), _conform(invstd, x, dtype=sdt), _conform(var, x, dtype=sdt))
+    return _unalias((_conform(out, x, fmt, x.dtype), _conform(c, x, fmt, x.dtype, want=save),
+                     _conform(mean, x, dtype=sdt), _conform(invstd, x, dtype=sdt), _conform(var, x, dtype=sdt)),
+                    [x, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, residual])
 
 
 @conv_bn_act_op.register_fake
@@ -150,7 +167,8 @@ def conv_bn_act_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, c: Tens
     grads = impl.conv_bn_act_backward(grad_out, x, weight, c, mean, invstd, bn_weight, bn_bias, out,
                                       stride, padding, training, zpool, relu, has_residual,
                                       has_conv_bias, output_mask)
-    return _conform_cba_grads(grads, x, weight, bn_weight, bn_bias, has_residual, has_conv_bias, output_mask)
+    return _unalias(_conform_cba_grads(grads, x, weight, bn_weight, bn_bias, has_residual, has_conv_bias,
+                                       output_mask), [grad_out, x, weight, c, mean, invstd, bn_weight, bn_bias, out])
 
 
 def _cba_grad_specs(x, weight, bn_weight, bn_bias, has_residual, has_conv_bias, output_mask):
@@ -239,8 +257,9 @@ def bn_act_conv_op(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Ten
     out, mean, invstd, var = impl.bn_act_conv_forward(x, bn_weight, bn_bias, running_mean, running_var, weight,
                                                       conv_bias, stride, padding, training, eps, relu)
     sdt = stat_dtype(x.dtype)
-    return (_conform(out, x, memory_format(x), x.dtype), _conform(mean, x, dtype=sdt),
-            _conform(invstd, x, dtype=sdt), _conform(var, x, dtype=sdt))
+    return _unalias((_conform(out, x, memory_format(x), x.dtype), _conform(mean, x, dtype=sdt),
+                     _conform(invstd, x, dtype=sdt), _conform(var, x, dtype=sdt)),
+                    [x, bn_weight, bn_bias, running_mean, running_var, weight, conv_bias])
 
 
 @bn_act_conv_op.register_fake
@@ -264,7 +283,8 @@ def bn_act_conv_into_op(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optiona
                                                     conv_bias, stride, padding, training, eps, relu,
                                                     out, out_channel_offset)
     sdt = stat_dtype(x.dtype)
-    return _conform(mean, x, dtype=sdt), _conform(invstd, x, dtype=sdt), _conform(var, x, dtype=sdt)
+    return _unalias((_conform(mean, x, dtype=sdt), _conform(invstd, x, dtype=sdt), _conform(var, x, dtype=sdt)),
+                    [x, bn_weight, bn_bias, running_mean, running_var, weight, conv_bias, out])
 
 
 @bn_act_conv_into_op.register_fake
@@ -282,7 +302,8 @@ def bn_act_conv_backward_op(grad_out: Tensor, x: Tensor, bn_weight: Optional[Ten
     grads = impl.bn_act_conv_backward(grad_out, x, bn_weight, bn_bias, mean, invstd, weight, stride, padding,
                                       training, relu, has_conv_bias, output_mask)
     specs, wanted = _bac_grad_specs(x, weight, bn_weight, bn_bias, has_conv_bias, output_mask)
-    return tuple(_conform(g, x, fmt, dt, want=w) for g, (_, fmt, dt), w in zip(grads, specs, wanted))
+    return _unalias(tuple(_conform(g, x, fmt, dt, want=w) for g, (_, fmt, dt), w in zip(grads, specs, wanted)),
+                    [grad_out, x, bn_weight, bn_bias, mean, invstd, weight])
 
 
 def _bac_grad_specs(x, weight, bn_weight, bn_bias, has_conv_bias, output_mask):
