@@ -87,11 +87,18 @@ fi
     echo "=== machine"
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu \
         --format=csv 2>&1 || echo "nvidia-smi not available"
-    "$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, \
-'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), 'gpu', \
-torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)" 2>&1
-    "$PY" -c "import triton; print('triton', triton.__version__)" 2>&1
-    "$PY" -c "import monai; print('monai', monai.__version__)" 2>&1 | tail -1
+    "$PY" - <<'PYEOF' 2>&1
+import importlib.metadata as md, sys
+import torch
+print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda,
+      "cudnn", torch.backends.cudnn.version(),
+      "gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+for name in ("triton", "monai", "nibabel", "nilearn", "pytest", "pytest-timeout"):
+    try:
+        print(name, md.version(name))
+    except md.PackageNotFoundError:
+        print(name, "NOT INSTALLED")
+PYEOF
     echo "commit ${AHNET_FAST_GIT_COMMIT:-unknown}"
 } >>"$LOG" 2>&1
 

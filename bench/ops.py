@@ -659,10 +659,11 @@ def run_ops(
     """Run every (case, mode, contender); return the payload (also written to
     ``out_dir``/ops.json and ops.md after every case when ``out_dir`` is given).
 
-    Pass 1 runs every contender except torch.compile for all cases, pass 2 the
-    compiled ones, so a time budget (``budget_s``) spent on compilation never
-    costs the cheap results. ``only``: contender names to keep (substring match).
-    """
+    Order: AH-Net's own shapes (names not starting with ``syn_``) with every contender
+    but torch.compile, then those shapes compiled, then the synthetic shapes the same
+    way; so a time budget (``budget_s``) runs out on what matters least. Contenders
+    that do not fit are recorded as ``skipped``. ``only``: contender names to keep
+    (substring match)."""
     from bench import report
 
     for m in modes:
@@ -693,17 +694,22 @@ def run_ops(
         if out is not None:
             report.write_suite(out, payload, plot=plot)
 
-    passes = [[c for c in all_contenders if c.family != "compile"], [c for c in all_contenders if c.family == "compile"]]
-    for pass_no, pass_contenders in enumerate(passes, 1):
-        if not pass_contenders:
-            continue
-        for case in cases:
+    t_start = time.monotonic()
+    # AH-Net's own shapes first (cheap contenders, then compiled), synthetic shapes after them
+    cheap = [c for c in all_contenders if c.family != "compile"]
+    compiled = [c for c in all_contenders if c.family == "compile"]
+    first = [c for c in cases if not c.name.startswith("syn_")]
+    later = [c for c in cases if c.name.startswith("syn_")]
+    stages = [(group, todo_all, todo_all is compiled) for group in (first, later) if group
+              for todo_all in (cheap, compiled) if todo_all]
+    for stage_no, (stage_cases, stage_contenders, is_compile) in enumerate(stages):
+        for case in stage_cases:
             for mode in modes:
-                todo = [c for c in pass_contenders if case.kind in c.kinds and mode in c.modes]
+                todo = [c for c in stage_contenders if case.kind in c.kinds and mode in c.modes]
                 if not todo:
                     continue
                 base = _case_record(case, mode, dtype, ceilings)
-                min_left = compile_min_left_s if pass_no == 2 else 3.0
+                min_left = compile_min_left_s if is_compile else 3.0
                 if deadline.expired(min_left):
                     for c in todo:
                         payload["results"].append({**base, "contender": c.name, "family": c.family,
@@ -739,9 +745,9 @@ def run_ops(
                 log(f"[ops] {case.name} {mode}: {time.perf_counter() - t_case:.1f} s, budget left "
                     f"{deadline.left():.0f} s")
                 save()
-        if pass_no == 1 and passes[1]:
-            save(plot=True)  # the compile pass may be cut short: keep a plot of pass 1
-    payload["elapsed_s"] = None if budget_s is None else budget_s - deadline.left()
+        if stage_no < len(stages) - 1:
+            save(plot=True)  # later stages may be cut short by the budget: keep a plot of this one
+    payload["elapsed_s"] = time.monotonic() - t_start
     save(plot=True)
     return payload
 
