@@ -47,11 +47,14 @@ _FILES = {
 
 def template_paths() -> dict[str, Path]:
     """Paths of the T1, GM and WM files inside the installed nilearn package."""
-    try:
-        import nilearn.datasets
-    except ImportError as exc:  # pragma: no cover - nilearn is a dependency
-        raise ImportError("the MNI demo data comes with nilearn: pip install nilearn") from exc
-    root = Path(nilearn.datasets.__file__).parent / "data"
+    import importlib.util
+
+    # locate the package without importing it: importing nilearn.datasets pulls in
+    # scikit-learn and pandas and takes many seconds
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the MNI demo data comes with nilearn: pip install nilearn")
+    root = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
     paths = {k: root / v for k, v in _FILES.items()}
     missing = [str(p) for p in paths.values() if not p.is_file()]
     if missing:
@@ -104,6 +107,7 @@ def build_mni_dataset(
     test_offset: int = 2,
     split_fraction: float = 0.55,
     margin: int = 4,
+    inplane_step: int = 1,
     overwrite: bool = False,
 ) -> Path:
     """Write the demo dataset (module docstring) and return the ``dataset.json`` path.
@@ -120,7 +124,11 @@ def build_mni_dataset(
         split_fraction: share of the brain's anterior-posterior extent given to
             the posterior (training) part.
         margin: in-plane voxels kept around the brain's bounding box.
+        inplane_step: keep every n-th voxel in-plane too (2: a 2 x 2 x z_step mm
+            volume; for quick tests).
     """
+    if inplane_step < 1:
+        raise ValueError(f"inplane_step must be >= 1, got {inplane_step}")
     if z_step < 1:
         raise ValueError(f"z_step must be >= 1, got {z_step}")
     offs = list(train_offsets) + ([val_offset] if val_offset is not None else []) + [test_offset]
@@ -134,6 +142,7 @@ def build_mni_dataset(
     params = {
         "z_step": z_step, "train_offsets": list(train_offsets), "val_offset": val_offset,
         "test_offset": test_offset, "split_fraction": split_fraction, "margin": margin,
+        "inplane_step": inplane_step,
     }
     js = out / "dataset.json"
     if js.is_file() and not overwrite:
@@ -159,10 +168,11 @@ def build_mni_dataset(
     def piece(part: str, offset: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ya, yb = parts[part]
         zs = np.arange(z0 + ((offset - z0) % z_step), z1, z_step)
-        img = t1[x0:x1, ya:yb][:, :, zs]
-        lb = lab[x0:x1, ya:yb][:, :, zs]
+        img = t1[x0:x1:inplane_step, ya:yb:inplane_step][:, :, zs]
+        lb = lab[x0:x1:inplane_step, ya:yb:inplane_step][:, :, zs]
         a = aff.copy()
         a[:3, 3] = aff[:3, :3] @ np.array([x0, ya, zs[0]]) + aff[:3, 3]
+        a[:3, :2] = aff[:3, :2] * inplane_step
         a[:3, 2] = aff[:3, 2] * z_step
         return img, lb, a
 

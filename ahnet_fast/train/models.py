@@ -127,14 +127,17 @@ def _checkpointed_forward(module: nn.Module, original: Callable, *args: Any) -> 
             return original(*a)
         # Recomputation during backward: the forward ran once already and updated
         # the BN running statistics; restore them so each step updates them once.
+        # (in ``finally``: torch stops a recomputation early, by raising, once it has
+        # what backward needs)
         saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in bns]
-        out = original(*a)
-        with torch.no_grad():
-            for m, (rm, rv, nb) in zip(bns, saved):
-                m.running_mean.copy_(rm)
-                m.running_var.copy_(rv)
-                m.num_batches_tracked.copy_(nb)
-        return out
+        try:
+            return original(*a)
+        finally:
+            with torch.no_grad():
+                for m, (rm, rv, nb) in zip(bns, saved):
+                    m.running_mean.copy_(rm)
+                    m.running_var.copy_(rv)
+                    m.num_batches_tracked.copy_(nb)
 
     return checkpoint(run, *args, use_reentrant=False)
 

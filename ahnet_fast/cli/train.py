@@ -1,0 +1,160 @@
+"""`ahnet-fast train`: the paper's recipe (2D MC-FCN -> transfer -> 3D decoder -> fine-tune) on NIfTI data."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+STAGE_HELP = "comma-separated subset of 2d,transfer,decoder,finetune (default: all, in that order)"
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.replace("x", ",").split(",") if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by ',' or 'x', got {text!r}") from None
+
+
+def add_training_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by `train` and `demo` (model, schedule, memory)."""
+    g = p.add_argument_group("model")
+    g.add_argument("--layers", type=_ints, help="AH-Net residual blocks per layer, e.g. 3,4,6,3 (paper)")
+    g.add_argument("--psp", type=int, help="PSP pooling branches 0..4 (paper: 4)")
+    g.add_argument("--upsample", choices=["transpose", "trilinear", "nearest"], help="AH-Net upsampling mode")
+    g.add_argument("--model-2d", choices=["mcfcn", "fcn"], help="2D network of stage 2d (paper: mcfcn)")
+    g.add_argument("--fast", dest="fast", action="store_true", default=None,
+                   help="train the fast AH-Net (default on CUDA)")
+    g.add_argument("--reference", dest="fast", action="store_false", help="train the plain-PyTorch reference AH-Net")
+    s = p.add_argument_group("schedule")
+    s.add_argument("--steps-2d", type=int, help="optimizer steps of stage 2d")
+    s.add_argument("--steps-decoder", type=int, help="optimizer steps of stage decoder")
+    s.add_argument("--steps-finetune", type=int, help="optimizer steps of stage finetune")
+    s.add_argument("--steps-per-epoch", type=int, help="steps per epoch (summary, validation, checkpoint)")
+    s.add_argument("--lr-2d", type=float, help="Adam learning rate of stage 2d (paper 5e-4)")
+    s.add_argument("--lr-3d", type=float, help="Adam learning rate of the 3D stages (paper 1e-3)")
+    s.add_argument("--loss", choices=["ce_then_focal", "ce", "focal"],
+                   help="ce_then_focal (paper): cross-entropy, focal loss once the loss plateaus")
+    s.add_argument("--focal-gamma", type=float, help="focal loss gamma (default 2)")
+    s.add_argument("--seed", type=int, help="random seed (default 0)")
+    m = p.add_argument_group("memory and speed")
+    m.add_argument("--patch-2d", type=_ints, help="2D patch H,W (multiples of 32)")
+    m.add_argument("--patch-3d", type=_ints, help="3D patch H,W,D (D a multiple of 32)")
+    m.add_argument("--batch-2d", type=int, help="2D micro-batch size")
+    m.add_argument("--batch-3d", type=int, help="3D micro-batch size")
+    m.add_argument("--amp", choices=["none", "bf16", "fp16"], help="mixed precision (fp16 uses a GradScaler)")
+    m.add_argument("--checkpointing", action="store_true", default=None,
+                   help="activation checkpointing (recompute block activations in backward)")
+    m.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    m.add_argument("--max-memory", type=float, metavar="GB",
+                   help="pick the largest patch/batch/checkpointing that fits in GB (measured on a GPU, "
+                        "estimated on the CPU) and print the choice")
+    m.add_argument("--workers", type=int, help="DataLoader worker processes (default 2)")
+    m.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out exactly")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+
+def apply_training_arguments(cfg, args: argparse.Namespace) -> None:
+    """Copy the options that were given onto a RecipeConfig."""
+    mc = dict(cfg.model_config)
+    for key, arg in (("layers", "layers"), ("psp_block_num", "psp"), ("upsample_mode", "upsample")):
+        v = getattr(args, arg)
+        if v is not None:
+            mc[key] = v
+    if mc.get("layers") is not None and len(mc["layers"]) != 4:
+        raise ValueError(f"--layers needs 4 numbers, got {mc['layers']}")
+    cfg.model_config = mc
+    simple = {
+        "model_2d": "model_2d", "fast": "fast", "steps_2d": "steps_2d", "steps_decoder": "steps_decoder",
+        "steps_finetune": "steps_finetune", "steps_per_epoch": "steps_per_epoch", "lr_2d": "lr_2d",
+        "lr_3d": "lr_3d", "loss": "loss", "focal_gamma": "focal_gamma", "seed": "seed", "batch_2d": "batch_2d",
+        "batch_3d": "batch_3d", "amp": "amp", "checkpointing": "checkpointing", "grad_accum": "grad_accum",
+        "max_memory": "max_memory", "num_workers": "workers", "device": "device",
+    }
+    for field_, arg in simple.items():
+        v = getattr(args, arg, None)
+        if v is not None:
+            setattr(cfg, field_, v)
+    if args.patch_2d is not None:
+        if len(args.patch_2d) != 2:
+            raise ValueError(f"--patch-2d needs H,W, got {args.patch_2d}")
+        cfg.patch_2d = args.patch_2d
+    if args.patch_3d is not None:
+        if len(args.patch_3d) != 3:
+            raise ValueError(f"--patch-3d needs H,W,D, got {args.patch_3d}")
+        cfg.patch_3d = args.patch_3d
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train", help="train AH-Net with the paper's recipe (2D -> transfer -> 3D decoder -> fine-tune)",
+        description="Train on a Medical Segmentation Decathlon folder, a dataset.json or a CSV (columns image,"
+                    "label). Stages: 2d (MC-FCN on 3-slice stacks), transfer (2D encoder -> AH-Net), decoder "
+                    "(3D decoder, encoder frozen), finetune (everything). Outputs in --out: <stage>/last.pt, "
+                    "<stage>/best.pt, <stage>/log.jsonl, and model.pt (for `ahnet-fast segment`).")
+    p.add_argument("data", help="dataset folder, dataset.json or CSV file")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--stages", default="all", help=STAGE_HELP)
+    p.add_argument("--num-classes", type=int, help="classes incl. background (default: dataset.json 'labels')")
+    p.add_argument("--intensity", choices=["ct", "percentile", "none"],
+                   help="ct window (default for CT) or percentile scaling (default otherwise)")
+    p.add_argument("--ct-window", type=float, nargs=2, metavar=("LO", "HI"), default=(-125.0, 225.0),
+                   help="HU window for --intensity ct (default -125 225, the paper's)")
+    p.add_argument("--percentiles", type=float, nargs=2, metavar=("LO", "HI"), default=(0.5, 99.5),
+                   help="percentiles for --intensity percentile (default 0.5 99.5)")
+    p.add_argument("--fg-ratio", type=float, default=0.7, help="share of patches centred on foreground (0.7)")
+    p.add_argument("--class-balanced", action="store_true", help="draw the foreground class uniformly first")
+    p.add_argument("--no-augment", action="store_true", help="no rotation/scaling/mirroring")
+    p.add_argument("--init-2d", help="transfer from this 2D state-dict file (FCN/MCFCN/torchvision ResNet50) "
+                                     "instead of stage 2d's output")
+    add_training_arguments(p)
+    p.set_defaults(func=_run)
+
+
+def _stages(text: str) -> tuple[str, ...]:
+    from ahnet_fast.train.recipe import STAGES
+
+    if text.strip() == "all":
+        return STAGES
+    st = tuple(s.strip() for s in text.split(",") if s.strip())
+    bad = [s for s in st if s not in STAGES]
+    if bad or not st:
+        raise ValueError(f"--stages: unknown stage(s) {bad or text!r}; choose from {', '.join(STAGES)} or 'all'")
+    return st
+
+
+def run_guarded(fn, args: argparse.Namespace) -> int:
+    """Run ``fn()``; bad input becomes a one-line error and exit code 2 (unless --debug)."""
+    from ahnet_fast.data.errors import DataError
+
+    try:
+        return int(fn() or 0)
+    except KeyboardInterrupt:
+        print("interrupted; resume with --resume (the last checkpoint is intact)", file=sys.stderr)
+        return 130
+    except (DataError, FileNotFoundError, FileExistsError, ValueError) as exc:
+        if getattr(args, "debug", False):
+            raise
+        print(f"ahnet-fast: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    def go() -> int:
+        from ahnet_fast.data.intensity import IntensityConfig
+        from ahnet_fast.data.sampling import AugmentConfig
+        from ahnet_fast.train.recipe import RecipeConfig, run_recipe
+
+        intensity = None
+        if args.intensity is not None:
+            intensity = IntensityConfig(args.intensity, tuple(args.ct_window), tuple(args.percentiles))
+        cfg = RecipeConfig(data=args.data, out_dir=args.out, stages=_stages(args.stages),
+                           num_classes=args.num_classes, intensity=intensity, fg_ratio=args.fg_ratio,
+                           class_balanced=args.class_balanced,
+                           augment=AugmentConfig(enabled=not args.no_augment), init_2d=args.init_2d)
+        apply_training_arguments(cfg, args)
+        res = run_recipe(cfg, resume=args.resume, progress=not args.no_progress, log=print)
+        print("stage times: " + ", ".join(f"{k} {v['seconds']:.1f} s" for k, v in res["stages"].items()))
+        return 0
+
+    return run_guarded(go, args)

@@ -1,0 +1,165 @@
+"""Trainer: atomic checkpoints, exact resume, activation checkpointing, loss schedule, memory chooser."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from ahnet_fast.data import AugmentConfig, Case, IntensityConfig, PatchDataset
+from ahnet_fast.reference import AHNet
+from ahnet_fast.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from ahnet_fast.train.memory import choose_config, estimate_step_bytes
+from ahnet_fast.train.models import FrozenBNTrainMode, enable_activation_checkpointing, freeze_encoder
+from ahnet_fast.train.trainer import LossSchedule, TrainConfig, Trainer, ValidationCase
+
+CFG = {"layers": (1, 1, 1, 1), "spatial_dims": 3, "in_channels": 1, "out_channels": 3, "psp_block_num": 0,
+       "upsample_mode": "trilinear"}
+
+
+def _cases(n=2, shape=(40, 40, 32), seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        img = rng.random(shape, dtype=np.float32)
+        lab = np.zeros(shape, np.uint8)
+        lab[8:20, 8:24, 4:20] = 1
+        lab[24:34, 20:30, 10:28] = 2
+        img += lab * 0.5
+        out.append(Case(img, lab, (1.0, 1.0, 4.0), f"c{i}", f"c{i}.nii.gz", f"l{i}.nii.gz"))
+    return out
+
+
+def _trainer(out, steps=4, spe=2, stop=None, model_seed=0, **kw):
+    torch.manual_seed(model_seed)
+    model = AHNet(**CFG)
+    ds = PatchDataset([], 3, IntensityConfig("none"), (32, 32, 32), fg_ratio=0.7, augment=AugmentConfig(),
+                      seed=5, cases=_cases())
+    cfg = TrainConfig(steps=steps, steps_per_epoch=spe, batch_size=2, lr=1e-3, device="cpu", seed=3, **kw)
+    vc = _cases(1, seed=9)[0]
+    return Trainer(model, CFG, ds, cfg, out, 3, [ValidationCase(vc.image, vc.label)], stage="t", progress=False,
+                   log=lambda m: None)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    p = tmp_path / "last.pt"
+    save_checkpoint(p, {"model": {"w": torch.ones(3)}, "step": 1})
+    real_save = torch.save
+
+    def broken_save(obj, f, *a, **k):
+        f.write(b"partial garbage")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(p, {"model": {"w": torch.zeros(3)}, "step": 2})
+    monkeypatch.setattr(torch, "save", real_save)
+    ck = load_checkpoint(p)
+    assert ck["step"] == 1 and torch.equal(ck["model"]["w"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["last.pt"]  # no temporary left behind
+    (tmp_path / "bad.pt").write_bytes(b"nope")
+    with pytest.raises(ValueError, match="bad.pt"):
+        load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_rng_capture_restore_roundtrip():
+    import random
+
+    st = capture_rng()
+    a = (random.random(), np.random.rand(), torch.rand(1).item())
+    restore_rng(st)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == a
+
+
+def test_resume_is_exact(tmp_path):
+    """4 steps in one go == 2 steps, 'kill', resume for 2 more: identical weights and optimizer."""
+    full = _trainer(tmp_path / "full", loss="ce_then_focal", plateau_patience=1, plateau_min_delta=10.0)
+    res_full = full.fit()
+    part = _trainer(tmp_path / "part", loss="ce_then_focal", plateau_patience=1, plateau_min_delta=10.0)
+    r1 = part.fit(stop_at_step=2)
+    assert r1["steps"] == 2 and not r1["finished"]
+    # a fresh process: new model with other init, new trainer, resume from last.pt
+    again = _trainer(tmp_path / "part", model_seed=123, loss="ce_then_focal", plateau_patience=1,
+                     plateau_min_delta=10.0)
+    r2 = again.fit(resume=True)
+    assert r2["steps"] == 4 and r2["finished"] and res_full["finished"]
+    # min_delta=10 forces the switch to focal loss after epoch 1: the schedule must survive the resume
+    assert full.schedule.current == again.schedule.current == "focal"
+    sa, sb = full.model.state_dict(), again.model.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    oa, ob = full.optimizer.state_dict()["state"], again.optimizer.state_dict()["state"]
+    assert all(torch.equal(oa[i]["exp_avg_sq"], ob[i]["exp_avg_sq"]) for i in oa)
+    assert full.history == again.history
+    ck = load_checkpoint(tmp_path / "part" / "last.pt")
+    assert ck["model_config"] == CFG and ck["step"] == 4 and (tmp_path / "part" / "best.pt").is_file()
+    lines = (tmp_path / "part" / "log.jsonl").read_text().splitlines()
+    assert sum('"event": "epoch"' in ln for ln in lines) == 2 and any("resume" in ln for ln in lines)
+
+
+def test_activation_checkpointing_matches_plain():
+    torch.manual_seed(0)
+    a = AHNet(**CFG)
+    b = AHNet(**CFG)
+    b.load_state_dict(a.state_dict())
+    names = enable_activation_checkpointing(b)
+    assert "layer1.0" in names and "dense0" in names
+    x = torch.randn(2, 1, 32, 32, 32)
+    for m in (a, b):
+        m.train()
+        m(x).square().mean().backward()
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
+    # BatchNorm statistics updated exactly once per step, as without checkpointing
+    for (n, t), u in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(t, u, rtol=1e-5, atol=1e-6, msg=n)
+    assert list(a.state_dict()) == list(b.state_dict())
+
+
+def test_frozen_encoder_stays_fixed(tmp_path):
+    tr = _trainer(tmp_path, steps=2, spe=2)
+    frozen = freeze_encoder(tr.model)
+    tr.train_mode = FrozenBNTrainMode()
+    tr.optimizer = torch.optim.Adam([p for p in tr.model.parameters() if p.requires_grad], lr=1e-3)
+    before = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    tr.fit()
+    after = tr.model.state_dict()
+    assert "conv1.weight" in frozen and "layer4.0.conv3.weight" in frozen
+    for k in before:
+        same = torch.equal(before[k], after[k])
+        if k.startswith(("conv1.", "bn0.", "layer")):
+            assert same, f"encoder tensor {k} changed"
+    assert not torch.equal(before["final.2.weight"] if "final.2.weight" in before else before["dense4.0.conv1.weight"],
+                           after["final.2.weight"] if "final.2.weight" in after else after["dense4.0.conv1.weight"])
+
+
+def test_loss_schedule_switches_on_plateau():
+    s = LossSchedule("ce_then_focal", patience=2, min_delta=0.05)
+    assert s.current == "ce"
+    assert not s.end_epoch(1.0, 10) and not s.end_epoch(0.8, 20)  # improving
+    assert not s.end_epoch(0.79, 30)  # < 5 % better: 1 bad epoch
+    assert s.end_epoch(0.78, 40) and s.current == "focal" and s.switched_at == 40
+    t = LossSchedule("ce_then_focal", 2, 0.05)
+    t.load_state_dict(s.state_dict())
+    assert t.current == "focal"
+    assert LossSchedule("ce", 1, 0.0).end_epoch(5.0, 1) is False
+
+
+def test_memory_chooser_respects_limit_and_prefers_big():
+    f = lambda: AHNet(**CFG)  # noqa: E731
+    small = estimate_step_bytes(f, (1, 1, 32, 32, 32), False)
+    big = estimate_step_bytes(f, (2, 1, 64, 64, 32), False)
+    big_ck = estimate_step_bytes(f, (2, 1, 64, 64, 32), True)
+    big_bf = estimate_step_bytes(f, (2, 1, 64, 64, 32), False, amp="bf16")
+    assert small < big and big_ck < big and big_bf < big
+    patches = [(64, 64, 32), (32, 32, 32)]
+    roomy = choose_config(100.0, f, 1, 3, patches, (2, 1))
+    assert roomy.patch_size == (64, 64, 32) and roomy.batch_size == 2 and not roomy.checkpointing
+    tight = choose_config(big_ck / 2**30 * 1.001, f, 1, 3, patches, (2, 1))
+    assert tight.peak_bytes <= tight.limit_bytes
+    assert (tight.patch_size, tight.batch_size) == ((64, 64, 32), 2) and tight.checkpointing
+    assert "chose patch 64x64x32" in tight.describe()
+    with pytest.raises(ValueError, match="no patch/batch/checkpointing configuration fits"):
+        choose_config(small / 2**30 / 4, f, 1, 3, patches, (1,))
