@@ -15,6 +15,8 @@ from typing import Sequence
 # sub-command name -> module path; the order is the order shown in --help
 COMMANDS = {
     "info": "ahnet_fast.cli.info",
+    "train": "ahnet_fast.cli.train",
+    "demo": "ahnet_fast.cli.demo",
     "segment": "ahnet_fast.cli.segment",
     "evaluate": "ahnet_fast.cli.evaluate",
     "show": "ahnet_fast.cli.show",
