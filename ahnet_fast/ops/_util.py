@@ -37,9 +37,19 @@ def memory_format(x: torch.Tensor) -> torch.memory_format:
 
 
 def is_supported_layout(t: torch.Tensor) -> bool:
-    """Dense contiguous or channels_last_3d (the fused kernels also accept channel slices)."""
+    """Dense contiguous or channels_last_3d, or a channel slice ``buf[:, a:b]`` of either
+    (what the fused kernels address directly); anything else (permuted, expanded) is not."""
     if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last_3d):
         return True
+    if t.dim() != 5:
+        return False
+    n, c, h, w, d = t.shape
+    sn, sc, sh, sw, sd = t.stride()
+    if sd == 1 and sw == d and sh == w * d and sc == h * w * d:  # slice of a contiguous buffer
+        return sn >= c * sc
+    if sc == 1:  # slice of a channels_last_3d buffer with ctot = sd channels
+        ctot = sd
+        return ctot >= c and sw == d * ctot and sh == w * d * ctot and sn >= h * w * d * ctot
     return False
 
 

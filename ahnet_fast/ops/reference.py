@@ -8,6 +8,8 @@ the signature the op layer (``_library.py``) calls on every backend; semantics a
 
 with BN arithmetic in fp32 (float64 for float64 inputs) and outputs cast back to the input
 dtype once, at the end. It never refuses an input (any device, floating dtype and strides).
+Like every backend, functions return None for a result they did not compute; the op layer
+(_library.py) turns those into markers and conforms dtypes and strides to the fakes.
 """
 from __future__ import annotations
 
