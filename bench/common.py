@@ -124,8 +124,9 @@ def sync(device: torch.device) -> None:
 
 
 def free_memory(device: torch.device) -> None:
-    gc.collect()
+    """Release what the last contender left (device memory only: CPU runs skip the slow gc)."""
     if device.type == "cuda":
+        gc.collect()
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
 

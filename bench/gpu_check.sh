@@ -10,6 +10,7 @@
 #   install  pip install --no-deps --no-build-isolation -e .      (T_INSTALL, 120)
 #   info     python -m ahnet_fast.info                             (T_INFO, 30)
 #   tests    the whole pytest suite, GPU tests included            (T_TESTS, 150) -> tests.log
+#            (4 xdist workers when pytest-xdist is there: TEST_WORKERS)
 #   ops      python -m bench.ops                                   (share of what is left)
 #   model    python -m bench.model                                 (the rest, until T_TOTAL)
 # T_TOTAL (default 530) caps the whole run; ops gets T_OPS/(T_OPS+T_MODEL) of the time
@@ -110,11 +111,14 @@ if want info; then
     run_step info "$(( T_INFO < $(left) ? T_INFO : $(left) ))" "$LOG" "$PY" -m ahnet_fast.info
 fi
 if want tests; then
-    TIMEOUT_ARGS=()
-    if "$PY" -c "import pytest_timeout" >/dev/null 2>&1; then TIMEOUT_ARGS=(--timeout=120); fi
+    # -v: one line per test as it finishes, so a time-boxed kill still leaves what ran;
+    # xdist (on the GPU image) spreads the suite over 4 workers sharing the GPU
+    PYTEST_ARGS=(-v -ra --durations=15 -p no:cacheprovider)
+    if "$PY" -c "import pytest_timeout" >/dev/null 2>&1; then PYTEST_ARGS+=(--timeout=120); fi
+    if "$PY" -c "import xdist" >/dev/null 2>&1; then PYTEST_ARGS+=(-n "${TEST_WORKERS:-4}" --dist loadfile); fi
     : >"$RES/tests.log"
     run_step tests "$(( T_TESTS < $(left) ? T_TESTS : $(left) ))" "$RES/tests.log" \
-        "$PY" -m pytest tests -q -ra --durations=15 -p no:cacheprovider "${TIMEOUT_ARGS[@]}"
+        "$PY" -m pytest tests "${PYTEST_ARGS[@]}"
     tail -n 25 "$RES/tests.log" >>"$LOG"
 fi
 if want ops; then

@@ -33,12 +33,11 @@ import argparse
 import contextlib
 import importlib
 import inspect
-import math
 import os
 import re
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 

@@ -28,6 +28,15 @@ CPU = torch.device("cpu")
 FAST = dict(device=CPU, dtype=torch.float32, reps=2, warmup=1, max_seconds=0.5, quick_ceilings=True)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny shapes run fastest on one thread (and do not fight other test processes)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
 def _statuses(payload: dict) -> dict[tuple, str]:
     return {(r["case"], r["mode"], r["contender"]): r["status"] for r in payload["results"]}
 
@@ -213,3 +222,51 @@ def test_cli_bench_ops_runs_and_report_rerenders(tmp_path: Path) -> None:
     assert "tiny_zpool_5" in (tmp_path / "ops.md").read_text()
     with pytest.raises(SystemExit):
         main(["bench", "nonsense"])
+
+
+def _wrong_by_5_percent(ctx: ops.BuildContext):
+    good = ops._build_eager("cl3d")(ctx)
+    return lambda x, gy: [t * 1.05 for t in good(x, gy)]
+
+
+@pytest.mark.gpu
+def test_ops_harness_cuda_paths(tmp_path: Path) -> None:
+    """The CUDA-only machinery: event timing, CUDA-graph replays, peak memory, the cuDNN
+    profile check, bf16 gate against the float32 reference."""
+    dev = torch.device("cuda", torch.cuda.current_device())
+    contenders = [c for c in ops.default_contenders(compile=False) if c.family in ("eager", "alternative")]
+    contenders.append(ops.Contender("wrong by 5%", "ours", "cl3d", _wrong_by_5_percent))
+    payload = ops.run_ops(ops.parse_cases("pre:3x3x1:24-20:2x16x16x8,zpool:16:2x16x16x8"), device=dev,
+                          dtype=torch.bfloat16, reps=20, warmup=2, max_seconds=1.0, quick_ceilings=True,
+                          contenders=contenders, out_dir=tmp_path)
+    assert payload["ceilings"]["copy_GBps"] > 100 and payload["ceilings"]["matmul_TFLOPs"] > 1
+    cud = payload["cudnn_check"]
+    assert cud["contiguous"]["kernels"] and cud["channels_last_3d"]["kernels"]
+    st = {(r["case"], r["mode"], r["contender"]): r for r in payload["results"]}
+    for (case, mode, name), r in st.items():
+        if name == "wrong by 5%":
+            assert r["status"].startswith("wrong: "), r["status"]
+            continue
+        assert r["status"] == "ok", (case, mode, name, r["status"])
+        assert r["peak_bytes"] is not None and r["peak_bytes"] > 0
+        # one call of these tiny ops is far under 1 ms: graph replays are the primary number
+        assert r["timing"]["method"] == "graph", r["timing"]
+        assert 0 < r["timing"]["ms_graph"] <= r["timing"]["ms_events"] * 1.5
+        assert r["timing"]["rotation_sets"] > 1  # the inputs are far smaller than L2
+
+
+@pytest.mark.gpu
+def test_model_harness_cuda_graph_and_train_step(tmp_path: Path) -> None:
+    dev = torch.device("cuda", torch.cuda.current_device())
+    contenders = [
+        model.ModelContender("tiny eager cl3d", "eager", "cl3d", model._eager(_TinyNet, "cl3d")),
+        model.ModelContender("tiny + CUDA graph", "ours", "cl3d", model._eager(_TinyNet, "cl3d"),
+                             modes=frozenset({"infer"}), graph=True),
+    ]
+    payload = model.run_model(model.parse_shapes("2x1x16x16x8"), device=dev, dtype=torch.bfloat16,
+                              reps=20, warmup=2, max_seconds=1.0, contenders=contenders, network=_TinyNet,
+                              out_dir=tmp_path)
+    st = {(r["mode"], r["contender"]): r for r in payload["results"]}
+    assert all(r["status"] == "ok" for r in st.values()), {k: r["status"] for k, r in st.items()}
+    assert st[("infer", "tiny + CUDA graph")]["timing"]["method"] == "graph"
+    assert st[("train", "tiny eager cl3d")]["peak_bytes"] > 0
