@@ -175,11 +175,30 @@ def _out_shape(spec: ConvSpec) -> list[int]:
 _GRAD_KEYS = ("x", "weight", "conv_bias", "bn_weight", "bn_bias", "residual")
 
 
-def _run(kind: str, t: dict, spec: ConvSpec, dtype, device, fmt, backend: Optional[str], grad_out64):
-    """Run the op (backend given) or the torch composition (backend None) in ``dtype``."""
-    tt = {k: _to(v, dtype, device, fmt, grad=k not in ("running_mean", "running_var"))
+def _run(kind: str, t: dict, spec: ConvSpec, dtype, device, fmt, backend: Optional[str], grad_out64,
+         grad: bool = True):
+    """Run the op (backend given) or the torch composition (backend None) in ``dtype``.
+
+    grad=False runs the forward only, under torch.no_grad (the inference paths: one fused
+    kernel in eval, stats straight from the conv epilogue in training)."""
+    tt = {k: _to(v, dtype, device, fmt, grad=grad and k not in ("running_mean", "running_var"))
           for k, v in t.items() if k != "residual"}
-    res = _to(t.get("residual"), dtype, device, fmt, grad=True)
+    res = _to(t.get("residual"), dtype, device, fmt, grad=grad)
+    if not grad:
+        with torch.no_grad():
+            out, _, rm, rv = _run_forward(kind, tt, spec, res, backend, device)
+        return out, {}, rm, rv
+    out, tt, _, _ = _run_forward(kind, tt, spec, res, backend, device)
+    inputs = [(k, tt[k]) for k in _GRAD_KEYS if tt.get(k) is not None]
+    go = grad_out64.to(device=device, dtype=dtype)
+    if fmt is not None:
+        go = go.contiguous(memory_format=fmt)
+    with use_backend(backend or "reference"):
+        grads = torch.autograd.grad(out, [v for _, v in inputs], go)
+    return out, dict(zip([k for k, _ in inputs], grads)), tt["running_mean"], tt["running_var"]
+
+
+def _run_forward(kind: str, tt: dict, spec: ConvSpec, res, backend: Optional[str], device):
     if backend is None:
         out = torch_conv_bn_act(tt, spec, res) if kind == "conv_bn_act" else torch_bn_act_conv(tt, spec)
     else:
@@ -195,13 +214,7 @@ def _run(kind: str, t: dict, spec: ConvSpec, dtype, device, fmt, backend: Option
                                   tt["weight"], conv_bias=tt["conv_bias"], stride=spec.stride, padding=spec.padding,
                                   training=spec.training, momentum=0.1, eps=1e-5, relu=spec.relu)
     tt["residual"] = res
-    inputs = [(k, tt[k]) for k in _GRAD_KEYS if tt.get(k) is not None]
-    go = grad_out64.to(device=device, dtype=dtype)
-    if fmt is not None:
-        go = go.contiguous(memory_format=fmt)
-    with use_backend(backend or "reference"):
-        grads = torch.autograd.grad(out, [v for _, v in inputs], go)
-    return out, dict(zip([k for k, _ in inputs], grads)), tt["running_mean"], tt["running_var"]
+    return out, tt, tt["running_mean"], tt["running_var"]
 
 
 def check_conv_op(kind: str, spec: ConvSpec, dtype: torch.dtype, layout: str, backend: str,
@@ -235,6 +248,14 @@ def check_conv_op(kind: str, spec: ConvSpec, dtype: torch.dtype, layout: str, ba
         assert_close("running_var", rv, ref[3], dtype, same[3] if same else None)
     else:  # eval leaves the running statistics alone
         assert torch.equal(rm.double().cpu(), t["running_mean"]) and torch.equal(rv.double().cpu(), t["running_var"])
+
+    # the no-grad forward takes other paths (eval: BN folded into one fused conv kernel)
+    out_ng, _, rm_ng, rv_ng = _run(kind, t, spec, dtype, dev, fmt, backend, grad_out, grad=False)
+    assert out_ng.is_contiguous(memory_format=fmt)
+    assert_close("no-grad output", out_ng, ref[0], dtype, same[0] if same else None)
+    if spec.training:
+        assert_close("no-grad running_mean", rm_ng, ref[2], dtype, same[2] if same else None)
+        assert_close("no-grad running_var", rv_ng, ref[3], dtype, same[3] if same else None)
 
 
 def zpool_input(shape, dtype: torch.dtype, gen: torch.Generator, specials: bool = True) -> torch.Tensor:
