@@ -150,3 +150,43 @@ def test_torch_compile_fullgraph_training_matches_eager():
         torch.testing.assert_close(pc.grad, pe.grad, msg=n)
     for (n, be), (_, bc) in zip(eager.named_buffers(), comp.named_buffers()):
         torch.testing.assert_close(bc, be, msg=n)
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of distinct storages autograd saves for backward while ``fn`` runs."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("zpool,residual", [("none", False), ("before_bn", False), ("after_bn", True)])
+def test_saves_less_than_the_unfused_chain(zpool, residual):
+    import torch.nn.functional as F
+
+    x = torch.randn(2, 8, 9, 9, 8, requires_grad=True)
+    w = torch.randn(8, 8, 3, 3, 1, requires_grad=True)
+    g, b = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
+    r = torch.randn(2, 8, 9, 9, 4 if zpool != "none" else 8) if residual else None
+
+    def unfused():
+        c = F.conv3d(x, w, None, 1, (1, 1, 0))
+        if zpool == "before_bn":
+            c = F.max_pool3d(c, (1, 1, 2))
+        y = F.batch_norm(c, None, None, g, b, True)
+        if zpool == "after_bn":
+            y = F.max_pool3d(y, (1, 1, 2))
+        if r is not None:
+            y = y + r
+        return torch.relu_(y)  # in-place ReLU: the leanest unfused chain
+
+    def fused():
+        with use_backend("reference"):
+            return conv_bn_act(x, w, g, b, None, None, padding=(1, 1, 0), training=True, zpool=zpool, residual=r)
+
+    assert _saved_bytes(fused) < _saved_bytes(unfused)

@@ -50,10 +50,11 @@ def conv_bn_act(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias:
     c = the raw conv output before any pool, per-channel mean/invstd (fp32) and the BN affine
     parameters; the output too, but only when a residual or a pool-after sits between the
     affine and the ReLU (otherwise the ReLU mask is recomputed as t > 0 from c). The normalised
-    value, the pool argmax and the pre-ReLU sum are always recomputed. The unfused chain saves
-    x, c and the ReLU output, plus with a z-pool the pool input and an int64 index tensor
-    (8 bytes per pooled element): this op always saves less (x and the output are shared with
-    the neighbouring layers anyway).
+    value, the pool argmax and the pre-ReLU sum are always recomputed. The leanest unfused chain
+    (in-place ReLU) saves x, c and the output, plus with a z-pool the pool input and an int64
+    index tensor (8 bytes per pooled element). So this op saves strictly less with a z-pool or
+    without a residual (tests/test_ops_library.py measures it); with a residual and no pool it
+    saves the same tensors (x and the output are shared with the neighbouring layers anyway).
     Backward: BN/ReLU/pool/residual gradients fused, conv gradients via aten.convolution_backward.
     """
     _checks.tensor5("x", x)
