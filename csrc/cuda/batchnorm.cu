@@ -40,31 +40,6 @@ Parts plan_parts(int64_t work, int64_t min_per_part, int64_t other_blocks, int s
   return Parts{std::max<int64_t>(1, (work + per - 1) / per), per};
 }
 
-// Shifted float64 accumulator of one thread: exact enough for any count, one FMA pair per value.
-struct ShiftedMoments {
-  int64_t n = 0;
-  double shift = 0.0, s1 = 0.0, s2 = 0.0;
-  __device__ __forceinline__ void add(float v) {
-    if (n == 0) shift = v;
-    const double d = static_cast<double>(v) - shift;
-    ++n;
-    s1 += d;
-    s2 += d * d;
-  }
-  // (count, mean, M2)
-  __device__ __forceinline__ void summary(double& cnt, double& mean, double& m2) const {
-    cnt = static_cast<double>(n);
-    if (n == 0) {
-      mean = 0.0;
-      m2 = 0.0;
-      return;
-    }
-    mean = shift + s1 / cnt;
-    m2 = s2 - s1 * s1 / cnt;
-    if (m2 < 0.0) m2 = 0.0;  // rounding of a (near) zero variance
-  }
-};
-
 // ---------------------------------------------------------------------------------------------
 // channel_stats
 // ---------------------------------------------------------------------------------------------
@@ -134,16 +109,6 @@ __global__ void stats_partial_nc_kernel(const scalar_t* __restrict__ x, int64_t 
     part[(1 * P + p) * C + c] = s_mean[0];
     part[(2 * P + p) * C + c] = s_m2[0];
   }
-}
-
-__global__ void stats_finalize_kernel(const double* __restrict__ part, int64_t P, int64_t C, float* __restrict__ mean_out,
-                                      float* __restrict__ var_out) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= C) return;
-  double n = 0.0, mean = 0.0, m2 = 0.0;
-  for (int64_t p = 0; p < P; ++p) welford_merge(n, mean, m2, part[p * C + c], part[(P + p) * C + c], part[(2 * P + p) * C + c]);
-  mean_out[c] = static_cast<float>(mean);
-  var_out[c] = static_cast<float>(m2 / n);  // n > 0: checked on the host
 }
 
 std::tuple<at::Tensor, at::Tensor> channel_stats_cuda(const at::Tensor& x_in) {
