@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from _ops_oracle import K111, K111S2, K113, K331, K331S2, STEM, ConvSpec, DTYPES, LAYOUTS, check_conv_op, combos, check_zmaxpool
 
