@@ -7,7 +7,8 @@
 # stopping the rest:
 #   wheels   when a .whl/ folder is in the repo root: install those wheels into /tmp/site
 #            (packages the GPU image lacks, e.g. monai, nibabel, nilearn) and put it on PYTHONPATH
-#   install  pip install --no-deps --no-build-isolation -e .      (T_INSTALL, 120)
+#   install  pip install --no-deps --no-build-isolation -e .      (T_INSTALL, 240: may build the
+#            CUDA extension, with MAX_JOBS=nproc)
 #   info     python -m ahnet_fast.info                             (T_INFO, 30)
 #   tests    the whole pytest suite, GPU tests included            (T_TESTS, 150) -> tests.log
 #            (4 xdist workers when pytest-xdist is there: TEST_WORKERS)
@@ -30,8 +31,9 @@ LOG="$RES/steps.log"
 : >"$LOG"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
+export MAX_JOBS="${MAX_JOBS:-$(nproc 2>/dev/null || echo 8)}"
 T_TOTAL="${T_TOTAL:-530}"
-T_INSTALL="${T_INSTALL:-120}"
+T_INSTALL="${T_INSTALL:-240}"
 T_INFO="${T_INFO:-30}"
 T_TESTS="${T_TESTS:-150}"
 T_OPS="${T_OPS:-130}"

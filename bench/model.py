@@ -59,7 +59,8 @@ CONFIGS = {
 CHECKPOINT_FLAGS = ("activation_checkpointing", "checkpointing", "checkpoint", "use_checkpoint",
                     "grad_checkpointing")
 #: where the fast AH-Net may live ("module:attribute"); AHNET_FAST_BENCH_FAST_MODEL overrides
-FAST_MODEL_CANDIDATES = ("ahnet_fast.models.fast:AHNet", "ahnet_fast.models.fast_ahnet:AHNet",
+FAST_MODEL_CANDIDATES = ("ahnet_fast.models.fast:FastAHNet", "ahnet_fast.models.fast:AHNet",
+                         "ahnet_fast.models.fast_ahnet:AHNet",
                          "ahnet_fast.models.fused:AHNet", "ahnet_fast.models:FastAHNet",
                          "ahnet_fast.fast:AHNet", "ahnet_fast:AHNet")
 
