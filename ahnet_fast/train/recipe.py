@@ -86,7 +86,8 @@ class RecipeConfig:
         fast: use the fast AH-Net (None: on CUDA).
         init_2d: transfer from this 2D state-dict file instead of the 2D stage.
         num_workers, seed, device: as in TrainConfig.
-        val_window: sliding-window size for 3D validation (None: whole volume).
+        val_window: sliding-window size for 3D validation (None: the whole volume when it has at most
+            2**24 voxels, else windows of twice the training patch).
     """
 
     data: str
@@ -323,9 +324,13 @@ class _Recipe:
                           cases=self.train_cases())
         vals = [ValidationCase(v.image, v.label, v.name) for v in self.val_cases()]
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.amp)
+        def predict(m: nn.Module, im: np.ndarray) -> torch.Tensor:
+            # whole volume when small (fastest); windows of twice the patch otherwise (memory)
+            window = c.val_window or (None if im.size <= 2**24 else tuple(2 * p for p in patch))
+            return predict_3d(m, im, window, self.device, amp_dtype)
+
         trainer = Trainer(model, self.model_config, ds, self._train_cfg(steps, batch, lr, ck, 3 if frozen else 4),
-                          self.out / stage, self.k, vals,
-                          predict=lambda m, im: predict_3d(m, im, c.val_window, self.device, amp_dtype),
+                          self.out / stage, self.k, vals, predict=predict,
                           train_mode=train_mode, stage=stage,
                           extra={"preprocessing": self.preprocessing, "init": str(init)},
                           log=self.log, progress=self.progress)

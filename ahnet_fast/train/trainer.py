@@ -269,9 +269,9 @@ class Trainer:
             tqdm.write(msg, file=sys.stderr)
 
     def _jsonl(self, record: dict[str, Any]) -> None:
-        record = {"time": time.time(), "stage": self.stage, **record}
+        record = _finite({"time": time.time(), "stage": self.stage, **record})
         with open(self.out / "log.jsonl", "a") as fh:
-            fh.write(json.dumps(record, default=_json_default) + "\n")
+            fh.write(json.dumps(record, default=_json_default, allow_nan=False) + "\n")
 
     # ------------------------------------------------------------------ checkpoints
     def _payload(self) -> dict[str, Any]:
@@ -365,7 +365,7 @@ class Trainer:
             self.load(last)
             self.log(f"[{self.stage}] resumed from {last} at step {self.step}/{cfg.steps}")
             self._jsonl({"event": "resume", "step": self.step})
-        elif not resume:
+        else:
             torch.manual_seed(cfg.seed)
         end = cfg.steps if stop_at_step is None else min(cfg.steps, stop_at_step)
         t_start = time.time()
@@ -476,6 +476,17 @@ class Trainer:
         last = self.history[-1]["mean_fg_dice"] if self.history else float("nan")
         return {"best_dice": self.best_dice, "last_dice": last, "steps": self.step, "epochs": self.epoch,
                 "history": self.history, "seconds": seconds, "finished": self.finished}
+
+
+def _finite(x: Any) -> Any:
+    """NaN/inf -> None, so the log is strict JSON (NaN: a class absent from prediction and truth)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
 
 
 def _plain(x: Any) -> Any:

@@ -1,0 +1,90 @@
+"""End-to-end: the whole recipe on a small real volume (MNI152, downsampled), and the CLI."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ahnet_fast.cli import main
+from ahnet_fast.data.mni import build_mni_dataset
+from ahnet_fast.train.checkpoint import load_checkpoint
+from ahnet_fast.train.recipe import RecipeConfig, run_recipe
+
+SMALL = ["--layers", "1,1,1,1", "--psp", "0", "--upsample", "trilinear", "--model-2d", "fcn",
+         "--patch-2d", "32,32", "--patch-3d", "32,32,32", "--batch-2d", "2", "--batch-3d", "2",
+         "--workers", "0", "--device", "cpu", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def mni(tmp_path_factory):
+    # 3 x 3 x 4 mm crops of the template: ~51 x 35 x 39 voxels per case
+    return build_mni_dataset(tmp_path_factory.mktemp("mni") / "data", inplane_step=3)
+
+
+def test_recipe_end_to_end_on_mni(mni, tmp_path):
+    out = tmp_path / "run"
+    cfg = RecipeConfig(
+        data=str(mni), out_dir=str(out),
+        model_config={"layers": (1, 1, 1, 1), "psp_block_num": 0, "upsample_mode": "trilinear"},
+        model_2d="fcn", patch_2d=(32, 32), patch_3d=(32, 32, 32), batch_2d=2, batch_3d=2,
+        steps_2d=2, steps_decoder=2, steps_finetune=2, steps_per_epoch=2, num_workers=0, device="cpu",
+    )
+    logs: list[str] = []
+    res = run_recipe(cfg, log=logs.append, progress=False)
+    assert list(res["stages"]) == ["2d", "transfer", "decoder", "finetune"]
+    for stage in ("2d", "decoder", "finetune"):
+        r = res["stages"][stage]
+        assert r["finished"] and r["steps"] == 2 and np.isfinite(r["history"][-1]["loss"])
+        assert (out / stage / "best.pt").is_file() and (out / stage / "log.jsonl").is_file()
+        rec = json.loads((out / stage / "log.jsonl").read_text().splitlines()[-1])
+        assert len(rec["val_dice"]) == 4 and rec["peak_memory_bytes"] > 0 and rec["samples_per_s"] > 0
+    # transfer: the 2D stem became the 3D stem (RGB channel z -> z-tap z)
+    w2 = load_checkpoint(out / "2d" / "best.pt")["model"]["conv1.weight"]
+    init = load_checkpoint(out / "transfer" / "init.pt")["model"]
+    torch.testing.assert_close(init["conv1.weight"], w2.permute(0, 2, 3, 1).unsqueeze(1), rtol=0, atol=0)
+    # decoder stage: encoder frozen (weights and BN statistics), decoder trained
+    dec = load_checkpoint(out / "decoder" / "last.pt")["model"]
+    for k in init:
+        if k.startswith(("conv1.", "bn0.", "layer")):
+            assert torch.equal(init[k], dec[k]), k
+    assert not torch.equal(init["final.conv.weight"], dec["final.conv.weight"])
+    # finetune: everything trains; the final model loads for inference
+    fin = load_checkpoint(out / "finetune" / "last.pt")["model"]
+    assert not torch.equal(dec["layer1.0.conv2.weight"], fin["layer1.0.conv2.weight"])
+    from ahnet_fast.infer.model_io import load_model
+
+    model, meta = load_model(out / "model.pt")
+    assert meta["model_config"]["out_channels"] == 4
+    assert meta["preprocessing"]["intensity"]["mode"] == "percentile"
+    assert any("2D->3D transfer" in m for m in logs) and any("[finetune] epoch 1" in m for m in logs)
+
+
+def test_cli_train_smoke_and_resume(mni, tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = main(["train", str(mni.parent), "--out", str(out), "--stages", "2d", "--steps-2d", "2",
+               "--steps-per-epoch", "1", *SMALL])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "[2d] epoch 2 step 2/2" in text and "stage times: 2d" in text
+    assert load_checkpoint(out / "2d" / "last.pt")["step"] == 2
+    # resume a finished stage: nothing to do, same checkpoint
+    rc = main(["train", str(mni.parent), "--out", str(out), "--stages", "2d", "--steps-2d", "2", "--resume", *SMALL])
+    assert rc == 0 and "resumed from" in capsys.readouterr().out
+    # --max-memory on the CPU: estimated, and reported
+    rc = main(["train", str(mni.parent), "--out", str(out / "mm"), "--stages", "2d", "--steps-2d", "1",
+               "--max-memory", "2", *SMALL])
+    assert rc == 0 and "max-memory 2.00 GiB: chose patch" in capsys.readouterr().out
+
+
+def test_cli_bad_input_is_one_line_error(tmp_path, mni, capsys):
+    assert main(["train", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert "missing: no such file or folder" in capsys.readouterr().err
+    assert main(["train", str(mni.parent), "--out", str(tmp_path / "o"), "--stages", "2d,bogus"]) == 2
+    assert "unknown stage" in capsys.readouterr().err
+    assert main(["train", str(mni.parent), "--out", str(tmp_path / "o"), "--stages", "2d", "--patch-2d", "40,40",
+                 "--steps-2d", "1", *[a for a in SMALL if a not in ("--patch-2d", "32,32")]]) == 2
+    assert "2D patch: (40, 40) is not a valid size" in capsys.readouterr().err
+    assert main(["train", str(mni.parent), "--out", str(tmp_path / "o"), "--stages", "decoder", *SMALL]) == 2
+    assert "run the 'transfer' stage first" in capsys.readouterr().err
