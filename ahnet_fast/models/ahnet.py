@@ -36,7 +36,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Union
+from typing import ClassVar, Union
 
 import torch
 import torch.nn as nn
@@ -44,11 +44,10 @@ import torch.nn.functional as F
 
 from ahnet_fast.models.validation import InputSpec, check_input
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ahnet_fast.models.fcn import FCN
-
 __all__ = [
     "AHNet",
+    "AHnet",
+    "Ahnet",
     "BlockSet",
     "Bottleneck3x3x1",
     "DenseBlock",
@@ -556,3 +555,7 @@ def _copy_bn(src: nn.Module, dst: nn.Module) -> None:
         if s.shape != d.shape:
             raise ValueError(f"cannot copy BatchNorm {attr} {tuple(s.shape)} into {tuple(d.shape)}")
         d.copy_(s)
+
+
+# MONAI's aliases
+AHnet = Ahnet = AHNet
