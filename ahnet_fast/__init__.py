@@ -25,7 +25,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "use_backend": "ahnet_fast.ops",
     "get_backend": "ahnet_fast.ops",
-    "AHNet": "ahnet_fast.reference",
+    "AHNet": "ahnet_fast.models.fast",
+    "FastAHNet": "ahnet_fast.models.fast",
     "FCN": "ahnet_fast.reference",
     "MCFCN": "ahnet_fast.reference",
 }

@@ -1,0 +1,317 @@
+"""The fast AH-Net: MONAI's topology run through the fused ops.
+
+``FastAHNet`` is :class:`ahnet_fast.models.ahnet.AHNet` with another block set: every block
+class below subclasses its reference twin and overrides only ``forward``, so parameters,
+buffers, initial weights and state_dict keys are exactly the reference's (and MONAI's). A
+checkpoint of either model loads into the other unchanged.
+
+What runs fused (3D; see ``ahnet_fast.ops`` for the op contracts):
+
+- stem: conv 7x7x3 /(2,2,1) -> z-pool -> BN -> ReLU as one ``conv_bn_act`` (the max is taken
+  on the raw conv output, before the BN affine);
+- encoder bottlenecks: conv1/conv2/conv3 each ``conv_bn_act`` (post-activation); in the first
+  block of layer2..4 the shortcut is ``conv_bn_act(zpool="before_bn", relu=False)`` and the
+  main path's z-pool, the residual add and the last ReLU are the epilogue of conv3's op;
+- decoder (pre-activation): every BN -> ReLU -> conv of Pseudo3DLayer, UpTransition,
+  Projection and Final is one ``bn_act_conv`` (BN+ReLU applied as the input is loaded, zero
+  padding after that transform);
+- dense blocks: when autograd is not recording (inference) the block allocates its concat
+  buffer once and each layer writes its new features straight into its channel slice, so no
+  ``torch.cat`` copies the growing feature map; in training the ``torch.cat`` form is kept
+  (autograd needs the separate tensors).
+
+What stays plain torch: the stem's 2x2x2 (or 3x3x3) max-pool, the transposed convs and
+interpolations of the upsampling, the PSP branch (1-channel convs), and the skip additions.
+2D networks (``spatial_dims=2``) run through the same ops on (N, C, H, W, 1) views; their
+stem pools along W and stays on the reference path.
+
+Extra constructor argument (everything else is MONAI's): ``activation_checkpointing=True``
+recomputes each encoder stage and each dense block in the backward pass instead of keeping
+their activations, for GPUs with too little memory. BatchNorm running statistics are updated
+once per forward (the recomputation does not update them again).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import ClassVar, Iterator
+
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
+
+from ahnet_fast.models.ahnet import AHNet as ReferenceAHNet
+from ahnet_fast.models.ahnet import (
+    BlockSet,
+    Bottleneck3x3x1,
+    DenseBlock,
+    Final,
+    PSP,
+    Projection,
+    Pseudo3DLayer,
+    UpTransition,
+)
+from ahnet_fast.nn.functional import bn_act_conv_modules, conv_bn_act_modules, recomputing
+
+__all__ = [
+    "AHNet",
+    "FAST_BLOCKS",
+    "FastAHNet",
+    "FusedBottleneck3x3x1",
+    "FusedDenseBlock",
+    "FusedFinal",
+    "FusedProjection",
+    "FusedPseudo3DLayer",
+    "FusedUpTransition",
+]
+
+Tensor = torch.Tensor
+
+
+def _pools_depth(pool: nn.Module) -> bool:
+    """True for the (1, 1, 2) z-pool of a 3D shortcut; False for MONAI's no-op (1, 1, 1)/2D pools."""
+    k = pool.kernel_size
+    k = tuple(k) if isinstance(k, (tuple, list)) else (k,)
+    return len(k) == 3 and k[-1] > 1
+
+
+class FusedBottleneck3x3x1(Bottleneck3x3x1):
+    """Post-activation bottleneck: three ``conv_bn_act`` calls (+ the shortcut's)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = conv_bn_act_modules(x, self.conv1, self.bn1, relu=True)
+        out = conv_bn_act_modules(out, self.conv2, self.bn2, relu=True)
+        residual = x
+        zpool = "none"
+        if self.downsample is not None:
+            ds_conv, ds_pool, ds_bn = self.downsample[0], self.downsample[1], self.downsample[2]
+            residual = conv_bn_act_modules(
+                x, ds_conv, ds_bn, zpool="before_bn" if _pools_depth(ds_pool) else "none", relu=False
+            )
+            # MONAI pools the main path exactly when the shortcut's pool changed the shape
+            if residual.shape[-1] != out.shape[-1]:
+                zpool = "after_bn"
+        return conv_bn_act_modules(out, self.conv3, self.bn3, zpool=zpool, residual=residual, relu=True)
+
+
+class FusedProjection(Projection):
+    """BN -> ReLU -> 1x1x1 conv as one ``bn_act_conv``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return bn_act_conv_modules(x, self.norm, self.conv)
+
+
+class FusedUpTransition(UpTransition):
+    """``bn_act_conv`` (1x1x1) then the upsampling (transposed conv or interpolation)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.up(bn_act_conv_modules(x, self.norm, self.conv))
+
+
+class FusedFinal(Final):
+    """``bn_act_conv`` (3x3x1) then the upsampling."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.up(bn_act_conv_modules(x, self.norm, self.conv))
+
+
+class FusedPseudo3DLayer(Pseudo3DLayer):
+    """Four pre-activation convs (1x1x1 in->80, 3x3x1 80->20, 1x1x3 20->20, 1x1x1 20->20)."""
+
+    def new_features(self, x: Tensor, out: Tensor | None = None, out_channel_offset: int = 0) -> Tensor:
+        """The layer's ``growth_rate`` new channels (N, 20, H, W, D), optionally written into
+        ``out[:, out_channel_offset:out_channel_offset + 20]`` (inference only)."""
+        a = bn_act_conv_modules(x, self.bn1, self.conv1)
+        x3x3x1 = bn_act_conv_modules(a, self.bn2, self.conv2)
+        x1x1x3 = bn_act_conv_modules(x3x3x1, self.bn3, self.conv3)
+        return bn_act_conv_modules(
+            x3x3x1 + x1x1x3, self.bn4, self.conv4, out=out, out_channel_offset=out_channel_offset
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([x, self.new_features(x)], 1)
+
+
+class FusedDenseBlock(DenseBlock):
+    """Dense block whose layers write into one preallocated concat buffer in inference."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        layers = list(self.children())
+        if torch.is_grad_enabled() or not layers:
+            return super().forward(x)
+        growth = layers[0].conv4.out_channels
+        c0 = x.shape[1]
+        fmt = torch.channels_last_3d if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) \
+            and not x.is_contiguous() else torch.contiguous_format
+        buf = torch.empty((x.shape[0], c0 + growth * len(layers), *x.shape[2:]), dtype=x.dtype, device=x.device)
+        buf = buf.contiguous(memory_format=fmt)
+        buf[:, :c0].copy_(x)
+        for i, layer in enumerate(layers):
+            c = c0 + i * growth
+            layer.new_features(buf[:, :c], out=buf, out_channel_offset=c)
+        return buf
+
+
+FAST_BLOCKS = BlockSet(
+    bottleneck=FusedBottleneck3x3x1,
+    projection=FusedProjection,
+    pseudo3d_layer=FusedPseudo3DLayer,
+    dense_block=FusedDenseBlock,
+    up_transition=FusedUpTransition,
+    final=FusedFinal,
+    psp=PSP,  # 1-channel convs and pools: nothing worth fusing
+)
+
+
+@contextlib.contextmanager
+def _recompute_context() -> Iterator[None]:
+    with recomputing():
+        yield
+
+
+def _checkpoint_contexts():
+    return contextlib.nullcontext(), _recompute_context()
+
+
+class FastAHNet(ReferenceAHNet):
+    """Drop-in AH-Net on the fused ops: MONAI's arguments, state_dict and outputs.
+
+    Args: those of :class:`ahnet_fast.models.ahnet.AHNet` (= ``monai.networks.nets.AHNet``),
+    plus ``activation_checkpointing`` (keyword, default False): recompute each encoder stage
+    (layer1..4) and each dense block in the backward pass to save activation memory.
+
+    Input ``(B, in_channels, H, W, D)``, float32/bfloat16/float16 (or float64 on the
+    reference backend), contiguous or channels_last_3d (the fast layout on GPUs); under
+    ``torch.autocast`` the fused ops run in the autocast dtype. Output
+    ``(B, out_channels, H, W, D)``.
+    """
+
+    blocks: ClassVar[BlockSet] = FAST_BLOCKS
+
+    def __init__(self, *args, activation_checkpointing: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.activation_checkpointing = bool(activation_checkpointing)
+
+    # ---- conversions -------------------------------------------------------------------
+    def _config(self) -> dict:
+        return dict(
+            layers=self.layers,
+            spatial_dims=self.spatial_dims,
+            in_channels=self.in_channels,
+            out_channels=self.out_channels,
+            psp_block_num=self.psp_block_num,
+            upsample_mode=self.upsample_mode,
+        )
+
+    @classmethod
+    def from_monai(cls, model: nn.Module, *, activation_checkpointing: bool = False) -> "FastAHNet":
+        """A FastAHNet with the configuration and weights of a MONAI (or reference) AHNet.
+
+        The configuration is read from the model's modules (MONAI keeps no copy of its
+        arguments); the state_dict is loaded strictly, so any mismatch raises.
+        """
+        cfg = _config_of(model)
+        fast = cls(**cfg, activation_checkpointing=activation_checkpointing)
+        p = next(model.parameters())
+        fast.load_state_dict(model.state_dict(), strict=True)
+        fast.to(device=p.device, dtype=p.dtype)
+        fast.train(model.training)
+        return fast
+
+    def to_reference(self) -> ReferenceAHNet:
+        """The plain-PyTorch :class:`AHNet` with this model's configuration, weights and mode."""
+        ref = ReferenceAHNet(**self._config())
+        p = next(self.parameters())
+        ref.load_state_dict(self.state_dict(), strict=True)
+        ref.to(device=p.device, dtype=p.dtype)
+        ref.train(self.training)
+        return ref
+
+    # ---- forward -------------------------------------------------------------------------
+    def _maybe_checkpoint(self, fn, *xs: Tensor) -> Tensor:
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(fn, *xs, use_reentrant=False, context_fn=_checkpoint_contexts)
+        return fn(*xs)
+
+    def _stem(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self.spatial_dims != 3:
+            return super()._stem(x)
+        conv_x = conv_bn_act_modules(x, self.conv1, self.bn0, zpool="before_bn", relu=True)
+        return conv_x, self.maxpool(conv_x)
+
+    def _encode(self, pool_x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        fm1 = self._maybe_checkpoint(self.layer1, pool_x)
+        fm2 = self._maybe_checkpoint(self.layer2, fm1)
+        fm3 = self._maybe_checkpoint(self.layer3, fm2)
+        fm4 = self._maybe_checkpoint(self.layer4, fm3)
+        return fm1, fm2, fm3, fm4
+
+    def _decode(self, conv_x: Tensor, pool_x: Tensor, fms: tuple[Tensor, Tensor, Tensor, Tensor]) -> Tensor:
+        fm1, fm2, fm3, fm4 = fms
+        ck = self._maybe_checkpoint
+        d0 = ck(self.dense0, self.up0(fm4) + fm3)
+        d1 = ck(self.dense1, self.up1(d0) + fm2)
+        d2 = ck(self.dense2, self.up2(d1) + fm1)
+        d3 = ck(self.dense3, self.trans1(d2) + pool_x)
+        return ck(self.dense4, self.up3(d3) + conv_x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, in_channels, *spatial)`` -> ``(B, out_channels, *spatial)``."""
+        dtype = _autocast_dtype(x)
+        if dtype is not None:
+            # the fused ops are custom ops (no autocast rule of their own): run the whole
+            # network in the autocast dtype, as autocast runs conv3d; BN math stays fp32
+            # inside the ops
+            with torch.autocast(x.device.type, enabled=False):
+                return _cast_run(self, x, dtype)
+        return super().forward(x)
+
+
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The autocast dtype active for ``x``'s device type, or None."""
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev):
+        return None
+    return torch.get_autocast_dtype(dev)
+
+
+def _cast_run(model: FastAHNet, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """Forward with conv weights and activations in ``dtype``; BN parameters and buffers stay
+    as they are (the ops keep BN math in fp32 and update the real running statistics). The
+    casts are differentiable, so gradients reach the fp32 parameters as under autocast."""
+    cast = {
+        name: p.to(dtype)
+        for name, p in model.named_parameters()
+        if p.is_floating_point() and not isinstance(_owner(model, name), nn.modules.batchnorm._BatchNorm)
+    }
+    return functional_call(model, cast, (x.to(dtype),), strict=False)
+
+
+def _owner(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+
+
+def _config_of(model: nn.Module) -> dict:
+    """AHNet constructor arguments recovered from a built MONAI/reference AHNet."""
+    spatial_dims = model.conv1.weight.dim() - 2
+    layers = tuple(len(getattr(model, f"layer{i}")) for i in range(1, 5))
+    in_channels = model.conv1.weight.shape[1]
+    out_channels = model.final.conv.out_channels
+    psp_block_num = len(model.psp.pool_modules)
+    up = model.up0.up
+    if isinstance(up, (nn.ConvTranspose2d, nn.ConvTranspose3d)):
+        upsample_mode = "transpose"
+    else:
+        upsample_mode = up.mode
+    return dict(
+        layers=layers,
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        psp_block_num=psp_block_num,
+        upsample_mode=upsample_mode,
+    )
+
+
+#: ``from ahnet_fast import AHNet`` is the fast model (a drop-in for MONAI's AHNet)
+AHNet = FastAHNet
