@@ -52,6 +52,7 @@ from ahnet_fast.models.ahnet import (
     UpTransition,
 )
 from ahnet_fast.nn.functional import bn_act_conv_modules, conv_bn_act_modules, recomputing
+from ahnet_fast.nn.sync import convert_sync_batchnorm
 
 __all__ = [
     "AHNet",
@@ -178,7 +179,10 @@ class FastAHNet(ReferenceAHNet):
 
     Args: those of :class:`ahnet_fast.models.ahnet.AHNet` (= ``monai.networks.nets.AHNet``),
     plus ``activation_checkpointing`` (keyword, default False): recompute each encoder stage
-    (layer1..4) and each dense block in the backward pass to save activation memory.
+    (layer1..4) and each dense block in the backward pass to save activation memory, and
+    ``sync_bn`` (keyword, default False): BatchNorm statistics over every process of the
+    default group in multi-process (DDP) training, see ``ahnet_fast.nn.convert_sync_batchnorm``
+    (which also takes a process group). Neither changes the state_dict.
 
     Input ``(B, in_channels, H, W, D)``, float32/bfloat16/float16 (or float64 on the
     reference backend), contiguous or channels_last_3d (the fast layout on GPUs); under
@@ -188,9 +192,11 @@ class FastAHNet(ReferenceAHNet):
 
     blocks: ClassVar[BlockSet] = FAST_BLOCKS
 
-    def __init__(self, *args, activation_checkpointing: bool = False, **kwargs) -> None:
+    def __init__(self, *args, activation_checkpointing: bool = False, sync_bn: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.activation_checkpointing = bool(activation_checkpointing)
+        if sync_bn:
+            convert_sync_batchnorm(self)
 
     # ---- conversions -------------------------------------------------------------------
     def _config(self) -> dict:

@@ -20,9 +20,9 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from ahnet_fast.ops import bn_act_conv, conv_bn_act
+from ahnet_fast.ops import bn_act_conv, conv_bn_act, sync_bn_act_conv, sync_conv_bn_act
 
-__all__ = ["bn_act_conv_modules", "bn_running_args", "conv_args", "conv_bn_act_modules", "recomputing"]
+__all__ = ["bn_act_conv_modules", "bn_running_args", "bn_sync_group", "conv_args", "conv_bn_act_modules", "recomputing"]
 
 Tensor = torch.Tensor
 
@@ -53,6 +53,9 @@ def conv_args(conv: nn.Module) -> tuple[list[int], list[int]]:
 # True while activation checkpointing recomputes a forward for the backward pass: the
 # recomputation must normalise with the same batch statistics but must not update the running
 # statistics (or num_batches_tracked) a second time.
+#
+# Synchronized BatchNorms (ahnet_fast.nn.convert_sync_batchnorm, torch.nn.SyncBatchNorm) run
+# through ahnet_fast.ops.sync_conv_bn_act / sync_bn_act_conv: statistics over every rank's batch.
 _RECOMPUTING: contextvars.ContextVar[bool] = contextvars.ContextVar("ahnet_fast_recomputing", default=False)
 
 
@@ -86,6 +89,14 @@ def bn_running_args(bn: nn.Module) -> tuple[bool, float, Optional[Tensor], Optio
     use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
     track = not bn.training or bn.track_running_stats
     return use_batch, factor, (bn.running_mean if track else None), (bn.running_var if track else None)
+
+
+def bn_sync_group(bn: nn.Module) -> tuple[bool, Optional[object]]:
+    """(synchronized, process_group) of a BatchNorm: True for ahnet_fast.nn.SyncBatchNorm*d
+    (see ahnet_fast.nn.convert_sync_batchnorm) and torch.nn.SyncBatchNorm."""
+    if isinstance(bn, nn.SyncBatchNorm) or getattr(bn, "_ahnet_fast_sync", False):
+        return True, getattr(bn, "process_group", None)
+    return False, None
 
 
 def _as5d(x: Tensor, name: str) -> Tensor:
@@ -122,9 +133,12 @@ def conv_bn_act_modules(x: Tensor, conv: nn.Module, bn: nn.Module, *, zpool: str
     if four and zpool != "none":
         raise ValueError("zpool needs a depth axis; 4-D (2D network) input has none")
     use_batch, factor, rm, rv = bn_running_args(bn)
-    out = conv_bn_act(_as5d(x, "x"), w, bn.weight, bn.bias, rm, rv, conv_bias=conv.bias, stride=stride,
-                      padding=padding, training=use_batch, momentum=factor, eps=bn.eps, zpool=zpool,
-                      residual=None if residual is None else _as5d(residual, "residual"), relu=relu)
+    sync, group = bn_sync_group(bn)
+    kw = {"process_group": group} if sync else {}
+    out = (sync_conv_bn_act if sync else conv_bn_act)(
+        _as5d(x, "x"), w, bn.weight, bn.bias, rm, rv, conv_bias=conv.bias, stride=stride, padding=padding,
+        training=use_batch, momentum=factor, eps=bn.eps, zpool=zpool,
+        residual=None if residual is None else _as5d(residual, "residual"), relu=relu, **kw)
     return out.squeeze(-1) if four else out
 
 
@@ -140,7 +154,10 @@ def bn_act_conv_modules(x: Tensor, bn: nn.Module, conv: nn.Module, *, relu: bool
     stride, padding = conv_args(conv)
     four = x.dim() == 4
     use_batch, factor, rm, rv = bn_running_args(bn)
-    res = bn_act_conv(_as5d(x, "x"), bn.weight, bn.bias, rm, rv, w, conv_bias=conv.bias, stride=stride,
-                      padding=padding, training=use_batch, momentum=factor, eps=bn.eps, relu=relu,
-                      out=None if out is None else _as5d(out, "out"), out_channel_offset=out_channel_offset)
+    sync, group = bn_sync_group(bn)
+    kw = {"process_group": group} if sync else {}
+    res = (sync_bn_act_conv if sync else bn_act_conv)(
+        _as5d(x, "x"), bn.weight, bn.bias, rm, rv, w, conv_bias=conv.bias, stride=stride, padding=padding,
+        training=use_batch, momentum=factor, eps=bn.eps, relu=relu,
+        out=None if out is None else _as5d(out, "out"), out_channel_offset=out_channel_offset, **kw)
     return res.squeeze(-1) if four else res

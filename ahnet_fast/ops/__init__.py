@@ -6,6 +6,8 @@ Public API::
     bn_act_conv(x, bn_weight, bn_bias, running_mean, running_var, weight, *, ...)   # decoder
     zmaxpool(x)                                                                     # (1,1,2) max-pool
     use_backend(name) / get_backend() / backend_status()
+    sync_conv_bn_act / sync_bn_act_conv / sync_batch_norm   # BatchNorm over every rank's batch
+
 
 Backends: reference (torch; always), triton (ahnet_fast.kernels), cuda (ahnet_fast._cuda);
 choose with AHNET_FAST_BACKEND=auto|reference|triton|cuda or ``with use_backend(name):``.
@@ -16,6 +18,7 @@ from __future__ import annotations
 from ._backend import BACKENDS, BackendUnavailableError, backend_status, get_backend, use_backend
 from .bn_act_conv import bn_act_conv
 from .conv_bn_act import conv_bn_act
+from .sync_bn import sync_active, sync_batch_norm, sync_bn_act_conv, sync_conv_bn_act
 from .zmaxpool import zmaxpool
 
 __all__ = [
@@ -25,6 +28,10 @@ __all__ = [
     "bn_act_conv",
     "conv_bn_act",
     "get_backend",
+    "sync_active",
+    "sync_batch_norm",
+    "sync_bn_act_conv",
+    "sync_conv_bn_act",
     "use_backend",
     "zmaxpool",
 ]

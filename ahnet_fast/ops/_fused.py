@@ -43,6 +43,7 @@ REQUIRED = {
     "zmaxpool": ("zmaxpool_forward", "zmaxpool_backward"),
     "conv_bn_act": ("channel_stats", "bn_act_apply", "bn_act_backward", "zmaxpool_forward", "zmaxpool_backward"),
     "bn_act_conv": ("channel_stats", "bn_act_apply", "bn_act_backward"),
+    "bn": ("channel_stats", "bn_act_apply", "bn_act_backward"),  # BN pieces (synchronized BN)
 }
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # (kernel, stride) pairs conv3d_fused is used for; AH-Net's anisotropic convs
@@ -223,3 +224,19 @@ class FusedPipeline:
             gx, g_gamma, g_beta, _ = L.bn_act_backward(gz, x, mean.float(), invstd.float(), _f32(bn_weight),
                                                        out=z if relu else None, relu=relu, batch_stats=training)
         return gx, g_gamma, g_beta, gw, gb
+
+    # -- BN pieces (the synchronized BatchNorm strings them together around its collectives) -----
+    def bn_stats(self, y):
+        return self.launchers().channel_stats(y)
+
+    def bn_apply(self, y, scale, shift, residual, pool_after, relu):
+        return self.launchers().bn_act_apply(y, _f32(scale), _f32(shift), zpool="after_affine" if pool_after else "none",
+                                             residual=residual, relu=relu)
+
+    def bn_backward(self, grad_out, y, mean, invstd, gamma, beta, out, pool_after, relu, batch_stats, residual_grad):
+        if relu and out is None and beta is None:
+            beta = torch.zeros_like(mean, dtype=torch.float32)
+        return self.launchers().bn_act_backward(
+            grad_out, y, _f32(mean), _f32(invstd), _f32(gamma), out=out if relu else None,
+            zpool="after_affine" if pool_after else "none", relu=relu, batch_stats=batch_stats,
+            residual_grad=residual_grad, beta=_f32(beta) if relu and out is None else None)

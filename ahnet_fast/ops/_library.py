@@ -379,3 +379,71 @@ def bn_update_running_stats_op(running_mean: Tensor, running_var: Tensor, batch_
 @bn_update_running_stats_op.register_fake
 def _bn_update_running_stats_fake(running_mean, running_var, batch_mean, batch_var, count, momentum) -> None:
     return None
+
+
+# ----------------------------------------------------------------------------- BN pieces
+# Used by the synchronized BatchNorm (sync_bn.py), which runs the collectives BETWEEN these ops
+# in Python: the ops themselves never communicate, so they stay traceable and opcheck-able.
+# No autograd of their own: sync_bn.py's autograd.Function calls bn_act_backward itself.
+@torch.library.custom_op(f"{NS}::bn_stats", mutates_args=())
+def bn_stats_op(y: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    """(mean, biased var) over (N, H, W, D) of y: fp32 (float64 for float64 y), shape (C,)."""
+    impl = _backend.select("bn", backend, [y])
+    mean, var = impl.bn_stats(y)
+    sdt = stat_dtype(y.dtype)
+    return _unalias((_conform(mean, y, dtype=sdt), _conform(var, y, dtype=sdt)), [y])
+
+
+@bn_stats_op.register_fake
+def _bn_stats_fake(y, backend):
+    return _stat_empty(y, y.shape[1]), _stat_empty(y, y.shape[1])
+
+
+@torch.library.custom_op(f"{NS}::bn_act_apply", mutates_args=())
+def bn_act_apply_op(y: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor], pool_after: bool,
+                    relu: bool, backend: str) -> Tensor:
+    """``relu(pool(y*scale[c] + shift[c]) + residual)`` (scale/shift per channel, stat dtype)."""
+    impl = _backend.select("bn", backend, [y, residual])
+    out = impl.bn_apply(y, scale, shift, residual, pool_after, relu)
+    return _unalias((_conform(out, y, memory_format(y), y.dtype),), [y, scale, shift, residual])[0]
+
+
+@bn_act_apply_op.register_fake
+def _bn_act_apply_fake(y, scale, shift, residual, pool_after, relu, backend):
+    shape = list(y.shape)
+    if pool_after:
+        shape[-1] //= 2
+    return empty5(shape, y, memory_format(y))
+
+
+@torch.library.custom_op(f"{NS}::bn_act_backward", mutates_args=())
+def bn_act_backward_op(grad_out: Tensor, y: Tensor, mean: Tensor, invstd: Tensor, gamma: Optional[Tensor],
+                       beta: Optional[Tensor], out: Optional[Tensor], pool_after: bool, relu: bool,
+                       batch_stats: bool, residual_grad: bool, backend: str
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Backward of o = relu(pool(gamma*xhat + beta) [+ residual]), xhat = (y - mean)*invstd.
+
+    Returns (grad_y, sum(g_t*xhat), sum(g_t), grad_residual or marker); the sums are per
+    channel in the stat dtype (always computed; ``gamma`` None counts as ones). ``out`` (the
+    forward output) gives the ReLU mask; without it the mask is t > 0 (no pool/residual only).
+    """
+    impl = _backend.select("bn", backend, [y, grad_out, out])
+    ones = None
+    if gamma is None:  # the sums are needed whatever the affine: gamma = 1
+        ones = torch.ones(y.shape[1], dtype=mean.dtype, device=y.device)
+    gy, gg, gb, gres = impl.bn_backward(grad_out, y, mean, invstd, gamma if gamma is not None else ones, beta, out,
+                                        pool_after, relu, batch_stats, residual_grad)
+    sdt = mean.dtype
+    fmt = memory_format(y)
+    return _unalias((_conform(gy, y, fmt, y.dtype), _conform(gg, y, dtype=sdt), _conform(gb, y, dtype=sdt),
+                     _conform(gres, grad_out, memory_format(grad_out), grad_out.dtype, want=residual_grad)),
+                    [grad_out, y, mean, invstd, gamma, beta, out])
+
+
+@bn_act_backward_op.register_fake
+def _bn_act_backward_fake(grad_out, y, mean, invstd, gamma, beta, out, pool_after, relu, batch_stats,
+                          residual_grad, backend):
+    c = y.shape[1]
+    gres = empty5(grad_out.shape, grad_out, memory_format(grad_out)) if residual_grad else empty_marker(y)
+    return (empty5(y.shape, y, memory_format(y)), torch.empty((c,), dtype=mean.dtype, device=y.device),
+            torch.empty((c,), dtype=mean.dtype, device=y.device), gres)

@@ -210,3 +210,37 @@ def bn_act_conv_backward(grad_out: torch.Tensor, x: torch.Tensor, bn_weight: Opt
         gx, g_gamma, g_beta, _ = bn_act_backward(gz, x, mean, invstd, bn_weight, bn_bias, None,
                                                  pool_after=False, relu=relu, batch_stats=training)
     return gx, g_gamma, g_beta, gw, gb
+
+
+# ----------------------------------------------------------------------------- BN pieces as ops
+# (the synchronized BatchNorm, ahnet_fast/ops/sync_bn.py, strings these together with the
+# collectives in between: local statistics -> all-reduce -> apply; local gradient sums ->
+# all-reduce -> finish)
+def bn_stats(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, biased var) over (N, H, W, D) of ``y``, in the statistics dtype."""
+    var, mean = torch.var_mean(y.to(stat_dtype(y.dtype)), dim=_RED, correction=0)
+    return mean, var
+
+
+def bn_apply(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual: Optional[torch.Tensor],
+             pool_after: bool, relu: bool) -> torch.Tensor:
+    """``relu(pool(y*scale + shift) + residual)`` computed in the dtype of ``scale``, cast to y's."""
+    t = y.to(scale.dtype) * bcast(scale) + bcast(shift)
+    if pool_after:
+        t = zmax(t)
+    if residual is not None:
+        t = t + residual.to(t.dtype)
+    if relu:
+        t = torch.relu(t)
+    return t.to(y.dtype)
+
+
+def bn_backward(grad_out: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                gamma: Optional[torch.Tensor], beta: Optional[torch.Tensor], out: Optional[torch.Tensor],
+                pool_after: bool, relu: bool, batch_stats: bool, residual_grad: bool
+                ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
+    """:func:`bn_act_backward` with the backend signature: (grad_y, grad_gamma or None, grad_beta,
+    grad_residual or None)."""
+    gy, gg, gb, g_s = bn_act_backward(grad_out, y, mean, invstd, gamma, beta, out,
+                                      pool_after=pool_after, relu=relu, batch_stats=batch_stats)
+    return gy, (gg if gamma is not None else None), gb, (g_s.to(grad_out.dtype) if residual_grad else None)

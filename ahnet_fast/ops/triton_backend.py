@@ -94,3 +94,6 @@ conv_bn_act_forward = _pipe.conv_bn_act_forward
 conv_bn_act_backward = _pipe.conv_bn_act_backward
 bn_act_conv_forward = _pipe.bn_act_conv_forward
 bn_act_conv_backward = _pipe.bn_act_conv_backward
+bn_stats = _pipe.bn_stats
+bn_apply = _pipe.bn_apply
+bn_backward = _pipe.bn_backward
