@@ -1,4 +1,9 @@
-"""`ahnet-fast segment IN OUT --checkpoint CKPT`: segment NIfTI volumes with a trained AH-Net."""
+"""`ahnet-fast segment IN OUT --checkpoint CKPT`: segment NIfTI volumes with a trained AH-Net.
+
+Several processes (``torchrun --nproc_per_node=N -m ahnet_fast.cli segment ...`` or
+``--nproc N``): the volumes are split round-robin over the ranks (one GPU each), every output
+is written once, by the rank that owns its input, and all ranks exit with the same code.
+"""
 from __future__ import annotations
 
 import argparse
@@ -42,19 +47,64 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-pickle", action="store_true",
                    help="load checkpoints the safe loader refuses (only for files you trust)")
     p.add_argument("--progress", action="store_true", help="show a progress bar per volume")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="worker processes (one per GPU), each segmenting its share of the volumes; same as "
+                        "torchrun --nproc_per_node=N -m ahnet_fast.cli segment ... (default 1)")
+    p.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="timeout of the collectives between processes (default 1800)")
     p.set_defaults(func=run)
 
 
+def shard(pairs: list, rank: int, world: int) -> list:
+    """Rank ``rank``'s share of the (input, output) pairs: round-robin, so each output has one owner."""
+    return pairs[rank::world]
+
+
+def _worker(args: argparse.Namespace) -> int:
+    args.nproc = 1
+    return run(args)
+
+
 def run(args: argparse.Namespace) -> int:
+    import os
+
+    from ahnet_fast.train import distributed as D
+
+    if getattr(args, "nproc", 1) > 1 and "LOCAL_RANK" not in os.environ:
+        res = D.launch(args.nproc, _worker, (args,))
+        return max(int(v or 0) for v in res.values())
+    try:
+        ctx = D.setup(args.device, getattr(args, "dist_timeout", D.DEFAULT_TIMEOUT_S))
+    except (ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        code = _segment(args, ctx)
+        if ctx is not None:  # every rank exits with the worst code of all
+            import torch
+            import torch.distributed as dist
+
+            box = torch.tensor([code], dtype=torch.int64, device=ctx.device)
+            dist.all_reduce(box, op=dist.ReduceOp.MAX)
+            code = int(box.item())
+        return code
+    finally:
+        D.teardown(ctx)
+
+
+def _segment(args: argparse.Namespace, ctx) -> int:
     import torch
 
     from ahnet_fast.data.intensity import IntensityConfig
     from ahnet_fast.infer.model_io import load_model
     from ahnet_fast.infer.segment import SegmentOptions, collect_inputs, intensity_from_meta, segment_file
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = ctx.device if ctx is not None else (args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         pairs = collect_inputs(args.input, args.output, split=args.split)
+        n_all = len(pairs)
+        if ctx is not None:
+            pairs = shard(pairs, ctx.rank, ctx.world_size)
         model, meta = load_model(args.checkpoint, map_location=device, allow_pickle=args.allow_pickle)
         override = None
         if args.intensity is not None:
@@ -88,6 +138,9 @@ def run(args: argparse.Namespace) -> int:
             line += (f", cascade: pass 2 on {100 * res.stats['pass2_fraction']:.1f}% of the voxels, "
                      f"{res.stats['time_pass1']:.1f} s + {res.stats['time_pass2']:.1f} s")
         print(line + ")")
+    if ctx is not None:
+        print(f"[rank {ctx.rank}/{ctx.world_size}] segmented {len(pairs) - failures} of its {len(pairs)} case(s) "
+              f"({n_all} in all)")
     if failures:
         print(f"{failures} of {len(pairs)} case(s) failed; their outputs were not written", file=sys.stderr)
         return 1
