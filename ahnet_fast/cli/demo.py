@@ -29,8 +29,8 @@ CPU_CONFIG = {
     "model_config": {"layers": (1, 1, 1, 1), "psp_block_num": 1, "upsample_mode": "trilinear"},
     "model_2d": "fcn",
     "patch_2d": (64, 64), "batch_2d": 8, "steps_2d": 60,
-    "patch_3d": (64, 64, 32), "batch_3d": 2, "steps_decoder": 40, "steps_finetune": 400,
-    "steps_per_epoch": 50, "lr_2d": 5e-4, "lr_3d": 1e-3,
+    "patch_3d": (64, 64, 32), "batch_3d": 2, "steps_decoder": 40, "steps_finetune": 500,
+    "steps_per_epoch": 50, "lr_2d": 5e-4, "lr_3d": 1e-3, "lr_schedule": "cosine",
     # patches are drawn in the main process: a worker would take a core from the 2 torch threads
     "class_balanced": True, "num_workers": 0, "plateau_patience": 2,
 }

@@ -31,6 +31,8 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--steps-per-epoch", type=int, help="steps per epoch (summary, validation, checkpoint)")
     s.add_argument("--lr-2d", type=float, help="Adam learning rate of stage 2d (paper 5e-4)")
     s.add_argument("--lr-3d", type=float, help="Adam learning rate of the 3D stages (paper 1e-3)")
+    s.add_argument("--lr-schedule", choices=["constant", "cosine"],
+                   help="constant (paper) or cosine decay to 0 within each stage")
     s.add_argument("--loss", choices=["ce_then_focal", "ce", "focal"],
                    help="ce_then_focal (paper): cross-entropy, focal loss once the loss plateaus")
     s.add_argument("--focal-gamma", type=float, help="focal loss gamma (default 2)")
@@ -67,7 +69,7 @@ def apply_training_arguments(cfg, args: argparse.Namespace) -> None:
     simple = {
         "model_2d": "model_2d", "fast": "fast", "steps_2d": "steps_2d", "steps_decoder": "steps_decoder",
         "steps_finetune": "steps_finetune", "steps_per_epoch": "steps_per_epoch", "lr_2d": "lr_2d",
-        "lr_3d": "lr_3d", "loss": "loss", "focal_gamma": "focal_gamma", "seed": "seed", "batch_2d": "batch_2d",
+        "lr_3d": "lr_3d", "lr_schedule": "lr_schedule", "loss": "loss", "focal_gamma": "focal_gamma", "seed": "seed", "batch_2d": "batch_2d",
         "batch_3d": "batch_3d", "amp": "amp", "checkpointing": "checkpointing", "grad_accum": "grad_accum",
         "max_memory": "max_memory", "num_workers": "workers", "device": "device",
     }

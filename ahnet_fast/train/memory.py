@@ -212,17 +212,22 @@ def choose_config(
     smallest = None
     for _, _, _, patch, batch, ck in cands:
         shape = (batch, in_channels, *patch)
-        if measure:
-            peak = measure_step_bytes(model_factory, shape, num_classes, ck, amp, device)
-        else:
-            peak = estimate_step_bytes(model_factory, shape, ck, amp)
+        try:
+            if measure:
+                peak = measure_step_bytes(model_factory, shape, num_classes, ck, amp, device)
+            else:
+                peak = estimate_step_bytes(model_factory, shape, ck, amp)
+        except ValueError as exc:  # the model refuses this shape (e.g. batch 1 too small for BatchNorm)
+            tried.append({"patch": list(patch), "batch": batch, "checkpointing": ck, "peak_bytes": None,
+                          "fits": False, "invalid": str(exc)})
+            continue
         tried.append({"patch": list(patch), "batch": batch, "checkpointing": ck,
                       "peak_bytes": peak, "fits": peak is not None and peak <= limit})
         if peak is not None:
             smallest = peak if smallest is None else min(smallest, peak)
         if peak is not None and peak <= limit:
             return MemoryChoice(patch, batch, ck, peak, "measured" if measure else "estimated", limit, tried)
-    need = "out of memory even at the smallest" if smallest is None else f"{smallest / GiB:.2f} GiB at least"
+    need = "no candidate was usable" if smallest is None else f"{smallest / GiB:.2f} GiB at least"
     raise ValueError(
         f"no patch/batch/checkpointing configuration fits in {limit_gb} GiB ({need}); "
         f"tried patches {[list(p) for p in patch_candidates]} and batches {list(batch_candidates)}"

@@ -74,6 +74,7 @@ class RecipeConfig:
         steps_2d, steps_decoder, steps_finetune: optimizer steps per stage.
         steps_per_epoch: steps per epoch (summary, validation, checkpoint).
         lr_2d, lr_3d, lr_finetune: Adam learning rates (paper: 5e-4 and 1e-3).
+        lr_schedule: ``"constant"`` (paper) or ``"cosine"`` decay within each stage.
         fg_ratio: share of foreground-centred patches (paper 0.7).
         class_balanced: draw the foreground class uniformly before the voxel.
         augment: in-plane augmentation (paper: +-20 deg, +-0.2 scale, mirroring).
@@ -110,6 +111,7 @@ class RecipeConfig:
     lr_2d: float = 5e-4
     lr_3d: float = 1e-3
     lr_finetune: float | None = None
+    lr_schedule: str = "constant"
     fg_ratio: float = 0.7
     class_balanced: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -236,7 +238,7 @@ class _Recipe:
             steps=steps, steps_per_epoch=min(c.steps_per_epoch, max(steps, 1)), batch_size=batch,
             grad_accum=c.grad_accum, lr=lr, amp=c.amp, checkpointing=checkpointing, loss=c.loss,
             focal_gamma=c.focal_gamma, plateau_patience=c.plateau_patience, num_workers=c.num_workers,
-            seed=c.seed + seed_offset, device=str(self.device), val_window=c.val_window,
+            seed=c.seed + seed_offset, device=str(self.device), val_window=c.val_window, lr_schedule=c.lr_schedule,
         )
 
     def _choose(self, factory: Callable[[], nn.Module], in_ch: int, patch: tuple[int, ...], batch: int,

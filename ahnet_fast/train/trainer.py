@@ -68,6 +68,8 @@ class TrainConfig:
         device: ``"cpu"``, ``"cuda"``, ... (None: cuda if available).
         val_window: sliding-window size for validation (None: whole volume).
         clip_grad: max gradient norm (0: off).
+        lr_schedule: ``"constant"`` (paper) or ``"cosine"`` (decays to 0 at the last
+            step; a function of the step only, so resuming needs no extra state).
     """
 
     steps: int
@@ -88,6 +90,13 @@ class TrainConfig:
     device: str | None = None
     val_window: tuple[int, int, int] | None = None
     clip_grad: float = 0.0
+    lr_schedule: str = "constant"
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimizer step ``step`` (0-based)."""
+        if self.lr_schedule == "cosine" and self.steps > 0:
+            return self.lr * 0.5 * (1.0 + math.cos(math.pi * min(step, self.steps) / self.steps))
+        return self.lr
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.steps_per_epoch < 1 or self.batch_size < 1 or self.grad_accum < 1:
@@ -101,6 +110,8 @@ class TrainConfig:
             raise ValueError(f"loss must be 'ce_then_focal', 'ce' or 'focal', got {self.loss!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
 
 
 class LossSchedule:
@@ -386,6 +397,8 @@ class Trainer:
         self.train_mode(self.model)
         try:
             while self.step < end:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = cfg.lr_at(self.step)
                 self.optimizer.zero_grad(set_to_none=True)
                 step_loss = 0.0
                 for _ in range(cfg.grad_accum):
