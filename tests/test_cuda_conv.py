@@ -1,6 +1,7 @@
 """The CUDA C++ conv3d_fused (csrc/cuda/conv_fused.cu) against float64 torch compositions.
 
-Same oracle and tolerances as tests/test_kernels_conv.py (the Triton launcher) and DESIGN.md:
+Same oracle and tolerances (tests/_kernel_cases.py) as tests/test_kernels_conv.py (the Triton launcher)
+and DESIGN.md:
 float32 relative error <= 1e-5 against float64 (the CUDA kernel's float32 path is IEEE fp32 FMA,
 never TF32); bf16/fp16 error <= 2x that of the same-dtype torch composition, never NaN.
 
@@ -18,18 +19,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _kernel_cases import (CL, DEV, DTYPES, K111, K111_S2, K113, K331, K331_S2, check_conv, compose_conv,
+                           layout_ok, rand, rel, vec)
+
 pytestmark = pytest.mark.gpu
-
-DEV = "cuda"
-CL = torch.channels_last_3d
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-
-# (kernel, stride, padding) of the AH-Net convs
-K331 = ((3, 3, 1), (1, 1, 1), (1, 1, 0))
-K331_S2 = ((3, 3, 1), (2, 2, 1), (1, 1, 0))
-K113 = ((1, 1, 3), (1, 1, 1), (0, 0, 1))
-K111 = ((1, 1, 1), (1, 1, 1), (0, 0, 0))
-K111_S2 = ((1, 1, 1), (2, 2, 1), (0, 0, 0))
 
 
 @pytest.fixture(scope="module")
@@ -43,64 +36,6 @@ def conv3d_fused():
     if "conv3d_fused" not in _cuda.implemented():
         pytest.skip(f"the CUDA extension has no conv3d_fused kernel (implemented: {sorted(_cuda.implemented())})")
     return _cuda.conv3d_fused
-
-
-def _rand(shape, dtype, channels_last, *, scale=1.0, shift=0.0):
-    x = (torch.randn(shape, dtype=torch.float64) * scale + shift).to(dtype).to(DEV)
-    return x.contiguous(memory_format=CL) if channels_last else x.contiguous()
-
-
-def _vec(C, *, scale=1.0, shift=0.0):
-    return (torch.randn(C, dtype=torch.float32) * scale + shift).to(DEV)
-
-
-def _cv(v, dtype):
-    return v.to(dtype).view(1, -1, 1, 1, 1)
-
-
-def _compose(x, w, dtype, *, stride=(1, 1, 1), padding=(0, 0, 0), bias=None, in_scale=None, in_shift=None,
-             in_relu=True, out_scale=None, out_shift=None, zpool="none", residual=None, relu=False):
-    """The unfused torch composition, every step in `dtype` (float64 = the oracle)."""
-    z = x.to(dtype)
-    if in_scale is not None:
-        z = z * _cv(in_scale, dtype) + _cv(in_shift, dtype)
-        if in_relu:
-            z = torch.relu(z)
-    t = F.conv3d(z, w.to(dtype), bias.to(dtype) if bias is not None else None, stride=stride, padding=padding)
-    if zpool == "before_affine":
-        t = F.max_pool3d(t, (1, 1, 2))
-    if out_scale is not None:
-        t = t * _cv(out_scale, dtype)
-    if out_shift is not None:
-        t = t + _cv(out_shift, dtype)
-    if zpool == "after_affine":
-        t = F.max_pool3d(t, (1, 1, 2))
-    if residual is not None:
-        t = t + residual.to(dtype)
-    return torch.relu(t) if relu else t
-
-
-def _rel(a, ref):
-    a, ref = a.double(), ref.double()
-    assert not torch.isnan(a).any(), "NaN in kernel output"
-    return ((a - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-def _check(out, x, w, **kw):
-    dtype = x.dtype
-    ref = _compose(x, w, torch.float64, **kw)
-    assert out.shape == ref.shape and out.dtype == dtype
-    err = _rel(out, ref)
-    if dtype == torch.float32:
-        assert err <= 1e-5, err
-    else:
-        bound = 2 * _rel(_compose(x, w, dtype, **kw), ref)
-        assert err <= bound, (err, bound)
-    return ref
-
-
-def _layout_ok(t, channels_last):
-    return t.is_contiguous(memory_format=CL if channels_last else torch.contiguous_format)
 
 
 # ------------------------------------------------------------------------------------------ plain conv
@@ -118,32 +53,32 @@ def _layout_ok(t, channels_last):
 ])
 def test_conv_plain(conv3d_fused, dtype, channels_last, geom, shape, cout):
     (k, stride, padding) = geom
-    x = _rand(shape, dtype, channels_last)
-    w = _rand((cout, shape[1], *k), dtype, False, scale=0.3)
+    x = rand(shape, dtype, channels_last)
+    w = rand((cout, shape[1], *k), dtype, False, scale=0.3)
     y = conv3d_fused(x, w, stride=stride, padding=padding)
-    _check(y, x, w, stride=stride, padding=padding)
-    assert _layout_ok(y, channels_last)
+    check_conv(y, x, w, stride=stride, padding=padding)
+    assert layout_ok(y, channels_last)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_conv_bias_in_x_dtype_and_strided_input(conv3d_fused, dtype):
     """bias in x's dtype is accepted; a non-dense x (every other slice along W) is read through
     its strides, no copy."""
-    base = _rand((2, 12, 5, 10, 4), dtype, True)
+    base = rand((2, 12, 5, 10, 4), dtype, True)
     x = base[:, :, :, ::2]
-    w = _rand((9, 12, 3, 3, 1), dtype, False, scale=0.3)
-    b = _vec(9).to(dtype)
+    w = rand((9, 12, 3, 3, 1), dtype, False, scale=0.3)
+    b = vec(9).to(dtype)
     y = conv3d_fused(x, w, padding=(1, 1, 0), bias=b)
-    _check(y, x, w, padding=(1, 1, 0), bias=b.float())
+    check_conv(y, x, w, padding=(1, 1, 0), bias=b.float())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_conv_generic_kernel(conv3d_fused, dtype):
     """Any (kh, kw, kd) and stride work (correctness first): a (2,3,2) kernel, stride (1,2,2)."""
-    x = _rand((2, 6, 7, 9, 5), dtype, True)
-    w = _rand((80, 6, 2, 3, 2), dtype, False, scale=0.3)
+    x = rand((2, 6, 7, 9, 5), dtype, True)
+    w = rand((80, 6, 2, 3, 2), dtype, False, scale=0.3)
     y = conv3d_fused(x, w, stride=(1, 2, 2), padding=(1, 0, 1))
-    _check(y, x, w, stride=(1, 2, 2), padding=(1, 0, 1))
+    check_conv(y, x, w, stride=(1, 2, 2), padding=(1, 0, 1))
 
 
 # ------------------------------------------------------------------------------------------ prologue
@@ -156,16 +91,16 @@ def test_conv_prologue_bn_relu(conv3d_fused, dtype, channels_last, geom, cin, in
     """Pre-activation BN(+ReLU) on load; a large positive shift makes padding-before-transform
     (relu(0*s + shift) != 0) visibly wrong, so this proves padding is applied after it."""
     (k, stride, padding) = geom
-    x = _rand((2, cin, 3, 5, 3), dtype, channels_last, shift=0.2)
-    w = _rand((7, cin, *k), dtype, False, scale=0.3)
-    isc, ish = _vec(cin), _vec(cin, shift=1.0)
+    x = rand((2, cin, 3, 5, 3), dtype, channels_last, shift=0.2)
+    w = rand((7, cin, *k), dtype, False, scale=0.3)
+    isc, ish = vec(cin), vec(cin, shift=1.0)
     kw = dict(stride=stride, padding=padding, in_scale=isc, in_shift=ish, in_relu=in_relu)
     y = conv3d_fused(x, w, **kw)
-    _check(y, x, w, **kw)
-    assert _layout_ok(y, channels_last)
+    check_conv(y, x, w, **kw)
+    assert layout_ok(y, channels_last)
     # padding before the transform would differ by the border taps of relu(shift)
-    wrong = _compose(F.pad(x.double(), (padding[2],) * 2 + (padding[1],) * 2 + (padding[0],) * 2), w,
-                     torch.float64, stride=stride, in_scale=isc, in_shift=ish, in_relu=in_relu)
+    wrong = compose_conv(F.pad(x.double(), (padding[2],) * 2 + (padding[1],) * 2 + (padding[0],) * 2), w,
+                         torch.float64, stride=stride, in_scale=isc, in_shift=ish, in_relu=in_relu)
     assert (wrong - y.double()).abs().max() > 1e-2
 
 
@@ -179,20 +114,20 @@ def test_conv_epilogue_pool_affine_residual_relu(conv3d_fused, dtype, channels_l
     """Folded-BN epilogue with a z-pool (odd conv depth 5 -> pooled 2: the tail slice is dropped);
     channel 0 has a negative scale, where max-then-affine and affine-then-max differ (a kernel
     that folds the scale before the max fails this); the residual is in the other layout."""
-    x = _rand((2, cin, 3, 5, 5), dtype, channels_last)
-    w = _rand((cout, cin, 3, 3, 1), dtype, False, scale=0.3)
-    b, osc, osh = _vec(cout), _vec(cout), _vec(cout)
+    x = rand((2, cin, 3, 5, 5), dtype, channels_last)
+    w = rand((cout, cin, 3, 3, 1), dtype, False, scale=0.3)
+    b, osc, osh = vec(cout), vec(cout), vec(cout)
     osc[0] = -2.0
     osc[1] = 0.5
-    res = _rand((2, cout, 3, 5, 2), dtype, not channels_last)
+    res = rand((2, cout, 3, 5, 2), dtype, not channels_last)
     kw = dict(padding=(1, 1, 0), bias=b, out_scale=osc, out_shift=osh, zpool=zpool, residual=res, relu=True)
     y = conv3d_fused(x, w, **kw)
     assert y.shape == (2, cout, 3, 5, 2)
-    _check(y, x, w, **kw)
-    assert _layout_ok(y, channels_last)
+    check_conv(y, x, w, **kw)
+    assert layout_ok(y, channels_last)
     other = "after_affine" if zpool == "before_affine" else "before_affine"
-    a = _compose(x, w, torch.float64, **dict(kw, relu=False, residual=None))[:, 0]
-    b2 = _compose(x, w, torch.float64, **dict(kw, zpool=other, relu=False, residual=None))[:, 0]
+    a = compose_conv(x, w, torch.float64, **dict(kw, relu=False, residual=None))[:, 0]
+    b2 = compose_conv(x, w, torch.float64, **dict(kw, zpool=other, relu=False, residual=None))[:, 0]
     assert (a - b2).abs().max() > 1e-2
 
 
@@ -203,31 +138,31 @@ def test_conv_epilogue_pool_affine_residual_relu(conv3d_fused, dtype, channels_l
 ])
 def test_conv_each_epilogue_piece_alone(conv3d_fused, dtype, opts):
     """Each optional piece on its own (missing pieces must be exact identities)."""
-    x = _rand((1, 8, 5, 3, 4), dtype, True)
-    w = _rand((11, 8, 1, 1, 3), dtype, False, scale=0.3)
+    x = rand((1, 8, 5, 3, 4), dtype, True)
+    w = rand((11, 8, 1, 1, 3), dtype, False, scale=0.3)
     kw = dict(padding=(0, 0, 1))
     if opts.get("bias"):
-        kw["bias"] = _vec(11)
+        kw["bias"] = vec(11)
     if opts.get("out_scale"):
-        kw["out_scale"] = _vec(11)
+        kw["out_scale"] = vec(11)
     if opts.get("out_shift"):
-        kw["out_shift"] = _vec(11)
+        kw["out_shift"] = vec(11)
     if opts.get("residual"):
-        kw["residual"] = _rand((1, 11, 5, 3, 4), dtype, True)
+        kw["residual"] = rand((1, 11, 5, 3, 4), dtype, True)
     kw["relu"] = bool(opts.get("relu"))
-    _check(conv3d_fused(x, w, **kw), x, w, **kw)
+    check_conv(conv3d_fused(x, w, **kw), x, w, **kw)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_conv_pool_shortcut_odd_depth_and_stride(conv3d_fused, dtype):
     """1x1x1 stride (2,2,1) shortcut conv -> z-pool -> BN with an odd output depth (floor)."""
-    x = _rand((1, 6, 5, 3, 3), dtype, True)
-    w = _rand((7, 6, 1, 1, 1), dtype, False, scale=0.3)
-    osc, osh = _vec(7), _vec(7)
+    x = rand((1, 6, 5, 3, 3), dtype, True)
+    w = rand((7, 6, 1, 1, 1), dtype, False, scale=0.3)
+    osc, osh = vec(7), vec(7)
     kw = dict(stride=(2, 2, 1), zpool="before_affine", out_scale=osc, out_shift=osh)
     y = conv3d_fused(x, w, **kw)
     assert y.shape == (1, 7, 3, 2, 1)
-    _check(y, x, w, **kw)
+    check_conv(y, x, w, **kw)
 
 
 def test_conv_pool_ties_and_nan_like_torch(conv3d_fused):
@@ -236,7 +171,7 @@ def test_conv_pool_ties_and_nan_like_torch(conv3d_fused):
     w = torch.ones(1, 1, 1, 1, 1, device=DEV)
     for zpool in ("before_affine", "after_affine"):
         y = conv3d_fused(x, w, zpool=zpool, out_scale=torch.full((1,), -1.0, device=DEV))
-        ref = _compose(x, w, torch.float32, zpool=zpool, out_scale=torch.full((1,), -1.0, device=DEV))
+        ref = compose_conv(x, w, torch.float32, zpool=zpool, out_scale=torch.full((1,), -1.0, device=DEV))
         assert torch.equal(torch.isnan(y), torch.isnan(ref))
         assert torch.equal(torch.nan_to_num(y), torch.nan_to_num(ref))
 
@@ -251,14 +186,14 @@ def test_conv_out_channel_slice(conv3d_fused, dtype, channels_last, cin):
     itself a channel slice of the same buffer (the real use), the rest stays untouched."""
     fmt = CL if channels_last else torch.contiguous_format
     buf = torch.full((2, cin + 12, 3, 5, 2), float("nan"), device=DEV, dtype=dtype).contiguous(memory_format=fmt)
-    src = _rand((2, cin, 3, 5, 2), dtype, channels_last)
+    src = rand((2, cin, 3, 5, 2), dtype, channels_last)
     buf[:, :cin] = src
     x = buf[:, :cin]
-    w = _rand((7, cin, 3, 3, 1), dtype, False, scale=0.3)
-    isc, ish = _vec(cin), _vec(cin)
+    w = rand((7, cin, 3, 3, 1), dtype, False, scale=0.3)
+    isc, ish = vec(cin), vec(cin)
     view = conv3d_fused(x, w, padding=(1, 1, 0), in_scale=isc, in_shift=ish, out=buf, out_channel_offset=cin)
     assert view.data_ptr() == buf[:, cin:cin + 7].data_ptr()
-    _check(buf[:, cin:cin + 7], src, w, padding=(1, 1, 0), in_scale=isc, in_shift=ish)
+    check_conv(buf[:, cin:cin + 7], src, w, padding=(1, 1, 0), in_scale=isc, in_shift=ish)
     assert torch.equal(buf[:, :cin], src)
     assert torch.isnan(buf[:, cin + 7:]).all()
 
@@ -273,23 +208,23 @@ def test_conv_stats(conv3d_fused, dtype, channels_last, zpool, cout):
     """Training BN statistics from the epilogue: of acc+bias (after a before-affine pool), merged
     over many M tiles (the last one partial), with a residual/ReLU in the same epilogue (they do
     not enter the statistics); bitwise reproducible."""
-    x = _rand((2, 5, 19, 17, 6), dtype, channels_last, shift=3.0)   # offset mean: stable merge
-    w = _rand((cout, 5, 3, 3, 1), dtype, False, scale=0.3)
-    b = _vec(cout, shift=5.0)
+    x = rand((2, 5, 19, 17, 6), dtype, channels_last, shift=3.0)   # offset mean: stable merge
+    w = rand((cout, 5, 3, 3, 1), dtype, False, scale=0.3)
+    b = vec(cout, shift=5.0)
     kw = dict(padding=(1, 1, 0), bias=b, zpool=zpool)
     dout = 3 if zpool != "none" else 6
-    res = _rand((2, cout, 19, 17, dout), dtype, channels_last)
+    res = rand((2, cout, 19, 17, dout), dtype, channels_last)
     y, (mean, var) = conv3d_fused(x, w, compute_stats=True, residual=res, relu=True, **kw)
-    _check(y, x, w, residual=res, relu=True, **kw)
-    ref = _compose(x, w, torch.float64, **kw)
+    check_conv(y, x, w, residual=res, relu=True, **kw)
+    ref = compose_conv(x, w, torch.float64, **kw)
     assert mean.dtype == var.dtype == torch.float32 and mean.shape == var.shape == (cout,)
     vr, mr = torch.var_mean(ref, dim=(0, 2, 3, 4), unbiased=False)
     if dtype == torch.float32:
-        assert _rel(mean, mr) <= 1e-5 and _rel(var, vr) <= 1e-5
+        assert rel(mean, mr) <= 1e-5 and rel(var, vr) <= 1e-5
     else:
-        vt, mt = torch.var_mean(_compose(x, w, dtype, **kw).float(), dim=(0, 2, 3, 4), unbiased=False)
-        assert _rel(mean, mr) <= 2 * _rel(mt, mr) + 1e-6
-        assert _rel(var, vr) <= 2 * _rel(vt, vr) + 1e-6
+        vt, mt = torch.var_mean(compose_conv(x, w, dtype, **kw).float(), dim=(0, 2, 3, 4), unbiased=False)
+        assert rel(mean, mr) <= 2 * rel(mt, mr) + 1e-6
+        assert rel(var, vr) <= 2 * rel(vt, vr) + 1e-6
     _, (mean2, var2) = conv3d_fused(x, w, compute_stats=True, residual=res, relu=True, **kw)
     assert torch.equal(mean, mean2) and torch.equal(var, var2)
 
@@ -332,10 +267,10 @@ def test_conv_errors_name_the_op_and_shapes(conv3d_fused):
 ])
 def test_conv_ahnet_shapes(conv3d_fused, dtype, channels_last, geom, shape, cout):
     (k, stride, padding) = geom
-    x = _rand(shape, dtype, channels_last)
-    w = _rand((cout, shape[1], *k), dtype, False, scale=(shape[1] * k[0] * k[1] * k[2]) ** -0.5)
+    x = rand(shape, dtype, channels_last)
+    w = rand((cout, shape[1], *k), dtype, False, scale=(shape[1] * k[0] * k[1] * k[2]) ** -0.5)
     y = conv3d_fused(x, w, stride=stride, padding=padding)
-    _check(y, x, w, stride=stride, padding=padding)
+    check_conv(y, x, w, stride=stride, padding=padding)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -344,34 +279,34 @@ def test_conv_every_fusion_at_size_and_agrees_with_triton(conv3d_fused, dtype):
     ReLU, channel-slice output, stats), and the Triton launcher within the same tolerance."""
     from ahnet_fast.kernels.conv import conv3d_fused as triton_conv
 
-    x = _rand((2, 64, 48, 48, 16), dtype, True, shift=0.5)
-    w = _rand((64, 64, 3, 3, 1), dtype, False, scale=(64 * 9) ** -0.5)
-    isc, ish = _vec(64), _vec(64)
-    b, osc, osh = _vec(64), _vec(64), _vec(64)
-    res = _rand((2, 64, 48, 48, 8), dtype, True)
+    x = rand((2, 64, 48, 48, 16), dtype, True, shift=0.5)
+    w = rand((64, 64, 3, 3, 1), dtype, False, scale=(64 * 9) ** -0.5)
+    isc, ish = vec(64), vec(64)
+    b, osc, osh = vec(64), vec(64), vec(64)
+    res = rand((2, 64, 48, 48, 8), dtype, True)
     for zpool in ("before_affine", "after_affine"):
         kw = dict(padding=(1, 1, 0), bias=b, in_scale=isc, in_shift=ish, out_scale=osc, out_shift=osh,
                   zpool=zpool, residual=res, relu=True)
         y = conv3d_fused(x, w, **kw)
-        ref = _check(y, x, w, **kw)
+        ref = check_conv(y, x, w, **kw)
         yt = triton_conv(x, w, **kw)
-        bound = 1e-5 if dtype == torch.float32 else 2 * _rel(_compose(x, w, dtype, **kw), ref)
-        assert _rel(y, yt.double()) <= 2 * bound
+        bound = 1e-5 if dtype == torch.float32 else 2 * rel(compose_conv(x, w, dtype, **kw), ref)
+        assert rel(y, yt.double()) <= 2 * bound
     buf = torch.full((2, 100, 48, 48, 8), float("nan"), device=DEV, dtype=dtype).contiguous(memory_format=CL)
     kw = dict(padding=(1, 1, 0), bias=b, zpool="before_affine")
     _, (mean, var) = conv3d_fused(x, w, out=buf, out_channel_offset=30, compute_stats=True, **kw)
-    ref = _check(buf[:, 30:94], x, w, **kw)
+    ref = check_conv(buf[:, 30:94], x, w, **kw)
     assert torch.isnan(buf[:, :30]).all() and torch.isnan(buf[:, 94:]).all()
     vr, mr = torch.var_mean(ref, dim=(0, 2, 3, 4), unbiased=False)
-    assert _rel(mean, mr) <= 1e-3 and _rel(var, vr) <= 1e-3
+    assert rel(mean, mr) <= 1e-3 and rel(var, vr) <= 1e-3
 
 
 def test_conv_int64_offsets(conv3d_fused):
     """An input past 2^31 elements (~9 GB) takes 64-bit offsets all the way to the last voxel."""
     x = torch.randn((1, 512, 512, 130, 64), device=DEV, dtype=torch.bfloat16).permute(0, 4, 1, 2, 3)
-    w = _rand((16, 64, 1, 1, 1), torch.bfloat16, False, scale=0.125)
+    w = rand((16, 64, 1, 1, 1), torch.bfloat16, False, scale=0.125)
     assert x.numel() > 2**31
     y = conv3d_fused(x, w)
     ref = F.conv3d(x[:, :, -3:, :, -2:].float(), w.float())
     got = y[:, :, -3:, :, -2:].float()
-    assert _rel(got, ref) <= 1e-2
+    assert rel(got, ref) <= 1e-2

@@ -12,15 +12,9 @@ import torch.nn.functional as F
 from ahnet_fast.kernels import batchnorm as bnk
 from ahnet_fast.kernels.batchnorm import bn_act_apply, bn_act_backward, channel_stats
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-CL = torch.channels_last_3d
+from _kernel_cases import CL, DEV, DTYPES, rand, rel
+
 EPS = 1e-5
-
-
-def _rand(shape, dtype, channels_last, *, scale=1.0, shift=0.0):
-    x = (torch.randn(shape, dtype=torch.float64) * scale + shift).to(dtype).to(DEV)
-    return x.contiguous(memory_format=CL) if channels_last else x.contiguous()
 
 
 def _vec(C, *, positive=False, lo=0.5):
@@ -30,19 +24,12 @@ def _vec(C, *, positive=False, lo=0.5):
     return v.to(DEV)
 
 
-def _rel(a, ref):
-    a = a.double()
-    ref = ref.double()
-    assert not torch.isnan(a).any(), "NaN in kernel output"
-    return ((a - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
 def _check(out, ref64, dtype, torch_same_dtype=None):
-    err = _rel(out, ref64)
+    err = rel(out, ref64)
     if dtype == torch.float32:
         assert err <= 1e-5, err
     else:
-        bound = 2 * _rel(torch_same_dtype, ref64) + 1e-7
+        bound = 2 * rel(torch_same_dtype, ref64) + 1e-7
         assert err <= bound, (err, bound)
 
 
@@ -57,7 +44,7 @@ def _cvec(v):
 @pytest.mark.parametrize("shape", [(1, 5, 3, 5, 1), (2, 20, 3, 3, 3), (2, 7, 5, 3, 8)])
 def test_channel_stats(dtype, channels_last, shape):
     # a large common offset makes a naive sum/sum-of-squares formula lose the variance
-    x = _rand(shape, dtype, channels_last, scale=2.0, shift=300.0)
+    x = rand(shape, dtype, channels_last, scale=2.0, shift=300.0)
     mean, var = channel_stats(x)
     assert mean.dtype == var.dtype == torch.float32 and mean.shape == (shape[1],)
     vr, mr = torch.var_mean(x.double(), dim=(0, 2, 3, 4), unbiased=False)
@@ -71,7 +58,7 @@ def test_channel_stats_multi_chunk_merge(monkeypatch):
     monkeypatch.setattr(bnk, "_MAX_PARTIALS", 3)
     monkeypatch.setattr(bnk, "_MERGE_BLOCK_P", 2)
     for cl in (False, True):
-        x = _rand((2, 6, 9, 7, 8), torch.float32, cl, scale=0.5, shift=-40.0)
+        x = rand((2, 6, 9, 7, 8), torch.float32, cl, scale=0.5, shift=-40.0)
         mean, var = channel_stats(x[:, 1:])       # channel slice, strided
         vr, mr = torch.var_mean(x[:, 1:].double(), dim=(0, 2, 3, 4), unbiased=False)
         assert ((mean.double() - mr).abs() / mr.abs()).max().item() <= 1e-6
@@ -97,12 +84,12 @@ def _apply_ref(y, scale, shift, zpool, residual, relu, dtype):
                                                  ("after_affine", True, True)])
 def test_bn_act_apply(dtype, channels_last, zpool, residual, relu):
     N, C, H, W, D = 2, 7, 3, 5, 3
-    y = _rand((N, C, H, W, D), dtype, channels_last, scale=2.0, shift=0.5)
+    y = rand((N, C, H, W, D), dtype, channels_last, scale=2.0, shift=0.5)
     scale = _vec(C)
     scale[0] = -1.5          # negative scale: after-affine pooling must pick the minimum of y
     shift = _vec(C)
     Do = D // 2 if zpool != "none" else D
-    res = _rand((N, C, H, W, Do), dtype, not channels_last) if residual else None  # mixed layouts
+    res = rand((N, C, H, W, Do), dtype, not channels_last) if residual else None  # mixed layouts
     o = bn_act_apply(y, scale, shift, zpool=zpool, residual=res, relu=relu)
     assert o.shape == (N, C, H, W, Do) and o.dtype == dtype
     assert o.is_contiguous(memory_format=CL if channels_last else torch.contiguous_format)
@@ -113,13 +100,13 @@ def test_bn_act_apply(dtype, channels_last, zpool, residual, relu):
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_bn_act_apply_into_channel_slice(channels_last):
     N, C, H, W, D = 1, 5, 3, 3, 2
-    y = _rand((N, C, H, W, D), torch.float32, channels_last)
+    y = rand((N, C, H, W, D), torch.float32, channels_last)
     scale, shift = _vec(C), _vec(C)
     buf = torch.full((N, 11, H, W, D), float("nan"), device=DEV)
     buf = buf.contiguous(memory_format=CL if channels_last else torch.contiguous_format)
     view = bn_act_apply(y, scale, shift, out=buf, out_channel_offset=4)
     assert view.data_ptr() == buf[:, 4:9].data_ptr()
-    assert _rel(buf[:, 4:9], _apply_ref(y, scale, shift, "none", None, True, torch.float64)) <= 1e-6
+    assert rel(buf[:, 4:9], _apply_ref(y, scale, shift, "none", None, True, torch.float64)) <= 1e-6
     assert torch.isnan(buf[:, :4]).all() and torch.isnan(buf[:, 9:]).all()  # untouched
 
 
@@ -141,13 +128,13 @@ def test_bn_act_apply_rejects_bad_input():
 # ------------------------------------------------------------------------------------------ backward
 
 def _bwd_case(dtype, channels_last, zpool, residual, batch_stats, affine, N=2, C=7, H=3, W=5, D=3):
-    y = _rand((N, C, H, W, D), dtype, channels_last, scale=2.0, shift=1.0)
+    y = rand((N, C, H, W, D), dtype, channels_last, scale=2.0, shift=1.0)
     gamma = _vec(C) if affine else None
     if gamma is not None:
         gamma[1] = -0.75     # negative gamma: routing follows the minimum of y
     beta = _vec(C)
     Do = D // 2 if zpool != "none" else D
-    res = _rand((N, C, H, W, Do), dtype, channels_last) if residual else None
+    res = rand((N, C, H, W, Do), dtype, channels_last) if residual else None
     if batch_stats:
         var, mean = torch.var_mean(y.double(), dim=(0, 2, 3, 4), unbiased=False)
     else:
@@ -187,7 +174,7 @@ def test_bn_act_backward(dtype, channels_last, zpool, residual, batch_stats):
     y, gamma, beta, res, mean, invstd = _bwd_case(dtype, channels_last, zpool, residual, batch_stats, True)
     yd = y.double()
     Do = y.shape[-1] // 2 if zpool != "none" else y.shape[-1]
-    go = _rand((y.shape[0], y.shape[1], y.shape[2], y.shape[3], Do), dtype, channels_last)
+    go = rand((y.shape[0], y.shape[1], y.shape[2], y.shape[3], Do), dtype, channels_last)
     out64, gy64, gg64, gb64, gr64 = _bwd_ref(yd, gamma.double(), beta.double(),
                                              res.double() if res is not None else None,
                                              mean, invstd, go.double(), zpool, batch_stats, torch.float64)
@@ -216,15 +203,15 @@ def test_bn_act_backward_mask_recomputed_and_no_affine(batch_stats, channels_las
                                                     batch_stats, affine, N=1, D=2)
         if not affine:
             beta = torch.zeros_like(beta)
-        go = _rand(y.shape, torch.float32, channels_last)
+        go = rand(y.shape, torch.float32, channels_last)
         _, gy64, gg64, gb64, _ = _bwd_ref(y.double(), gamma.double() if affine else None, beta.double(),
                                           None, mean, invstd, go.double(), "none", batch_stats,
                                           torch.float64)
         gy, gg, gb, gr = bn_act_backward(go, y, mean.float(), invstd.float(), gamma, beta=beta,
                                          batch_stats=batch_stats)
-        assert _rel(gy, gy64) <= 1e-5 and _rel(gb, gb64) <= 1e-5 and gr is None
+        assert rel(gy, gy64) <= 1e-5 and rel(gb, gb64) <= 1e-5 and gr is None
         if affine:
-            assert _rel(gg, gg64) <= 1e-5
+            assert rel(gg, gg64) <= 1e-5
         else:
             assert gg is None
 
@@ -244,7 +231,7 @@ def test_bn_act_backward_rejects_ambiguous_mask():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_bn_gpu_large(dtype):
     """Compiled kernels at an AH-Net decoder shape (2x80x96x96x32), channels_last_3d."""
-    x = _rand((2, 80, 96, 96, 32), dtype, True, scale=2.0, shift=3.0)
+    x = rand((2, 80, 96, 96, 32), dtype, True, scale=2.0, shift=3.0)
     mean, var = channel_stats(x)
     vr, mr = torch.var_mean(x.double(), dim=(0, 2, 3, 4), unbiased=False)
     assert ((var.double() - vr).abs() / vr).max().item() <= 1e-5
