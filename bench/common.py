@@ -21,6 +21,8 @@ Nothing in this module touches CUDA at import time.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import gc
 import importlib.metadata
 import json
@@ -30,6 +32,7 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -594,3 +597,72 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(to_jsonable(obj), indent=1, sort_keys=False) + "\n")
+
+
+# ----------------------------------------------------------------------------
+# shared by the suites (bench/ops.py, bench/model.py)
+
+
+def log(msg: str) -> None:
+    """Progress line on stderr (stdout stays free for the caller)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """cuDNN and matmul in true float32 inside the block (the references), restored after."""
+    prev = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by the ops and model suites."""
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
+    parser.add_argument("--out", default=None, help="output folder (default bench/results/<date>-<gpu>/)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--dtype", default="bfloat16", help="bfloat16 | float16 | float32")
+    parser.add_argument("--reps", type=int, default=None, help="timed calls per contender (default 100; quick 30)")
+    parser.add_argument("--budget-s", type=float, default=None, help="wall-clock budget; the rest is skipped")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile contenders")
+    parser.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode (default max-autotune)")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The options of :func:`add_run_arguments`, resolved and checked."""
+    device: torch.device
+    dtype: torch.dtype
+    reps: int
+    out: Path
+
+
+def run_options(args: argparse.Namespace) -> RunOptions:
+    """Resolve --device/--dtype/--reps/--out (raises ValueError on a bad value)."""
+    device = resolve_device(args.device)
+    dtype = parse_dtype(args.dtype)
+    reps = args.reps if args.reps is not None else (30 if args.quick else 100)
+    if reps < 1:
+        raise ValueError(f"--reps must be >= 1, got {reps}")
+    out = Path(args.out) if args.out else default_out_dir(env_record(device))
+    return RunOptions(device=device, dtype=dtype, reps=reps, out=out)
+
+
+def suite_main(argv: Sequence[str] | None, *, prog: str, description: str,
+               add_arguments: Callable[[argparse.ArgumentParser], None],
+               run_from_args: Callable[[argparse.Namespace], Any]) -> int:
+    """``python -m bench.<suite>``: the suite's options plus :func:`add_run_arguments`; a bad value
+    exits through ``parser.error`` (status 2)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_arguments(parser)
+    add_run_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        run_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return 0

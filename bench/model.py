@@ -345,17 +345,6 @@ def count_flops(factory: Callable[[dict], nn.Module], cfg: dict, shape: ModelSha
         return None
 
 
-@contextlib.contextmanager
-def _no_tf32():
-    prev = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = prev
-
-
 def _check_outputs(built: Built, mode: str, x: torch.Tensor, target: torch.Tensor, order: Sequence[str]
                    ) -> list[torch.Tensor]:
     if mode == "infer":
@@ -435,10 +424,6 @@ def run_model_contender(c: ModelContender, ctx: ModelContext, x: torch.Tensor, t
     return rec
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def _master(network: Callable[[dict], nn.Module], cfg: dict, shape: ModelShape, device: torch.device,
             seed: int) -> tuple[dict, str]:
     """float32 weights every contender loads (MONAI's init, BN calibrated at ``shape``)."""
@@ -457,7 +442,7 @@ def _reference(network: Callable[[dict], nn.Module], cfg: dict, master: dict, mo
     model = model.to(device=x.device, dtype=rdt).train(mode == "train")
     built = Built(model, model)
     order = [n for n, p in model.named_parameters() if p.requires_grad]
-    with _no_tf32():
+    with common.no_tf32():
         outs = _check_outputs(built, mode, x.to(rdt), target.to(rdt), order)
     return outs, order
 
@@ -482,7 +467,7 @@ def run_model(
     compile_min_left_s: float = 90.0,
     network: Callable[[dict], nn.Module] | None = None,
     seed: int = 0,
-    log: Callable[[str], None] = _log,
+    log: Callable[[str], None] = common.log,
 ) -> dict:
     """Run every (shape, mode, contender) and return the payload (also written to
     ``out_dir``/model.json and model.md after every contender). Pass 1 runs all but
@@ -611,8 +596,6 @@ def add_arguments(parser: argparse.ArgumentParser, *, shapes_flag: str = "--shap
 
 
 def run_from_args(args: argparse.Namespace) -> dict:
-    device = common.resolve_device(args.device)
-    dtype = common.parse_dtype(args.dtype)
     shapes = parse_shapes(args.model_shapes, quick=args.quick)
     cfg = dict(CONFIGS[args.model_config])
     if args.layers:
@@ -626,31 +609,19 @@ def run_from_args(args: argparse.Namespace) -> dict:
         if not 0 <= args.psp <= 4:
             raise ValueError(f"--psp must be in 0..4, got {args.psp}")
         cfg["psp_block_num"] = args.psp
-    reps = args.reps if args.reps is not None else (30 if args.quick else 100)
-    if reps < 1:
-        raise ValueError(f"--reps must be >= 1, got {reps}")
+    opts = common.run_options(args)
     modes = [m.strip() for m in args.model_modes.split(",") if m.strip()]
     only = [s.strip() for s in args.model_contenders.split(",")] if args.model_contenders else None
-    out = Path(args.out) if args.out else common.default_out_dir(common.env_record(device))
-    payload = run_model(shapes, device=device, dtype=dtype, modes=modes, config=cfg, reps=reps,
-                        compile=not args.no_compile, compile_mode=args.compile_mode, only=only, out_dir=out,
+    payload = run_model(shapes, device=opts.device, dtype=opts.dtype, modes=modes, config=cfg, reps=opts.reps,
+                        compile=not args.no_compile, compile_mode=args.compile_mode, only=only, out_dir=opts.out,
                         budget_s=args.budget_s)
-    _log(f"[model] results in {out}")
+    common.log(f"[model] results in {opts.out}")
     return payload
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from bench.ops import add_run_arguments
-
-    parser = argparse.ArgumentParser(prog="python -m bench.model", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    add_run_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        run_from_args(args)
-    except ValueError as exc:
-        parser.error(str(exc))
-    return 0
+    return common.suite_main(argv, prog="python -m bench.model", description=__doc__.split("\n")[0],
+                             add_arguments=add_arguments, run_from_args=run_from_args)
 
 
 if __name__ == "__main__":

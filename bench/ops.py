@@ -307,17 +307,6 @@ def infer_wrap(forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
     return lambda x, gy=None: [forward(x)]
 
 
-@contextlib.contextmanager
-def _no_tf32():
-    prev = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = prev
-
-
 def reference_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 oracle for float32 runs; float32 (TF32 off) for bf16/fp16 runs."""
     return torch.float64 if dtype == torch.float32 else torch.float32
@@ -328,7 +317,7 @@ def compute_reference(case: OpCase, mode: str, params: Params, x: torch.Tensor, 
     rdt = reference_dtype(dtype)
     p = params.to(rdt)
     fwd = eager_forward(case, p, mode == "train")
-    with _no_tf32():
+    with common.no_tf32():
         if mode == "infer":
             with torch.no_grad():
                 return [fwd(x.to(rdt))]
@@ -631,10 +620,6 @@ def run_contender(contender: Contender, ctx: BuildContext, inputs: Inputs, refs:
     return rec
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def run_ops(
     cases: Sequence[OpCase],
     *,
@@ -654,7 +639,7 @@ def run_ops(
     compile_min_left_s: float = 45.0,
     quick_ceilings: bool = False,
     seed: int = 0,
-    log: Callable[[str], None] = _log,
+    log: Callable[[str], None] = common.log,
 ) -> dict:
     """Run every (case, mode, contender); return the payload (also written to
     ``out_dir``/ops.json and ops.md after every case when ``out_dir`` is given).
@@ -779,45 +764,21 @@ def add_arguments(parser: argparse.ArgumentParser, *, shapes_flag: str = "--shap
                         help="keep only contenders whose name contains one of these (comma-separated)")
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by the ops and model suites."""
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
-    parser.add_argument("--out", default=None, help="output folder (default bench/results/<date>-<gpu>/)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--dtype", default="bfloat16", help="bfloat16 | float16 | float32")
-    parser.add_argument("--reps", type=int, default=None, help="timed calls per contender (default 100; quick 30)")
-    parser.add_argument("--budget-s", type=float, default=None, help="wall-clock budget; the rest is skipped")
-    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile contenders")
-    parser.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode (default max-autotune)")
-
-
 def run_from_args(args: argparse.Namespace) -> dict:
-    device = common.resolve_device(args.device)
-    dtype = common.parse_dtype(args.dtype)
     cases = parse_cases(args.shapes, quick=args.quick)
-    reps = args.reps if args.reps is not None else (30 if args.quick else 100)
-    if reps < 1:
-        raise ValueError(f"--reps must be >= 1, got {reps}")
+    opts = common.run_options(args)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     only = [s.strip() for s in args.contenders.split(",")] if args.contenders else None
-    out = Path(args.out) if args.out else common.default_out_dir(common.env_record(device))
-    payload = run_ops(cases, device=device, dtype=dtype, modes=modes, reps=reps, compile=not args.no_compile,
-                      compile_mode=args.compile_mode, only=only, out_dir=out, budget_s=args.budget_s,
-                      quick_ceilings=args.quick)
-    _log(f"[ops] results in {out}")
+    payload = run_ops(cases, device=opts.device, dtype=opts.dtype, modes=modes, reps=opts.reps,
+                      compile=not args.no_compile, compile_mode=args.compile_mode, only=only, out_dir=opts.out,
+                      budget_s=args.budget_s, quick_ceilings=args.quick)
+    common.log(f"[ops] results in {opts.out}")
     return payload
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.ops", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    add_run_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        run_from_args(args)
-    except ValueError as exc:
-        parser.error(str(exc))
-    return 0
+    return common.suite_main(argv, prog="python -m bench.ops", description=__doc__.split("\n")[0],
+                             add_arguments=add_arguments, run_from_args=run_from_args)
 
 
 if __name__ == "__main__":
