@@ -98,13 +98,28 @@ def test_channel_stats(dtype, channels_last, shape):
     assert torch.equal(again[0], mean) and torch.equal(again[1], var)  # deterministic
 
 
-def _compose(y, scale, shift, residual, pool, relu):
-    t = y * scale.view(1, -1, 1, 1, 1).to(y.dtype) + shift.view(1, -1, 1, 1, 1).to(y.dtype)
+def _bn_case(shape, dtype, channels_last, pool, use_res, *, scale=1.0, shift=0.0):
+    """y (randn * scale + shift, in `dtype` and the layout), the output shape (depth halved when
+    pooling) and the residual of that shape (None unless use_res)."""
+    n, c, h, w, d = shape
+    y = _layout((torch.randn(shape, device="cuda") * scale + shift).to(dtype), channels_last)
+    oshape = (n, c, h, w, d // 2 if pool else d)
+    res = _layout(torch.randn(oshape, device="cuda").to(dtype), channels_last) if use_res else None
+    return y, oshape, res
+
+
+def _pool_res_relu(t, residual, pool, relu):
+    """The tail every BN apply shares: [z-pair max] -> [+ residual] -> [ReLU]."""
     if pool:
         t = F.max_pool3d(t, (1, 1, 2), (1, 1, 2))
     if residual is not None:
         t = t + residual
     return torch.relu(t) if relu else t
+
+
+def _compose(y, scale, shift, residual, pool, relu):
+    t = y * scale.view(1, -1, 1, 1, 1).to(y.dtype) + shift.view(1, -1, 1, 1, 1).to(y.dtype)
+    return _pool_res_relu(t, residual, pool, relu)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -113,12 +128,10 @@ def _compose(y, scale, shift, residual, pool, relu):
                                                (True, True, False)])
 @pytest.mark.parametrize("shape", SHAPES[:3])
 def test_bn_act_apply(dtype, channels_last, pool, use_res, relu, shape):
-    n, c, h, w, d = shape
-    y = _layout(torch.randn(shape, device="cuda").to(dtype), channels_last)
+    n, c = shape[:2]
+    y, oshape, res = _bn_case(shape, dtype, channels_last, pool, use_res)
     scale = torch.randn(c, device="cuda")
     shift = torch.randn(c, device="cuda")
-    oshape = (n, c, h, w, d // 2 if pool else d)
-    res = _layout(torch.randn(oshape, device="cuda").to(dtype), channels_last) if use_res else None
     zpool = "after_affine" if pool else "none"
     z = _cuda.bn_act_apply(y, scale, shift, zpool=zpool, residual=res, relu=relu)
     ref = _compose(y.double(), scale.double(), shift.double(), None if res is None else res.double(), pool, relu)
@@ -145,11 +158,7 @@ def _bn_forward(y, gamma, beta, residual, pool, relu, batch_stats, mean=None, in
         invstd = torch.rsqrt(y.var(dim=dims, unbiased=False) + EPS)
     v = lambda t: t.view(1, -1, 1, 1, 1)  # noqa: E731
     t = (y - v(mean)) * v(invstd) * v(gamma) + v(beta)
-    if pool:
-        t = F.max_pool3d(t, (1, 1, 2), (1, 1, 2))
-    if residual is not None:
-        t = t + residual
-    return torch.relu(t) if relu else t
+    return _pool_res_relu(t, residual, pool, relu)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -159,12 +168,10 @@ def _bn_forward(y, gamma, beta, residual, pool, relu, batch_stats, mean=None, in
     (False, False, False, False)])
 @pytest.mark.parametrize("shape", SHAPES[:3])
 def test_bn_act_backward(dtype, channels_last, pool, use_res, relu, batch_stats, shape):
-    n, c, h, w, d = shape
-    y = _layout((torch.randn(shape, device="cuda") * 2 + 1).to(dtype), channels_last)
+    c = shape[1]
+    y, oshape, res = _bn_case(shape, dtype, channels_last, pool, use_res, scale=2.0, shift=1.0)
     gamma = torch.randn(c, device="cuda")
     beta = torch.randn(c, device="cuda")
-    oshape = (n, c, h, w, d // 2 if pool else d)
-    res = _layout(torch.randn(oshape, device="cuda").to(dtype), channels_last) if use_res else None
     grad_out = _layout(torch.randn(oshape, device="cuda").to(dtype), channels_last)
     run_mean = torch.randn(c, device="cuda", dtype=torch.float64)
     run_invstd = torch.rand(c, device="cuda", dtype=torch.float64) + 0.5
