@@ -1,4 +1,9 @@
-"""`ahnet-fast train`: the paper's recipe (2D MC-FCN -> transfer -> 3D decoder -> fine-tune) on NIfTI data."""
+"""`ahnet-fast train`: the paper's recipe (2D MC-FCN -> transfer -> 3D decoder -> fine-tune) on NIfTI data.
+
+Several processes: ``torchrun --nproc_per_node=N -m ahnet_fast.cli train ...`` or
+``ahnet-fast train --nproc N ...`` (DDP, one GPU per process, gloo on CPU; see
+:mod:`ahnet_fast.train.distributed`).
+"""
 from __future__ import annotations
 
 import argparse
@@ -110,6 +115,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--init-2d", help="transfer from this 2D state-dict file (FCN/MCFCN/torchvision ResNet50) "
                                      "instead of stage 2d's output")
     add_training_arguments(p)
+    d = p.add_argument_group("several processes (DDP)")
+    d.add_argument("--nproc", type=int, default=1,
+                   help="worker processes on this machine, one per GPU (same as torchrun --nproc_per_node=N "
+                        "-m ahnet_fast.cli train ...); batch sizes are per process (default 1)")
+    d.add_argument("--sync-bn", action="store_true",
+                   help="BatchNorm statistics over the batches of all processes (synchronized BatchNorm)")
+    d.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
+                   help="timeout of collectives: a rank waiting on a failed one stops after it (default 1800)")
     p.set_defaults(func=_run)
 
 
@@ -141,7 +154,55 @@ def run_guarded(fn, args: argparse.Namespace) -> int:
         return 2
 
 
+def _worker(args: argparse.Namespace) -> int:
+    """Entry point of each --nproc worker (the launcher sets RANK, WORLD_SIZE, ...)."""
+    args.nproc = 1
+    return _run(args)
+
+
+def _preflight(cfg) -> None:
+    """Checks every rank runs before training: the dataset list and every file's header."""
+    from ahnet_fast.data.dataset import check_headers, read_dataset
+
+    spec = read_dataset(cfg.data)
+    check_headers(spec.training + spec.validation)
+
+
 def _run(args: argparse.Namespace) -> int:
+    import os
+
+    from ahnet_fast.train import distributed as D
+
+    if getattr(args, "nproc", 1) > 1 and "LOCAL_RANK" not in os.environ:
+        try:
+            res = D.launch(args.nproc, _worker, (args,))
+        except Exception as exc:  # ChildFailedError: the launcher names the failed rank
+            print(f"ahnet-fast: error: a worker process failed: {exc}", file=sys.stderr)
+            return 1
+        return max(int(v or 0) for v in res.values())
+    try:
+        ctx = D.setup(args.device, getattr(args, "dist_timeout", D.DEFAULT_TIMEOUT_S))
+    except ValueError as exc:
+        print(f"ahnet-fast: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if ctx is not None:
+            args.device = ctx.device
+        return _run_one(args, ctx)
+    except Exception as exc:
+        if ctx is None or getattr(args, "debug", False):
+            raise
+        print(f"ahnet-fast: error: {D.describe_failure(exc)}", file=sys.stderr)
+        return 1
+    finally:
+        D.teardown(ctx)
+
+
+def _run_one(args: argparse.Namespace, ctx) -> int:
+    from ahnet_fast.train import distributed as D
+
+    main_rank = ctx is None or ctx.rank == 0
+
     def go() -> int:
         from ahnet_fast.data.intensity import IntensityConfig
         from ahnet_fast.data.sampling import AugmentConfig
@@ -155,8 +216,13 @@ def _run(args: argparse.Namespace) -> int:
                            class_balanced=args.class_balanced,
                            augment=AugmentConfig(enabled=not args.no_augment), init_2d=args.init_2d)
         apply_training_arguments(cfg, args)
-        res = run_recipe(cfg, resume=args.resume, progress=not args.no_progress, log=print)
-        print("stage times: " + ", ".join(f"{k} {v['seconds']:.1f} s" for k, v in res["stages"].items()))
+        cfg.sync_bn = bool(getattr(args, "sync_bn", False))
+        if ctx is not None:  # a rank that cannot see a file stops every rank now, with its error
+            D.agree(lambda: _preflight(cfg))
+        res = run_recipe(cfg, resume=args.resume, progress=not args.no_progress and main_rank,
+                         log=print if main_rank else (lambda m: None))
+        if main_rank:
+            print("stage times: " + ", ".join(f"{k} {v['seconds']:.1f} s" for k, v in res["stages"].items()))
         return 0
 
     return run_guarded(go, args)

@@ -38,7 +38,9 @@ from torch.utils.data import DataLoader, Sampler
 __all__ = [
     "DEFAULT_TIMEOUT_S",
     "DistContext",
+    "DistributedJobError",
     "RankStepBatchSampler",
+    "agree",
     "all_reduce_sum",
     "barrier",
     "broadcast_object",
@@ -166,6 +168,37 @@ def describe_failure(exc: BaseException) -> str:
             or "timed out" in msg.lower() or "connection closed" in msg.lower():
         text += " (a collective failed: another rank probably failed first - see its error - or timed out)"
     return text
+
+
+class DistributedJobError(RuntimeError):
+    """Another rank failed; the message says which one and why."""
+
+
+def agree(fn: Callable[[], Any]) -> Any:
+    """Run ``fn()`` on every rank and fail on every rank if it failed on any (one collective).
+
+    Use it for the checks before training (dataset, files, headers): a rank that cannot see a
+    file then stops the whole job at once with that rank's error, instead of leaving the
+    others to wait in the first collective. The failing rank re-raises its own exception; the
+    others raise :class:`DistributedJobError` naming it. One process: just ``fn()``.
+    """
+    err: Optional[BaseException] = None
+    result = None
+    try:
+        result = fn()
+    except Exception as exc:
+        err = exc
+    if active():
+        msgs: list = [None] * dist.get_world_size()
+        dist.all_gather_object(msgs, None if err is None else f"{type(err).__name__}: {err}")
+        if err is None:
+            bad = [(r, m) for r, m in enumerate(msgs) if m is not None]
+            if bad:
+                w = dist.get_world_size()
+                raise DistributedJobError("; ".join(f"rank {r}/{w} failed: {m}" for r, m in bad))
+    if err is not None:
+        raise err
+    return result
 
 
 # ------------------------------------------------------------------------- data split

@@ -18,6 +18,10 @@ Stages (each can run alone, given the previous stage's output in ``out_dir``):
 Every stage uses cross-entropy first and switches to the focal loss when its
 loss plateaus (``loss="ce_then_focal"``), writes atomic checkpoints, resumes
 exactly with ``resume=True`` and logs to ``out_dir/<stage>/log.jsonl``.
+
+Under torchrun (several processes, :mod:`ahnet_fast.train.distributed`) every rank runs the
+recipe; rank 0 alone writes files (the others wait at a barrier where they need them) and the
+memory chooser's pick is rank 0's on every rank.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ from ahnet_fast.data.dataset import Case, DatasetSpec, check_headers, load_case,
 from ahnet_fast.data.intensity import IntensityConfig
 from ahnet_fast.data.loader import PatchDataset
 from ahnet_fast.data.sampling import AugmentConfig
+from ahnet_fast.train import distributed as ddp_util
 from ahnet_fast.train.checkpoint import load_checkpoint, save_checkpoint
 from ahnet_fast.train.models import (
     ENCODER_PREFIXES,
@@ -75,6 +80,7 @@ class RecipeConfig:
         steps_per_epoch: steps per epoch (summary, validation, checkpoint).
         lr_2d, lr_3d, lr_finetune: Adam learning rates (paper: 5e-4 and 1e-3).
         lr_schedule: ``"constant"`` (paper) or ``"cosine"`` decay within each stage.
+        sync_bn: synchronized BatchNorm across processes (several processes only).
         fg_ratio: share of foreground-centred patches (paper 0.7).
         class_balanced: draw the foreground class uniformly before the voxel.
         augment: in-plane augmentation (paper: +-20 deg, +-0.2 scale, mirroring).
@@ -112,6 +118,7 @@ class RecipeConfig:
     lr_3d: float = 1e-3
     lr_finetune: float | None = None
     lr_schedule: str = "constant"
+    sync_bn: bool = False
     fg_ratio: float = 0.7
     class_balanced: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -239,6 +246,7 @@ class _Recipe:
             grad_accum=c.grad_accum, lr=lr, amp=c.amp, checkpointing=checkpointing, loss=c.loss,
             focal_gamma=c.focal_gamma, plateau_patience=c.plateau_patience, num_workers=c.num_workers,
             seed=c.seed + seed_offset, device=str(self.device), val_window=c.val_window, lr_schedule=c.lr_schedule,
+            sync_bn=c.sync_bn,
         )
 
     def _choose(self, factory: Callable[[], nn.Module], in_ch: int, patch: tuple[int, ...], batch: int,
@@ -255,7 +263,10 @@ class _Recipe:
                 cands.append(p)
         batches = sorted({b for b in (batch, max(1, batch // 2), max(1, batch // 4), 1)}, reverse=True)
         choice = choose_config(c.max_memory, factory, in_ch, self.k, cands, batches, c.amp, self.device)
+        choice = ddp_util.broadcast_object(choice)  # several processes: rank 0's pick everywhere
         self.log(f"[{stage}] {choice.describe()}")
+        if not ddp_util.is_main():
+            return choice.patch_size, choice.batch_size, choice.checkpointing
         with open(self.out / "memory_choice.jsonl", "a") as fh:
             fh.write(json.dumps({"stage": stage, "patch": list(choice.patch_size), "batch": choice.batch_size,
                                  "checkpointing": choice.checkpointing, "peak_bytes": choice.peak_bytes,
@@ -299,8 +310,11 @@ class _Recipe:
             source.load_state_dict(ck["model"])
         report = transfer_2d_to_3d(source, target)
         self.log("[transfer] " + report.summary().replace("\n", "\n[transfer] "))
-        save_checkpoint(dst, {"model_config": self.model_config, "model": target.state_dict(), "stage": "transfer",
-                              "preprocessing": self.preprocessing, "transfer": report.summary()})
+        if ddp_util.is_main():
+            save_checkpoint(dst, {"model_config": self.model_config, "model": target.state_dict(),
+                                  "stage": "transfer", "preprocessing": self.preprocessing,
+                                  "transfer": report.summary()})
+        ddp_util.barrier()  # the next stage reads it on every rank
         return {"finished": True, "seconds": 0.0, "copied": report.n_copied}
 
     def _stage_3d(self, stage: str, init: Path, steps: int, lr: float, frozen: bool, resume: bool) -> dict[str, Any]:
@@ -349,9 +363,11 @@ class _Recipe:
         res = self._stage_3d("finetune", init, self.cfg.steps_finetune, self.cfg.lr_finetune or self.cfg.lr_3d,
                              False, resume)
         best = _best_or_last(self.out / "finetune", "finetune")
-        tmp = self.out / ".model.pt.tmp"
-        shutil.copyfile(best, tmp)
-        tmp.replace(self.out / "model.pt")
+        if ddp_util.is_main():
+            tmp = self.out / ".model.pt.tmp"
+            shutil.copyfile(best, tmp)
+            tmp.replace(self.out / "model.pt")
+        ddp_util.barrier()
         self.log(f"[finetune] final model: {self.out / 'model.pt'} (from {best.name})")
         return res
 
@@ -385,8 +401,11 @@ def run_recipe(cfg: RecipeConfig, resume: bool = False, log: Callable[[str], Non
         from tqdm.auto import tqdm
 
         log = lambda m: tqdm.write(m)  # noqa: E731
+    if not ddp_util.is_main():
+        log, progress = (lambda m: None), False  # rank 0 alone reports
     r = _Recipe(cfg, log, progress)
-    (r.out / "recipe.json").write_text(json.dumps(_plain(dataclasses.asdict(cfg)), indent=2))
+    if ddp_util.is_main():
+        (r.out / "recipe.json").write_text(json.dumps(_plain(dataclasses.asdict(cfg)), indent=2))
     results: dict[str, Any] = {}
     for stage in cfg.stages:
         t0 = time.time()

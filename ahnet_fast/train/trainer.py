@@ -19,9 +19,16 @@ so the stream is independent of the worker count and of interruptions).
 * Logs: a tqdm bar, one summary line per epoch (loss, Dice per class, speed,
   peak memory) and a JSON-lines file ``log.jsonl`` (one object per epoch and
   per event).
+* Several processes (torchrun / ``ahnet-fast train --nproc``, see
+  :mod:`ahnet_fast.train.distributed`): DistributedDataParallel, ``batch_size``
+  per process over a rank split of the same sample stream, ``no_sync`` on the
+  non-final accumulation micro-steps, optional synchronized BatchNorm
+  (``sync_bn``), rank 0 alone logs and writes checkpoints, every rank resumes
+  from ``last.pt``, validation cases split over the ranks.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -38,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ahnet_fast.data.loader import PatchDataset, make_loader
+from ahnet_fast.train import distributed as ddp_util
 from ahnet_fast.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from ahnet_fast.train.models import enable_activation_checkpointing
 
@@ -70,6 +78,8 @@ class TrainConfig:
         clip_grad: max gradient norm (0: off).
         lr_schedule: ``"constant"`` (paper) or ``"cosine"`` (decays to 0 at the last
             step; a function of the step only, so resuming needs no extra state).
+        sync_bn: with several processes, BatchNorm statistics over the global batch
+            (:func:`ahnet_fast.nn.convert_sync_batchnorm`); ignored for one process.
     """
 
     steps: int
@@ -91,6 +101,7 @@ class TrainConfig:
     val_window: tuple[int, int, int] | None = None
     clip_grad: float = 0.0
     lr_schedule: str = "constant"
+    sync_bn: bool = False
 
     def lr_at(self, step: int) -> float:
         """Learning rate of optimizer step ``step`` (0-based)."""
@@ -249,6 +260,20 @@ class Trainer:
         self._log = log
         if config.checkpointing:
             enable_activation_checkpointing(self.model)
+        # several processes: `self.net` (what the training forward calls) is the DDP wrapper;
+        # `self.model` stays the plain module (state_dict keys, validation without collectives)
+        self.rank, self.world = ddp_util.rank(), ddp_util.world_size()
+        self.net: nn.Module = self.model
+        if self.world > 1:
+            if config.sync_bn:
+                from ahnet_fast.nn.sync import convert_sync_batchnorm
+
+                convert_sync_batchnorm(self.model)
+            # find_unused_parameters: the 2D networks hold parameters their forward never uses
+            # (one graph walk per step; negligible next to the convs)
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True)
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")
@@ -272,6 +297,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ logging
     def log(self, msg: str) -> None:
+        if self.rank != 0:
+            return
         if self._log is not None:
             self._log(msg)
         else:
@@ -280,6 +307,8 @@ class Trainer:
             tqdm.write(msg, file=sys.stderr)
 
     def _jsonl(self, record: dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
         record = _finite({"time": time.time(), "stage": self.stage, **record})
         with open(self.out / "log.jsonl", "a") as fh:
             fh.write(json.dumps(record, default=_json_default, allow_nan=False) + "\n")
@@ -306,6 +335,9 @@ class Trainer:
         }
 
     def save(self, name: str = "last.pt") -> Path:
+        """Write a checkpoint (rank 0 only with several processes; the path is returned on every rank)."""
+        if self.rank != 0:
+            return self.out / name
         return save_checkpoint(self.out / name, self._payload())
 
     def load(self, path: str | os.PathLike) -> None:
@@ -348,11 +380,17 @@ class Trainer:
             return None
         self.model.eval()
         counts = np.zeros((self.k, 3), np.int64)
-        for vc in self.val_cases:
+        for vc in self.val_cases[self.rank::self.world]:  # each rank its share of the cases
             logits = self.predict(self.model, vc.image)
             pred = logits.argmax(0).cpu()
             counts += _confusion(pred, torch.from_numpy(vc.label.astype(np.int64)), self.k)
+        if self.world > 1:
+            counts = self._sum_ranks(counts)
         return dice_from_counts(counts)
+
+    def _sum_ranks(self, a: np.ndarray) -> np.ndarray:
+        dev = self.device if self.device.type == "cuda" else torch.device("cpu")  # NCCL needs CUDA tensors
+        return ddp_util.all_reduce_sum(torch.from_numpy(np.ascontiguousarray(a)).to(dev)).cpu().numpy()
 
     # ------------------------------------------------------------------ training
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -383,11 +421,22 @@ class Trainer:
         if self.step >= cfg.steps:
             self.finished = True
             return self._result(time.time() - t_start)
-        loader = make_loader(self.dataset, cfg.batch_size, (end - self.step) * cfg.grad_accum,
-                             start_step=self.step * cfg.grad_accum, num_workers=cfg.num_workers,
-                             pin_memory=self.device.type == "cuda")
+        if self.world > 1:
+            loader = ddp_util.make_rank_loader(self.dataset, cfg.batch_size, (end - self.step) * cfg.grad_accum,
+                                               start_step=self.step * cfg.grad_accum, num_workers=cfg.num_workers,
+                                               pin_memory=self.device.type == "cuda")
+            eff = self.world * cfg.batch_size * cfg.grad_accum
+            self.log(f"[{self.stage}] {self.world} processes: batch {cfg.batch_size} per process x {self.world} x "
+                     f"accumulation {cfg.grad_accum} = effective batch {eff}; lr {cfg.lr:g} (as given, not scaled)"
+                     f"{'; synchronized BatchNorm' if cfg.sync_bn else ''}")
+            self._jsonl({"event": "distributed", "world_size": self.world, "batch_per_process": cfg.batch_size,
+                         "grad_accum": cfg.grad_accum, "effective_batch": eff, "lr": cfg.lr, "sync_bn": cfg.sync_bn})
+        else:
+            loader = make_loader(self.dataset, cfg.batch_size, (end - self.step) * cfg.grad_accum,
+                                 start_step=self.step * cfg.grad_accum, num_workers=cfg.num_workers,
+                                 pin_memory=self.device.type == "cuda")
         it = iter(loader)
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=self.stage, disable=not self.progress,
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=self.stage, disable=not self.progress or self.rank != 0,
                    dynamic_ncols=True, leave=False, file=sys.stderr)
         acc = self._acc
         ep_t0 = time.time()
@@ -401,19 +450,22 @@ class Trainer:
                     group["lr"] = cfg.lr_at(self.step)
                 self.optimizer.zero_grad(set_to_none=True)
                 step_loss = 0.0
-                for _ in range(cfg.grad_accum):
+                for micro in range(cfg.grad_accum):
                     batch = next(it)
                     x = batch["image"].to(self.device, non_blocking=True)
                     y = batch["label"].to(self.device, non_blocking=True)
-                    with self._autocast():
-                        logits = self.model(x)
-                    loss = self._loss(logits, y) / cfg.grad_accum
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(
-                            f"[{self.stage}] non-finite loss at step {self.step} ({loss.item()}); try a lower "
-                            "learning rate, amp='bf16' instead of 'fp16', or check the input intensities"
-                        )
-                    self.scaler.scale(loss).backward()
+                    # DDP: all-reduce the gradients only on the last micro-step of the step
+                    no_sync = self.net is not self.model and micro < cfg.grad_accum - 1
+                    with self.net.no_sync() if no_sync else contextlib.nullcontext():  # type: ignore[operator]
+                        with self._autocast():
+                            logits = self.net(x)
+                        loss = self._loss(logits, y) / cfg.grad_accum
+                        if not torch.isfinite(loss):
+                            raise FloatingPointError(
+                                f"[{self.stage}] non-finite loss at step {self.step} ({loss.item()}); try a lower "
+                                "learning rate, amp='bf16' instead of 'fp16', or check the input intensities"
+                            )
+                        self.scaler.scale(loss).backward()
                     step_loss += float(loss.detach())
                     acc["counts"] += _confusion(logits.detach().argmax(1), y, self.k)
                     acc["samples"] += int(x.shape[0])
@@ -432,6 +484,10 @@ class Trainer:
                     self.epoch += 1
                     ended, acc = acc, self._new_acc()
                     self._acc = acc  # reset before _end_epoch saves the checkpoint
+                    if self.world > 1:  # the epoch's numbers over every rank (same on all ranks)
+                        tot = self._sum_ranks(np.array([ended["loss"], ended["samples"]], np.float64))
+                        ended["loss"], ended["samples"] = float(tot[0]) / self.world, int(tot[1])
+                        ended["counts"] = self._sum_ranks(ended["counts"])
                     self._end_epoch(ended["loss"] / max(ended["n"], 1), ended["counts"], time.time() - ep_t0,
                                     ended["samples"])
                     ep_t0 = time.time()
@@ -444,6 +500,7 @@ class Trainer:
                 self.finished = True
             if not epoch_end:  # an epoch end saves by itself
                 self.save()
+            ddp_util.barrier()  # every rank returns once rank 0's checkpoint is on disk
         finally:
             bar.close()
         return self._result(time.time() - t_start)
