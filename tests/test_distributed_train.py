@@ -225,11 +225,11 @@ def test_rank_missing_file_ends_the_job_with_a_clear_error(tmp_path):
 def _timeout_worker(rank: int, store: str, q) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=3))
+                            timeout=datetime.timedelta(seconds=2))
     from ahnet_fast.train.distributed import describe_failure
 
     if rank == 1:
-        time.sleep(8)  # a rank stuck elsewhere (never joins the collective in time)
+        time.sleep(9)  # a rank stuck elsewhere (never joins the collective in time)
         q.put((1, "slept"))
         return
     t0 = time.time()
@@ -247,5 +247,5 @@ def test_collective_timeout_ends_a_waiting_rank(tmp_path):
     mp.spawn(_timeout_worker, args=(str(tmp_path / "store"), q), nprocs=WORLD, join=True)
     got = dict(q.get() for _ in range(WORLD))
     secs, msg = got[0].split("|", 1)
-    assert float(secs) < 7.5, got  # the 3 s timeout, not the other rank's 8 s
+    assert float(secs) < 7.0, got  # the 2 s timeout (with slack for a loaded machine), not the 9 s sleep
     assert msg.startswith("[rank 0/2]") and "collective failed" in msg, msg
