@@ -39,10 +39,11 @@ class _SyncBatchNormMixin:
     process_group: Optional[Any] = None
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
-        self._check_input_dim(x)  # type: ignore[attr-defined]
-        use_batch, factor, rm, rv = bn_running_args(self)  # type: ignore[arg-type]
-        return sync_batch_norm(x, rm, rv, self.weight, self.bias, training=use_batch,  # type: ignore[attr-defined]
-                               momentum=factor, eps=self.eps, process_group=self.process_group)  # type: ignore[attr-defined]
+        bn: Any = self  # mixed into an nn.BatchNorm*d
+        bn._check_input_dim(x)
+        use_batch, factor, rm, rv = bn_running_args(bn)
+        return sync_batch_norm(x, rm, rv, bn.weight, bn.bias, training=use_batch, momentum=factor, eps=bn.eps,
+                               process_group=bn.process_group)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", synchronized=True"  # type: ignore[misc]

@@ -230,7 +230,8 @@ class FusedPipeline:
         return self.launchers().channel_stats(y)
 
     def bn_apply(self, y, scale, shift, residual, pool_after, relu):
-        return self.launchers().bn_act_apply(y, _f32(scale), _f32(shift), zpool="after_affine" if pool_after else "none",
+        return self.launchers().bn_act_apply(y, _f32(scale), _f32(shift),
+                                             zpool="after_affine" if pool_after else "none",
                                              residual=residual, relu=relu)
 
     def bn_backward(self, grad_out, y, mean, invstd, gamma, beta, out, pool_after, relu, batch_stats, residual_grad):
