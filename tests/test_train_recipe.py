@@ -64,10 +64,10 @@ def test_recipe_end_to_end_on_mni(mni, tmp_path):
 def test_cli_train_smoke_and_resume(mni, tmp_path, capsys):
     out = tmp_path / "cli"
     rc = main(["train", str(mni.parent), "--out", str(out), "--stages", "2d", "--steps-2d", "2",
-               "--steps-per-epoch", "1", *SMALL])
+               "--steps-per-epoch", "2", *SMALL])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "[2d] epoch 2 step 2/2" in text and "stage times: 2d" in text
+    assert "[2d] epoch 1 step 2/2" in text and "stage times: 2d" in text
     assert load_checkpoint(out / "2d" / "last.pt")["step"] == 2
     # resume a finished stage: nothing to do, same checkpoint
     rc = main(["train", str(mni.parent), "--out", str(out), "--stages", "2d", "--steps-2d", "2", "--resume", *SMALL])

@@ -10,7 +10,7 @@ import torch
 from ahnet_fast.data import AugmentConfig, Case, IntensityConfig, PatchDataset
 from ahnet_fast.reference import AHNet
 from ahnet_fast.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from ahnet_fast.train.memory import choose_config, estimate_step_bytes
+from ahnet_fast.train.memory import choose_config, estimate_step_bytes, measure_step_bytes
 from ahnet_fast.train.models import FrozenBNTrainMode, enable_activation_checkpointing, freeze_encoder
 from ahnet_fast.train.trainer import LossSchedule, TrainConfig, Trainer, ValidationCase
 
@@ -31,15 +31,23 @@ def _cases(n=2, shape=(40, 40, 32), seed=0):
     return out
 
 
-def _trainer(out, steps=4, spe=2, stop=None, model_seed=0, **kw):
+class TinyNet(torch.nn.Sequential):
+    """A small conv net with BatchNorm: the trainer is model-agnostic, and checkpoints stay small."""
+
+    def __init__(self) -> None:
+        super().__init__(torch.nn.Conv3d(1, 8, 3, padding=1), torch.nn.BatchNorm3d(8), torch.nn.ReLU(),
+                         torch.nn.Conv3d(8, 3, 1))
+
+
+def _trainer(out, steps=4, spe=2, stop=None, model_seed=0, tiny=False, **kw):
     torch.manual_seed(model_seed)
-    model = AHNet(**CFG)
+    model = TinyNet() if tiny else AHNet(**CFG)
     ds = PatchDataset([], 3, IntensityConfig("none"), (32, 32, 32), fg_ratio=0.7, augment=AugmentConfig(),
                       seed=5, cases=_cases())
     cfg = TrainConfig(steps=steps, steps_per_epoch=spe, batch_size=2, lr=1e-3, device="cpu", seed=3, **kw)
     vc = _cases(1, shape=(32, 32, 32), seed=9)[0]
-    return Trainer(model, CFG, ds, cfg, out, 3, [ValidationCase(vc.image, vc.label)], stage="t", progress=False,
-                   log=lambda m: None)
+    return Trainer(model, {} if tiny else CFG, ds, cfg, out, 3, [ValidationCase(vc.image, vc.label)], stage="t",
+                   progress=False, log=lambda m: None)
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -74,15 +82,15 @@ def test_rng_capture_restore_roundtrip():
 
 def test_resume_is_exact(tmp_path):
     """4 steps in one go == 2 steps, 'kill', resume for 2 more: identical weights and optimizer."""
-    full = _trainer(tmp_path / "full", loss="ce_then_focal", plateau_patience=1, plateau_min_delta=10.0,
+    full = _trainer(tmp_path / "full", tiny=True, loss="ce_then_focal", plateau_patience=1, plateau_min_delta=10.0,
                     lr_schedule="cosine")
     res_full = full.fit()
-    part = _trainer(tmp_path / "part", loss="ce_then_focal", plateau_patience=1, plateau_min_delta=10.0,
+    part = _trainer(tmp_path / "part", tiny=True, loss="ce_then_focal", plateau_patience=1, plateau_min_delta=10.0,
                     lr_schedule="cosine")
     r1 = part.fit(stop_at_step=2)
     assert r1["steps"] == 2 and not r1["finished"]
     # a fresh process: new model with other init, new trainer, resume from last.pt
-    again = _trainer(tmp_path / "part", model_seed=123, loss="ce_then_focal", plateau_patience=1,
+    again = _trainer(tmp_path / "part", model_seed=123, tiny=True, loss="ce_then_focal", plateau_patience=1,
                      plateau_min_delta=10.0, lr_schedule="cosine")
     r2 = again.fit(resume=True)
     assert r2["steps"] == 4 and r2["finished"] and res_full["finished"]
@@ -96,7 +104,7 @@ def test_resume_is_exact(tmp_path):
     assert all(torch.equal(oa[i]["exp_avg_sq"], ob[i]["exp_avg_sq"]) for i in oa)
     assert full.history == again.history
     ck = load_checkpoint(tmp_path / "part" / "last.pt")
-    assert ck["model_config"] == CFG and ck["step"] == 4 and (tmp_path / "part" / "best.pt").is_file()
+    assert ck["model_config"] == {} and ck["step"] == 4 and (tmp_path / "part" / "best.pt").is_file()
     lines = (tmp_path / "part" / "log.jsonl").read_text().splitlines()
     assert sum('"event": "epoch"' in ln for ln in lines) == 2 and any("resume" in ln for ln in lines)
 
@@ -176,3 +184,26 @@ def test_memory_chooser_respects_limit_and_prefers_big():
     # never raised from inside the model
     with pytest.raises(ValueError, match="no patch/batch/checkpointing configuration fits"):
         choose_config(small / 2**30 * 0.9, f, 1, 3, [(32, 32, 32)], (2, 1), allow_checkpointing=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_training_and_measured_memory_on_gpu(tmp_path, amp):
+    torch.manual_seed(0)
+    model = AHNet(**CFG)
+    ds = PatchDataset([], 3, IntensityConfig("none"), (32, 32, 32), seed=5, cases=_cases())
+    cfg = TrainConfig(steps=4, steps_per_epoch=2, batch_size=2, lr=1e-3, device="cuda", amp=amp,
+                      checkpointing=True, grad_accum=2)
+    vc = _cases(1, shape=(32, 32, 32), seed=9)[0]
+    tr = Trainer(model, CFG, ds, cfg, tmp_path, 3, [ValidationCase(vc.image, vc.label)], progress=False,
+                 log=lambda m: None)
+    res = tr.fit()
+    assert res["finished"] and all(np.isfinite(h["loss"]) for h in res["history"])
+    assert tr.scaler.is_enabled() == (amp == "fp16")
+    assert all(torch.isfinite(p).all() for p in tr.model.parameters())
+    f = lambda: AHNet(**CFG)  # noqa: E731
+    plain = measure_step_bytes(f, (2, 1, 64, 64, 32), 3, False, amp)
+    ck = measure_step_bytes(f, (2, 1, 64, 64, 32), 3, True, amp)
+    assert plain is not None and ck is not None and 0 < ck < plain
+    choice = choose_config(64.0, f, 1, 3, [(64, 64, 32)], (2,), amp=amp, device="cuda")
+    assert choice.method == "measured" and choice.peak_bytes == pytest.approx(plain, rel=0.05)

@@ -36,10 +36,12 @@ CPU_CONFIG = {
 }
 # the paper's configuration for a GPU
 GPU_CONFIG = {
-    "model_config": {"layers": (3, 4, 6, 3), "psp_block_num": 4, "upsample_mode": "transpose"},
+    # full ResNet50 encoder; 3 PSP branches so that 96-voxel-wide patches are valid (4 would need
+    # 128 in-plane, wider than the 104-voxel training part)
+    "model_config": {"layers": (3, 4, 6, 3), "psp_block_num": 3, "upsample_mode": "trilinear"},
     "model_2d": "mcfcn",
-    "patch_2d": (160, 128), "batch_2d": 16, "steps_2d": 1500,
-    "patch_3d": (128, 128, 32), "batch_3d": 4, "steps_decoder": 1000, "steps_finetune": 3000,
+    "patch_2d": (128, 96), "batch_2d": 16, "steps_2d": 1500,
+    "patch_3d": (128, 96, 32), "batch_3d": 4, "steps_decoder": 1000, "steps_finetune": 3000,
     "steps_per_epoch": 100, "amp": "bf16", "class_balanced": True, "num_workers": 4,
 }
 
