@@ -158,3 +158,17 @@ def test_bad_inputs_clear_errors_nothing_written(data, tmp_path, capsys):
     empty.mkdir()
     assert _main(cli_evaluate, ["evaluate", str(empty), str(root / "labels")]) == 1
     assert "no prediction" in capsys.readouterr().err
+
+
+def test_intensity_read_from_a_training_checkpoint_without_warning():
+    """The trainer records its normalisation under 'preprocessing'; segment must use it (a CT
+    window model normalised with percentiles would be silently wrong)."""
+    import warnings
+
+    from ahnet_fast.infer.segment import intensity_from_meta
+
+    meta = {"preprocessing": {"intensity": {"mode": "ct", "window": [-100.0, 200.0]}, "num_classes": 3}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = intensity_from_meta(meta)
+    assert cfg.mode == "ct" and tuple(cfg.window) == (-100.0, 200.0)

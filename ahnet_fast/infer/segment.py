@@ -76,7 +76,7 @@ def intensity_from_meta(meta: dict[str, Any], override: Any = None):
 
     if override is not None:
         return override if isinstance(override, IntensityConfig) else IntensityConfig.from_dict(dict(override))
-    for holder in (meta, meta.get("data_config") or {}, meta.get("config") or {}):
+    for holder in (meta, meta.get("preprocessing") or {}, meta.get("data_config") or {}, meta.get("config") or {}):
         cfg = holder.get("intensity") if isinstance(holder, dict) else None
         if isinstance(cfg, IntensityConfig):
             return cfg
