@@ -33,7 +33,6 @@ import re
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -41,6 +40,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+
+from ahnet_fast import _atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -574,21 +575,7 @@ def to_jsonable(obj: Any) -> Any:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write through a temporary file in the same folder, then os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    _atomic.atomic_write_bytes(path, data, fsync=True, mkdir=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

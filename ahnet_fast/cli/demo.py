@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
+from ahnet_fast._atomic import atomic_write_text
 from ahnet_fast.cli.train import add_training_arguments, apply_training_arguments, run_guarded
 
 # small configuration for a 2-core CPU (see module docstring)
@@ -130,7 +130,5 @@ def run_demo(args: argparse.Namespace) -> int:
     result = {"dice": dict(zip(names, ev["dice"])), "mean_fg_dice": ev["mean_fg_dice"], "seconds": times,
               "config": "full" if full else "small", "device": str(device),
               "segmentation": str(out / "test_segmentation.nii.gz")}
-    tmp = out / ".demo_result.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out / "demo_result.json")
+    atomic_write_text(out / "demo_result.json", json.dumps(result, indent=2))
     return 0

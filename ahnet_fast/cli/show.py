@@ -4,11 +4,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from ahnet_fast._atomic import atomic_path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -103,14 +104,9 @@ def render(
     if title:
         fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.06 if seg is not None else 0, 1, 1))
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp.png", dir=str(out.parent))
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=dpi, format="png")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(out, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
     finally:
         plt.close(fig)
     return out

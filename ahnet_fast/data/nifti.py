@@ -25,13 +25,14 @@ Bad input raises :class:`VolumeError` (a ``ValueError``) or
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
+from ahnet_fast._atomic import atomic_path
 
 __all__ = [
     "Volume",
@@ -358,19 +359,7 @@ def save_like(
     if not path.parent.exists():
         raise FileNotFoundError(f"{path}: output folder {path.parent} does not exist")
     suffix = ".nii.gz" if str(path).lower().endswith(".nii.gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=str(path.parent))
-    os.close(fd)
-    try:
-        # mkstemp makes the file private (0600); give it the usual umask-based mode
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+    # nibabel picks plain or gzip-compressed output from the file name, so keep the suffix
+    with atomic_path(path, suffix=suffix) as tmp:
         img.to_filename(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
     return path

@@ -9,13 +9,13 @@ from __future__ import annotations
 import csv
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from ahnet_fast._atomic import atomic_path
 from ahnet_fast.data.nifti import VolumeError, is_nifti_path, load_label, load_volume
 
 from .metrics import CaseMetrics, evaluate_case, global_dice
@@ -106,19 +106,13 @@ def summarise(results: list[CaseMetrics]) -> list[ClassSummary]:
 def write_csv(results: list[CaseMetrics], path: str | os.PathLike) -> Path:
     """One row per case and label, written atomically."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent or "."))
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["case", "label", "dice", "hd95_mm", "asd_mm", "pred_voxels", "gt_voxels", "intersection"])
-            for r in results:
-                for c in sorted(r.dice):
-                    inter, np_, ng = r.counts[c]
-                    w.writerow([r.case, c, f"{r.dice[c]:.6f}", f"{r.hd95[c]:.4f}", f"{r.asd[c]:.4f}", np_, ng, inter])
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["case", "label", "dice", "hd95_mm", "asd_mm", "pred_voxels", "gt_voxels", "intersection"])
+        for r in results:
+            for c in sorted(r.dice):
+                inter, np_, ng = r.counts[c]
+                w.writerow([r.case, c, f"{r.dice[c]:.6f}", f"{r.hd95[c]:.4f}", f"{r.asd[c]:.4f}", np_, ng, inter])
     return path
 
 

@@ -22,6 +22,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ahnet_fast._atomic import atomic_path
+
 __all__ = ["CheckpointError", "load_model", "default_model_class", "save_model_checkpoint"]
 
 _BIG_KEYS = {"model", "optimizer", "scaler", "scheduler", "rng", "rng_state"}
@@ -149,16 +151,7 @@ def save_model_checkpoint(
     path: str | os.PathLike, model: nn.Module, model_config: dict[str, Any], **extra: Any
 ) -> Path:
     """Write ``{"model_config", "model", **extra}`` atomically (for exports and tests)."""
-    import tempfile
-
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save({"model_config": dict(model_config), "model": model.state_dict(), **extra}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
