@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ahnet_fast._atomic import atomic_path
 from ahnet_fast.data.dataset import Case, DatasetSpec, check_headers, load_case, read_dataset
 from ahnet_fast.data.intensity import IntensityConfig
 from ahnet_fast.data.loader import PatchDataset
@@ -364,9 +365,8 @@ class _Recipe:
                              False, resume)
         best = _best_or_last(self.out / "finetune", "finetune")
         if ddp_util.is_main():
-            tmp = self.out / ".model.pt.tmp"
-            shutil.copyfile(best, tmp)
-            tmp.replace(self.out / "model.pt")
+            with atomic_path(self.out / "model.pt", fsync=True) as tmp:
+                shutil.copyfile(best, tmp)
         ddp_util.barrier()
         self.log(f"[finetune] final model: {self.out / 'model.pt'} (from {best.name})")
         return res
