@@ -33,7 +33,7 @@ once per forward (the recomputation does not update them again).
 from __future__ import annotations
 
 import contextlib
-from typing import ClassVar, Iterator
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -164,14 +164,10 @@ FAST_BLOCKS = BlockSet(
 )
 
 
-@contextlib.contextmanager
-def _recompute_context() -> Iterator[None]:
-    with recomputing():
-        yield
-
-
 def _checkpoint_contexts():
-    return contextlib.nullcontext(), _recompute_context()
+    """torch.utils.checkpoint ``context_fn``: plain forward; the recomputation leaves the
+    BatchNorm running statistics alone (they were updated by the forward)."""
+    return contextlib.nullcontext(), recomputing()
 
 
 class FastAHNet(ReferenceAHNet):

@@ -265,7 +265,6 @@ def bn_act_conv_op(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Ten
 @bn_act_conv_op.register_fake
 def _bn_act_conv_fake(x, bn_weight, bn_bias, running_mean, running_var, weight, conv_bias, stride, padding,
                       training, eps, relu, backend):
-    co = weight.shape[0]
     shape = conv_out_shape(x.shape, weight.shape, stride, padding)
     return empty5(shape, x, memory_format(x)), _stat_empty(x, x.shape[1]), _stat_empty(x, x.shape[1]), \
         _stat_empty(x, x.shape[1])

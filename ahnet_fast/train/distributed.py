@@ -112,7 +112,7 @@ def setup(device: Optional[str] = None, timeout_s: float = DEFAULT_TIMEOUT_S) ->
         return None
     if timeout_s <= 0:
         raise ValueError(f"the collective timeout must be > 0 seconds, got {timeout_s}")
-    r, local = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    local = _env_int("LOCAL_RANK", 0)
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dev.startswith("cuda"):
         if ":" in dev:
