@@ -5,7 +5,7 @@ from typing import Optional
 
 import torch
 
-from ._util import FLOAT_DTYPES
+from ._util import FLOAT_DTYPES, ZPOOL_MODES, triple
 
 Tensor = torch.Tensor
 
@@ -92,3 +92,31 @@ def conv_args(x: Tensor, weight: Tensor, conv_bias: Optional[Tensor], stride, pa
 
 def any_requires_grad(*ts: Optional[Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+def conv_bn_act_args(x: Tensor, weight: Tensor, conv_bias: Optional[Tensor], bn_weight, bn_bias,
+                     running_mean, running_var, residual: Optional[Tensor], stride, padding, zpool: str,
+                     training: bool, momentum: float, eps: float):
+    """Validate a conv -> [pool] -> BN -> [pool] -> [+res] -> [ReLU] call (plain or synchronised).
+
+    Returns (stride, padding, conv output shape, BN input shape, output shape) as lists.
+    """
+    tensor5("x", x)
+    stride_, padding_ = triple(stride, "stride"), triple(padding, "padding")
+    c_shape = conv_args(x, weight, conv_bias, stride_, padding_)
+    if zpool not in ZPOOL_MODES:
+        raise ValueError(f"zpool={zpool!r}; accepted: {', '.join(ZPOOL_MODES)}")
+    if zpool != "none" and c_shape[-1] < 2:
+        raise ValueError(f"zpool={zpool!r} needs a conv output depth >= 2, got {c_shape}")
+    bn_args(weight.shape[0], x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps)
+    bn_shape = list(c_shape)
+    if zpool == "before_bn":
+        bn_shape[-1] //= 2
+    out_shape = list(c_shape)
+    if zpool != "none":
+        out_shape[-1] //= 2
+    if residual is not None:
+        same("residual", residual, x)
+        if list(residual.shape) != out_shape:
+            raise ValueError(f"residual must have the output shape {out_shape}, got {list(residual.shape)}")
+    return stride_, padding_, c_shape, bn_shape, out_shape

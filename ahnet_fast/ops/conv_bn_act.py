@@ -7,7 +7,6 @@ import torch
 
 from . import _backend, _checks
 from ._library import bn_update_running_stats_op, conv_bn_act_op
-from ._util import ZPOOL_MODES, triple
 
 __all__ = ["conv_bn_act"]
 
@@ -57,25 +56,9 @@ def conv_bn_act(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias:
     saves the same tensors (x and the output are shared with the neighbouring layers anyway).
     Backward: BN/ReLU/pool/residual gradients fused, conv gradients via aten.convolution_backward.
     """
-    _checks.tensor5("x", x)
-    stride_, padding_ = triple(stride, "stride"), triple(padding, "padding")
-    c_shape = _checks.conv_args(x, weight, conv_bias, stride_, padding_)
-    cout = weight.shape[0]
-    if zpool not in ZPOOL_MODES:
-        raise ValueError(f"zpool={zpool!r}; accepted: {', '.join(ZPOOL_MODES)}")
-    if zpool != "none" and c_shape[-1] < 2:
-        raise ValueError(f"zpool={zpool!r} needs a conv output depth >= 2, got {c_shape}")
-    _checks.bn_args(cout, x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps)
-    bn_shape = list(c_shape)
-    if zpool == "before_bn":
-        bn_shape[-1] //= 2
-    out_shape = list(c_shape)
-    if zpool != "none":
-        out_shape[-1] //= 2
-    if residual is not None:
-        _checks.same("residual", residual, x)
-        if list(residual.shape) != out_shape:
-            raise ValueError(f"residual must have the output shape {out_shape}, got {list(residual.shape)}")
+    stride_, padding_, _c_shape, bn_shape, _out_shape = _checks.conv_bn_act_args(
+        x, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, zpool,
+        training, momentum, eps)
     count = _checks.batch_count(bn_shape, training)
     save = _checks.any_requires_grad(x, weight, conv_bias, bn_weight, bn_bias, residual)
     out, _c, mean, _invstd, var = conv_bn_act_op(

@@ -62,7 +62,7 @@ from ._library import (
     bn_stats_op,
     zmaxpool_op,
 )
-from ._util import ZPOOL_MODES, bn_affine, is_supported_layout, memory_format, triple
+from ._util import bn_affine, is_supported_layout, memory_format, triple
 from .bn_act_conv import bn_act_conv
 from .conv_bn_act import conv_bn_act
 
@@ -247,21 +247,9 @@ def sync_conv_bn_act(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_
         return conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, conv_bias=conv_bias,
                            stride=stride, padding=padding, training=training, momentum=momentum, eps=eps,
                            zpool=zpool, residual=residual, relu=relu)
-    _checks.tensor5("x", x)
-    stride_, padding_ = triple(stride, "stride"), triple(padding, "padding")
-    c_shape = _checks.conv_args(x, weight, conv_bias, stride_, padding_)
-    if zpool not in ZPOOL_MODES:
-        raise ValueError(f"zpool={zpool!r}; accepted: {', '.join(ZPOOL_MODES)}")
-    if zpool != "none" and c_shape[-1] < 2:
-        raise ValueError(f"zpool={zpool!r} needs a conv output depth >= 2, got {c_shape}")
-    _checks.bn_args(weight.shape[0], x, bn_weight, bn_bias, running_mean, running_var, True, momentum, eps)
-    out_shape = list(c_shape)
-    if zpool != "none":
-        out_shape[-1] //= 2
-    if residual is not None:
-        _checks.same("residual", residual, x)
-        if list(residual.shape) != out_shape:
-            raise ValueError(f"residual must have the output shape {out_shape}, got {list(residual.shape)}")
+    stride_, padding_, _c_shape, _bn_shape, _out_shape = _checks.conv_bn_act_args(
+        x, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, zpool,
+        True, momentum, eps)
     backend = _backend.call_arg()
     c = F.conv3d(x, weight, conv_bias, stride_, padding_)
     if not is_supported_layout(c):
