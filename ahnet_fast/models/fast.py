@@ -196,14 +196,8 @@ class FastAHNet(ReferenceAHNet):
 
     # ---- conversions -------------------------------------------------------------------
     def _config(self) -> dict:
-        return dict(
-            layers=self.layers,
-            spatial_dims=self.spatial_dims,
-            in_channels=self.in_channels,
-            out_channels=self.out_channels,
-            psp_block_num=self.psp_block_num,
-            upsample_mode=self.upsample_mode,
-        )
+        """This model's AHNet constructor arguments (those MONAI takes)."""
+        return _config_of(self)
 
     @classmethod
     def from_monai(cls, model: nn.Module, *, activation_checkpointing: bool = False) -> "FastAHNet":
