@@ -109,6 +109,31 @@ def empty5(shape: Sequence[int], like: torch.Tensor, *, dtype: Optional[torch.dt
                        memory_format=memory_format_of(like))
 
 
+def prepare_output(shape: tuple, like: torch.Tensor, residual: Optional[torch.Tensor],
+                   out: Optional[torch.Tensor], offset: int) -> torch.Tensor:
+    """Check ``residual`` against the output ``shape`` and return where to write the output: a
+    new tensor in ``like``'s memory format, or the channel slice ``out[:, offset:offset + C]``
+    of a preallocated (N, Ctot, ...) buffer."""
+    if residual is not None:
+        check_tensor5("residual", residual, dtype=like.dtype, device=like.device)
+        if tuple(residual.shape) != tuple(shape):
+            raise ValueError(f"residual must have the output shape {tuple(shape)}, got {tuple(residual.shape)}")
+    if out is None:
+        return empty5(shape, like)
+    check_tensor5("out", out, dtype=like.dtype, device=like.device)
+    N, C = shape[0], shape[1]
+    if out.shape[0] != N or tuple(out.shape[2:]) != tuple(shape[2:]):
+        raise ValueError(f"out must have shape (N={N}, Ctot, {', '.join(map(str, shape[2:]))}), "
+                         f"got {tuple(out.shape)}")
+    if not (0 <= offset and offset + C <= out.shape[1]):
+        raise ValueError(f"out_channel_offset={offset} with {C} channels does not fit in "
+                         f"out's {out.shape[1]} channels")
+    view = out[:, offset:offset + C]
+    if flat_strides(view)[0].data_ptr() != view.data_ptr():
+        raise ValueError("out must be contiguous or channels_last_3d (a channel slice is written into it)")
+    return view
+
+
 def _collapsed_p_stride(t: torch.Tensor) -> Optional[int]:
     """Stride of p = (h*W + w)*D + d if (H, W, D) collapse into one strided axis, else None."""
     dims = [(t.size(i), t.stride(i)) for i in (2, 3, 4) if t.size(i) != 1]

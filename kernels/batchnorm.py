@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 
 from ._common import (INTERPRET, cdiv, check_channel_vec, check_tensor5, check_zpool, empty5,
-                      flat_strides, is_channels_last, needs_i64, next_pow2, stats_partials, to_dtype)
+                      flat_strides, is_channels_last, needs_i64, next_pow2, prepare_output, stats_partials,
+                      to_dtype)
 from .zpool import pair_take_second
 
 # ----------------------------------------------------------------------------------------------
@@ -225,22 +226,6 @@ def _bn_apply_kernel(y_ptr, scale_ptr, shift_ptr, r_ptr, o_ptr, S, HWDo, Dp, D, 
     tl.store(o_ptr + oo, to_dtype(t, o_ptr.dtype.element_ty), mask=mask)
 
 
-def _check_out(out: torch.Tensor, like: torch.Tensor, shape: tuple, offset: int) -> torch.Tensor:
-    """Validate a preallocated (N, Ctot, ...) buffer and return its channel-slice view."""
-    check_tensor5("out", out, dtype=like.dtype, device=like.device)
-    N, C = shape[0], shape[1]
-    if out.shape[0] != N or tuple(out.shape[2:]) != tuple(shape[2:]):
-        raise ValueError(f"out must have shape (N={N}, Ctot, {', '.join(map(str, shape[2:]))}), "
-                         f"got {tuple(out.shape)}")
-    if not (0 <= offset and offset + C <= out.shape[1]):
-        raise ValueError(f"out_channel_offset={offset} with {C} channels does not fit in "
-                         f"out's {out.shape[1]} channels")
-    view = out[:, offset:offset + C]
-    if flat_strides(view)[0].data_ptr() != view.data_ptr():
-        raise ValueError("out must be contiguous or channels_last_3d (a channel slice is written into it)")
-    return view
-
-
 def bn_act_apply(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, zpool: str = "none",
                  residual: Optional[torch.Tensor] = None, relu: bool = True,
                  out: Optional[torch.Tensor] = None, out_channel_offset: int = 0) -> torch.Tensor:
@@ -261,11 +246,7 @@ def bn_act_apply(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, z
     pool = zpool == "after_affine"
     Do = D // 2 if pool else D
     oshape = (N, C, H, W, Do)
-    if residual is not None:
-        check_tensor5("residual", residual, dtype=y.dtype, device=y.device)
-        if tuple(residual.shape) != oshape:
-            raise ValueError(f"residual must have the output shape {oshape}, got {tuple(residual.shape)}")
-    o = empty5(oshape, y) if out is None else _check_out(out, y, oshape, out_channel_offset)
+    o = prepare_output(oshape, y, residual, out, out_channel_offset)
     if o.numel() == 0:
         return o
     y, syn, syp, syc = flat_strides(y)

@@ -31,9 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, cdiv, check_channel_vec, check_tensor5, check_zpool, empty5,
-                      needs_i64, next_pow2, stats_partials, to_dtype)
-from .batchnorm import _check_out, merge_stats, tile_stats
+from ._common import (INTERPRET, cdiv, check_channel_vec, check_tensor5, check_zpool,
+                      needs_i64, next_pow2, prepare_output, stats_partials, to_dtype)
+from .batchnorm import merge_stats, tile_stats
 from .zpool import pair_take_second
 
 _POOL_CODES = {"none": 0, "before_affine": 1, "after_affine": 2}
@@ -317,11 +317,7 @@ def conv3d_fused(x: torch.Tensor, weight: torch.Tensor, *,
     pool = _POOL_CODES[zpool]
     Dr = Do // 2 if pool else Do
     oshape = (N, Cout, Ho, Wo, Dr)
-    if residual is not None:
-        check_tensor5("residual", residual, dtype=x.dtype, device=x.device)
-        if tuple(residual.shape) != oshape:
-            raise ValueError(f"residual must have the output shape {oshape}, got {tuple(residual.shape)}")
-    o = empty5(oshape, x) if out is None else _check_out(out, x, oshape, out_channel_offset)
+    o = prepare_output(oshape, x, residual, out, out_channel_offset)
     M = N * Ho * Wo * Dr
     if M == 0 or Cout == 0:
         if compute_stats:
