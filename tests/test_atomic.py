@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from ahnet_fast._atomic import atomic_path, atomic_write_bytes, atomic_write_text, current_umask
+from ahnet_fast._atomic import (
+    atomic_group,
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_text,
+    clean_stale_temps,
+    current_umask,
+    is_temp_name,
+)
 
 
 def _mode(p: Path) -> int:
@@ -62,9 +73,78 @@ def test_mode_follows_umask(tmp_path: Path, mask: int) -> None:
 
 def test_suffix_is_kept_for_format_sniffing_writers(tmp_path: Path) -> None:
     with atomic_path(tmp_path / "seg.nii.gz", suffix=".nii.gz") as tmp:
-        assert tmp.endswith(".nii.gz") and os.path.basename(tmp).startswith(".seg.nii.gz.")
+        assert tmp.endswith(".nii.gz")
+        # what the folder shows while writing: one hidden entry of the destination's name that no
+        # input pattern matches (a hidden "*.nii.gz" was taken as an input by `segment FOLDER`)
+        (entry,) = os.listdir(tmp_path)
+        assert entry.startswith(".seg.nii.gz.") and is_temp_name(entry)
+        assert not any(fnmatch.fnmatch(entry, pat) for pat in ("*.nii.gz", "*.nii", "*.pt", "*.png", "*.json"))
         Path(tmp).write_bytes(b"z")
     assert (tmp_path / "seg.nii.gz").read_bytes() == b"z"
+    assert os.listdir(tmp_path) == ["seg.nii.gz"]
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_temporaries_of_killed_writers_are_cleaned_on_the_next_write(tmp_path: Path) -> None:
+    """kill -9 leaves temporaries behind; the next write (or clean_stale_temps) removes those whose
+    process is gone, and keeps a live writer's and another host's."""
+    from ahnet_fast._atomic import _host
+
+    dead, host = _dead_pid(), _host()
+    stale_file = tmp_path / f".last.pt.{host}-{dead}.abc123_x.tmp"
+    stale_file.write_bytes(b"x" * 100)
+    stale_dir = tmp_path / f".seg.nii.gz.{host}-{dead}.q1w2e3r4.tmpd"
+    stale_dir.mkdir()
+    (stale_dir / "out.nii.gz").write_bytes(b"y")
+    live = tmp_path / f".last.pt.{host}-{os.getppid()}.zzzzzzzz.tmp"
+    other_host = tmp_path / f".last.pt.{host}x-{dead}.zzzzzzzz.tmp"
+    live.write_bytes(b"")
+    other_host.write_bytes(b"")
+    atomic_write_bytes(tmp_path / "last.pt", b"new")  # cleans only its own destination's leftovers
+    assert not stale_file.exists() and stale_dir.exists()
+    assert clean_stale_temps(tmp_path) == [stale_dir.name]
+    assert sorted(os.listdir(tmp_path)) == sorted(["last.pt", live.name, other_host.name])
+
+
+def test_group_publishes_the_marker_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Probabilities and labels of one case: a failure between the two renames never leaves new
+    probabilities beside old labels (the labels, published last, are removed first)."""
+    prob, lab = tmp_path / "c_probabilities.nii.gz", tmp_path / "c.nii.gz"
+    prob.write_bytes(b"old-p")
+    lab.write_bytes(b"old-l")
+    real_replace = os.replace
+    calls = []
+
+    def dying_replace(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # killed between the probability and the label rename
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_group([prob, lab], [".nii.gz", ".nii.gz"]) as (tp, tl):
+            Path(tp).write_bytes(b"new-p")
+            Path(tl).write_bytes(b"new-l")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert prob.read_bytes() == b"new-p" and not lab.exists()  # no label: the case reads as not done
+    with atomic_group([prob, lab], [".nii.gz", ".nii.gz"]) as (tp, tl):
+        Path(tp).write_bytes(b"p2")
+        Path(tl).write_bytes(b"l2")
+    assert prob.read_bytes() == b"p2" and lab.read_bytes() == b"l2"
+    assert sorted(os.listdir(tmp_path)) == ["c.nii.gz", "c_probabilities.nii.gz"]
+    # a writer that fails before publishing leaves both old files and no temporary
+    with pytest.raises(OSError):
+        with atomic_group([prob, lab], [".nii.gz", ".nii.gz"]) as (tp, tl):
+            Path(tp).write_bytes(b"p3")
+            raise OSError("disk full")
+    assert prob.read_bytes() == b"p2" and lab.read_bytes() == b"l2"
+    assert sorted(os.listdir(tmp_path)) == ["c.nii.gz", "c_probabilities.nii.gz"]
 
 
 def test_missing_folder_raises_unless_mkdir(tmp_path: Path) -> None:
