@@ -269,3 +269,28 @@ def test_nibabel_4d_refused(tmp_path):
     src = _nib_file("example4d.nii.gz")
     with pytest.raises(VolumeError, match=r"example4d.nii.gz.*\(128, 96, 24, 2\)"):
         load_volume(src)
+
+
+def test_unusable_voxel_data_is_named_before_reading(tmp_path):
+    """Volumes that used to fail with raw numpy/allocator messages (or a wrong 'NaN/Inf' report)."""
+    aff = np.eye(4)
+    empty = _write(tmp_path / "empty.nii.gz", np.zeros((64, 64, 0), np.float32), aff)
+    rgb_dtype = np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")])
+    rgb = _write(tmp_path / "rgb.nii.gz", np.zeros((8, 8, 4), rgb_dtype), aff)
+    big = _write(tmp_path / "f64.nii.gz", np.full((8, 8, 4), 1e300), aff)
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((32767, 32767, 32767))
+    hdr.set_data_dtype(np.int16)
+    huge = tmp_path / "huge.nii"
+    huge.write_bytes(hdr.binaryblock + b"\0" * 4 + b"\0" * 100)  # header claims 70 TB, file holds 100 bytes
+    huge_gz = tmp_path / "huge.nii.gz"
+    import gzip
+
+    huge_gz.write_bytes(gzip.compress(huge.read_bytes()))
+    for path, msg in [(empty, "has an empty axis"), (rgb, "colour/RGB"), (big, "exceed float32's range"),
+                      (huge, "truncated file or corrupt header"), (huge_gz, "more than this machine's")]:
+        with pytest.raises(VolumeError, match=msg) as info:
+            load_volume(path)
+        assert str(path) in str(info.value)
+    with pytest.raises(VolumeError, match="label .*has an empty axis"):
+        load_label(empty, load_volume(_write(tmp_path / "ok.nii.gz", np.zeros((4, 4, 4), np.float32), aff)))

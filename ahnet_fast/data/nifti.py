@@ -28,11 +28,11 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from ahnet_fast._atomic import atomic_path
+from ahnet_fast._atomic import atomic_group, atomic_path
 
 __all__ = [
     "Volume",
@@ -40,6 +40,7 @@ __all__ = [
     "load_volume",
     "load_label",
     "save_like",
+    "save_all_like",
     "is_nifti_path",
 ]
 
@@ -175,6 +176,57 @@ def _read(img, path: str, shape3: tuple[int, int, int], dtype) -> np.ndarray:
     return np.asarray(data).reshape(shape3)
 
 
+def _memory_bytes() -> int | None:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _check_voxel_data(img, path: str, shape3: tuple[int, int, int], what: str = "") -> None:
+    """Refuse, from the header alone, voxel data that cannot be a usable 3D scalar volume."""
+    name = f"{what}{path}"
+    if min(shape3) < 1:
+        raise VolumeError(f"{name}: shape {shape3} has an empty axis (no voxels); expected at least 1 voxel per axis")
+    dtype = np.dtype(img.get_data_dtype())
+    if dtype.fields is not None or dtype.kind in "cV":
+        raise VolumeError(
+            f"{name}: voxels of type {dtype} (colour/RGB or complex) are not supported; convert the image to "
+            "one real-valued (grey-scale) channel"
+        )
+    nvox = int(np.prod(shape3, dtype=np.int64))
+    if path.lower().endswith(".nii"):  # uncompressed: the header's claim can be checked against the file
+        offset = int(getattr(img.header, "get_data_offset", lambda: 0)() or 0)
+        need = offset + nvox * dtype.itemsize
+        have = os.path.getsize(path)
+        if have < need:
+            raise VolumeError(
+                f"{name}: the header declares shape {shape3} of {dtype} ({need} bytes with the header) but the "
+                f"file holds {have} bytes (truncated file or corrupt header)"
+            )
+    mem = _memory_bytes()
+    need_mem = nvox * (4 + dtype.itemsize)  # the float32 array plus the stored data while converting
+    if mem is not None and need_mem > mem:
+        raise VolumeError(
+            f"{name}: shape {shape3} needs about {need_mem / 2**30:.1f} GiB to load, more than this machine's "
+            f"{mem / 2**30:.1f} GiB of memory (corrupt header, or crop/downsample the image first)"
+        )
+
+
+def _refuse_float32_overflow(img, path: str, shape3: tuple[int, int, int], nbad: int) -> None:
+    """Finite values beyond float32's range become Inf on conversion: say so, instead of 'NaN/Inf'."""
+    try:
+        wide = np.asarray(img.get_fdata(dtype=np.float64)).reshape(shape3)
+    except Exception:  # noqa: BLE001 - unreadable as float64: let the NaN/Inf report stand
+        return
+    big = np.isfinite(wide) & (np.abs(wide) > np.finfo(np.float32).max)
+    if big.any():
+        raise VolumeError(
+            f"{path}: {int(big.sum())} voxels (e.g. {wide[big].flat[0]:.3g}) exceed float32's range "
+            f"(|v| <= {np.finfo(np.float32).max:.3g}); rescale the image's values"
+        )
+
+
 def _layout(affine: np.ndarray, shape3: tuple[int, int, int]):
     """Orientation transform and permutation for the network layout."""
     from nibabel.orientations import inv_ornt_aff, io_orientation
@@ -209,10 +261,12 @@ def load_volume(
     path = str(path)
     img = _open(path)
     shape3, squeezed = _spatial_shape(img, path)
+    _check_voxel_data(img, path, shape3)
     data = _read(img, path, shape3, np.float32)
     bad = ~np.isfinite(data)
     nbad = int(bad.sum())
     if nbad:
+        _refuse_float32_overflow(img, path, shape3, nbad)
         if nonfinite == "zero":
             warnings.warn(f"{path}: {nbad} NaN/Inf voxels replaced by 0", stacklevel=2)
             data[bad] = 0.0
@@ -262,6 +316,7 @@ def load_label(
     path = str(path)
     img = _open(path)
     shape3, _ = _spatial_shape(img, path)
+    _check_voxel_data(img, path, shape3, what="label ")
     if shape3 != tuple(like.original_shape):
         raise VolumeError(
             f"label {path} has shape {shape3} but image {like.path} has shape {tuple(like.original_shape)}"
@@ -342,6 +397,37 @@ def save_like(
             for probabilities). Integer dtypes require values in range.
     """
     path = Path(path)
+    img = _prepare_output(array, ref, path, dtype)
+    # nibabel picks plain or gzip-compressed output from the file name, so keep the suffix
+    with atomic_path(path, suffix=_suffix(path)) as tmp:
+        img.to_filename(tmp)
+    return path
+
+
+def save_all_like(items: Sequence[tuple[np.ndarray, str | os.PathLike, Any]], ref: Volume) -> list[Path]:
+    """Write several arrays of one case (e.g. probabilities, then labels) as :func:`save_like` does,
+    published together: every file is complete before any is moved into place, and the last
+    item is published last (see :func:`ahnet_fast._atomic.atomic_group`), so when the last
+    file exists the others come from the same call.
+
+    Args:
+        items: ``(array, path, dtype)`` per output, the marker (labels) last.
+        ref: the :class:`Volume` the arrays were computed from.
+    """
+    paths = [Path(p) for _, p, _ in items]
+    imgs = [_prepare_output(a, ref, p, d) for (a, _, d), p in zip(items, paths)]
+    with atomic_group(paths, [_suffix(p) for p in paths]) as tmps:
+        for img, tmp in zip(imgs, tmps):
+            img.to_filename(tmp)
+    return paths
+
+
+def _suffix(path: Path) -> str:
+    return ".nii.gz" if str(path).lower().endswith(".nii.gz") else ".nii"
+
+
+def _prepare_output(array: np.ndarray, ref: Volume, path: Path, dtype: Any) -> Any:
+    """Checks of :func:`save_like` and the nibabel image to write (nothing written yet)."""
     if not is_nifti_path(path):
         raise VolumeError(f"{path}: output name must end in .nii or .nii.gz")
     arr = np.asarray(array)
@@ -358,8 +444,4 @@ def save_like(
     img = _output_image(data, ref, dtype)
     if not path.parent.exists():
         raise FileNotFoundError(f"{path}: output folder {path.parent} does not exist")
-    suffix = ".nii.gz" if str(path).lower().endswith(".nii.gz") else ".nii"
-    # nibabel picks plain or gzip-compressed output from the file name, so keep the suffix
-    with atomic_path(path, suffix=suffix) as tmp:
-        img.to_filename(tmp)
-    return path
+    return img
