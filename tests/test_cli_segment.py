@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -172,3 +173,203 @@ def test_intensity_read_from_a_training_checkpoint_without_warning():
         warnings.simplefilter("error")
         cfg = intensity_from_meta(meta)
     assert cfg.mode == "ct" and tuple(cfg.window) == (-100.0, 200.0)
+
+
+def _bytes_of(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_outputs_never_overwrite_inputs_or_each_other(data, tmp_path, capsys):
+    """Checked before the model loads (the checkpoint named here does not even exist): same path,
+    the same file through a symbolic or hard link, a folder into itself, two cases with one name."""
+    import os
+    import shutil
+
+    root = data[0]
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(root / "images" / "brain.nii.gz", src / "brain.nii.gz")
+    img = src / "brain.nii.gz"
+    before = _bytes_of(src)
+    os.symlink(img, tmp_path / "soft.nii.gz")
+    os.link(img, tmp_path / "hard.nii.gz")
+    missing = str(tmp_path / "no_such_checkpoint.pt")
+    for out in (img, tmp_path / "soft.nii.gz", tmp_path / "hard.nii.gz"):
+        assert _main(cli_segment, ["segment", str(img), str(out), "--checkpoint", missing]) == 1
+        err = capsys.readouterr().err
+        assert "would overwrite the input" in err and str(img) in err and "checkpoint" not in err
+    # a folder into itself, also through a link to the folder
+    os.symlink(src, tmp_path / "src_link")
+    for out in (src, tmp_path / "src_link"):
+        assert _main(cli_segment, ["segment", str(src), str(out), "--checkpoint", missing]) == 1
+        assert "would overwrite the input" in capsys.readouterr().err
+    # --probabilities: x's probabilities would land on the input named x_probabilities
+    shutil.copy(img, src / "brain_probabilities.nii.gz")
+    out_dir = tmp_path / "pred"
+    assert _main(cli_segment, ["segment", str(src), str(out_dir), "--probabilities", "--checkpoint", missing]) == 1
+    assert "both" in capsys.readouterr().err and not out_dir.exists()
+    (src / "brain_probabilities.nii.gz").unlink()
+    # a dataset.json whose test cases share a file name
+    for sub in ("a", "b"):
+        (tmp_path / sub).mkdir()
+        shutil.copy(img, tmp_path / sub / "img.nii.gz")
+    (tmp_path / "dataset.json").write_text(json.dumps(
+        {"training": [{"image": "a/img.nii.gz", "label": "a/img.nii.gz"}], "test": ["a/img.nii.gz", "b/img.nii.gz"]}))
+    assert _main(cli_segment, ["segment", str(tmp_path / "dataset.json"), str(out_dir), "--checkpoint", missing]) == 1
+    err = capsys.readouterr().err
+    assert "a/img.nii.gz and " in err and "b/img.nii.gz would be written" in err and not out_dir.exists()
+    assert _bytes_of(src) == before
+
+
+def test_option_and_device_errors_come_first_and_name_the_option(tmp_path, capsys):
+    img, out, missing = str(tmp_path / "none.nii.gz"), str(tmp_path / "o.nii.gz"), str(tmp_path / "none.pt")
+    cases = [(["--overlap", "1"], "--overlap 1: expected a fraction in [0, 1)"),
+             (["--window", "0", "0", "0"], "--window 0 0 0: expected 3 positive sizes"),
+             (["--sw-batch-size", "0"], "--sw-batch-size 0: expected an integer >= 1"),
+             (["--device", "gpu7"], "--device gpu7: not a device name"),
+             (["--stitch-device", "cuda:99"], "--stitch-device cuda:99: ")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "--device cuda: CUDA is not available on this machine"))
+    for opts, msg in cases:
+        assert _main(cli_segment, ["segment", img, out, "--checkpoint", missing, *opts]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and "none.nii.gz" not in err and "none.pt" not in err, err
+
+
+def _corrupt_tensor_bytes(path: Path, tensor: torch.Tensor, n: int = 4096) -> None:
+    blob = bytearray(path.read_bytes())
+    raw = tensor.detach().contiguous().numpy().tobytes()
+    at = bytes(blob).find(raw[:256])
+    assert at > 0 and len(raw) > n
+    blob[at + 128:at + 128 + n] = bytes(b ^ 0x5A for b in blob[at + 128:at + 128 + n])
+    path.write_bytes(bytes(blob))
+
+
+def test_checkpoints_are_checked_before_anything_is_built(data, tmp_path, capsys):
+    import pickle
+    import time
+
+    from ahnet_fast.infer.model_io import CheckpointError, load_model, save_model_checkpoint
+    from ahnet_fast.reference import AHNet
+
+    root, img, lab, aff, ckpt = data
+    state = torch.load(ckpt, weights_only=True)["model"]
+    seg = [str(root / "images" / "brain.nii.gz"), str(tmp_path / "seg.nii.gz")]
+    # model_config out of the constructor's ranges, or naming a file to open: refused at once
+    t0 = time.perf_counter()
+    for bad, msg in [({"out_channels": 2_000_000}, "model_config['out_channels'] = 2000000 is not accepted"),
+                     ({"layers": (20000, 1, 1, 1)}, "model_config['layers'] = (20000, 1, 1, 1)"),
+                     ({"pretrained": "/etc/shadow"}, "model_config['pretrained'] = '/etc/shadow'"),
+                     ({"hidden_hook": 1}, "unknown entries ['hidden_hook']")]:
+        torch.save({"model_config": {**CONFIG, **bad}, "model": state}, tmp_path / "bad.pt")
+        with pytest.raises(CheckpointError, match=re.escape(msg)):
+            load_model(tmp_path / "bad.pt")
+    assert time.perf_counter() - t0 < 5
+    # 4 KB flipped inside a weight tensor: torch.load reads it without complaint; the hash does not
+    torch.manual_seed(1)
+    model = AHNet(**CONFIG)
+    save_model_checkpoint(tmp_path / "flip.pt", model, CONFIG)
+    load_model(tmp_path / "flip.pt")  # intact: loads
+    key = max(model.state_dict(), key=lambda k: model.state_dict()[k].numel())
+    _corrupt_tensor_bytes(tmp_path / "flip.pt", model.state_dict()[key])
+    assert _main(cli_segment, ["segment", *seg, "--checkpoint", str(tmp_path / "flip.pt")]) == 1
+    assert "flip.pt: the checkpoint is corrupted" in capsys.readouterr().err
+    # NaN weights (hash intact): refused, not an all-background segmentation
+    nan_model = AHNet(**CONFIG)
+    with torch.no_grad():
+        nan_model.final.conv.weight[0, 0].fill_(float("nan"))
+    save_model_checkpoint(tmp_path / "nan.pt", nan_model, CONFIG)
+    assert _main(cli_segment, ["segment", *seg, "--checkpoint", str(tmp_path / "nan.pt")]) == 1
+    err = capsys.readouterr().err
+    assert "nan.pt: the weights hold NaN/Inf values in 1 tensor(s): final.conv.weight" in err
+    # random bytes: not a checkpoint, and no advice to unpickle it
+    (tmp_path / "noise.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    assert _main(cli_segment, ["segment", *seg, "--checkpoint", str(tmp_path / "noise.pt")]) == 1
+    err = capsys.readouterr().err
+    assert "noise.pt: not a PyTorch checkpoint" in err and "pickle" not in err.replace("legacy pickle", "")
+    # a pickle with code in it: still refused on every path, with the advice where it applies
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with open(tmp_path / "evil.pt", "wb") as fh:
+        torch.save({"model_config": CONFIG, "model": state, "x": Evil()}, fh, pickle_module=pickle)
+    assert _main(cli_segment, ["segment", *seg, "--checkpoint", str(tmp_path / "evil.pt")]) == 1
+    out = capsys.readouterr()
+    assert "safe loader" in out.err and "--allow-pickle" in out.err and "pwned" not in out.out
+    assert not (tmp_path / "seg.nii.gz").exists()
+
+
+def test_nonfinite_logits_are_reported():
+    from ahnet_fast.infer.segment import NonFiniteOutputError, SegmentOptions, predict_volume
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            out = torch.zeros(x.shape[0], 3, *x.shape[2:])
+            out[..., 0] = float("nan")
+            return out
+
+    with pytest.raises(NonFiniteOutputError, match="NaN/Inf logits"):
+        predict_volume(np.zeros((8, 8, 4), np.float32), Broken(), SegmentOptions(window=(8, 8, 4)))
+
+
+def test_output_failures_name_the_output_and_leave_nothing(data, tmp_path, capsys, monkeypatch):
+    import errno
+    import shutil
+    import tempfile
+
+    from ahnet_fast._atomic import _host
+
+    root, img, lab, aff, ckpt = data
+    src = str(root / "images" / "brain.nii.gz")
+    out_dir = tmp_path / "ro"
+    out_dir.mkdir()
+    real_tf = tempfile.TemporaryFile
+
+    def read_only(*a, **k):
+        if str(k.get("dir")) == str(out_dir):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_tf(*a, **k)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    assert _main(cli_segment, ["segment", src, str(out_dir / "s.nii.gz"), "--checkpoint",
+                               str(tmp_path / "missing.pt")]) == 1
+    err = capsys.readouterr().err
+    assert f"{out_dir}: output folder is not writable (Read-only file system)" in err and "brain" not in err
+    monkeypatch.setattr(tempfile, "TemporaryFile", real_tf)
+    # a full disk while writing: the output is named, not the input; no file, no temporary left
+    real_write = nib.Nifti1Image.to_filename
+
+    def disk_full(self, name, **kw):
+        real_write(self, name, **kw)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(nib.Nifti1Image, "to_filename", disk_full)
+    # an input folder holding what an interrupted write of an older version (or another tool) left:
+    # a hidden *.nii.gz, which is not an input
+    in_dir = tmp_path / "in"
+    in_dir.mkdir()
+    shutil.copy(src, in_dir / "s.nii.gz")
+    (in_dir / ".s.nii.gz.x1y2z3.tmp.nii.gz").write_bytes(b"partial")
+    out_dir = tmp_path / "full"
+    out_dir.mkdir()
+    # a temporary left in the output folder by a run killed with SIGKILL is cleaned
+    stale = out_dir / f".s.nii.gz.{_host()}-{_dead_pid()}.abcdefgh.tmpd"
+    stale.mkdir()
+    (stale / "out.nii.gz").write_bytes(b"x" * 1000)
+    assert _main(cli_segment, ["segment", str(in_dir), str(out_dir), "--checkpoint", str(ckpt),
+                               "--probabilities", "--window", "32", "32", "32"]) == 1
+    err = capsys.readouterr().err
+    out = out_dir / "s.nii.gz"
+    assert f"{out}: cannot write the output (No space left on device)" in err and f"error: {in_dir}" not in err
+    assert ".s.nii.gz.x1y2z3" not in err and "1 of 1 case(s) failed" in err
+    assert list(out_dir.iterdir()) == []
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid

@@ -52,7 +52,52 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "torchrun --nproc_per_node=N -m ahnet_fast.cli segment ... (default 1)")
     p.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
                    help="timeout of the collectives between processes (default 1800)")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
     p.set_defaults(func=run)
+
+
+def check_options(args: argparse.Namespace) -> str | None:
+    """The first option that is out of range, as an error line; checked before any file is read."""
+    if args.window is not None and any(v < 1 for v in args.window):
+        return f"--window {' '.join(map(str, args.window))}: expected 3 positive sizes H W D (e.g. 192 192 64)"
+    if not 0 <= args.overlap < 1:
+        return f"--overlap {args.overlap:g}: expected a fraction in [0, 1) (e.g. 0.25)"
+    if args.sw_batch_size < 1:
+        return f"--sw-batch-size {args.sw_batch_size}: expected an integer >= 1"
+    if args.cascade_factor < 1:
+        return f"--cascade-factor {args.cascade_factor}: expected an integer >= 1 (e.g. 2)"
+    if args.ct_window is not None and not args.ct_window[0] < args.ct_window[1]:
+        return f"--ct-window {args.ct_window[0]:g} {args.ct_window[1]:g}: expected LO < HI (e.g. -125 225)"
+    if getattr(args, "nproc", 1) < 1:
+        return f"--nproc {args.nproc}: expected an integer >= 1"
+    if not getattr(args, "dist_timeout", 1.0) > 0:
+        return f"--dist-timeout {args.dist_timeout:g}: expected a number of seconds > 0"
+    for opt, value in (("--device", args.device), ("--stitch-device", args.stitch_device)):
+        problem = device_problem(value)
+        if problem:
+            return f"{opt} {value}: {problem}"
+    return None
+
+
+def device_problem(name: str | None) -> str | None:
+    """Why ``name`` is not a usable torch device here (None: usable or not given)."""
+    if name is None:
+        return None
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        return "not a device name; expected cpu, cuda or cuda:N"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return (f"CUDA is not available on this machine (torch {torch.__version__}, "
+                    f"{'no GPU found' if torch.version.cuda else 'a CPU-only build'}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            return f"there are {torch.cuda.device_count()} GPU(s), numbered 0..{torch.cuda.device_count() - 1}"
+    elif dev.type not in ("cpu", "mps", "xpu"):
+        return "expected cpu, cuda or cuda:N"
+    return None
 
 
 def shard(pairs: list, rank: int, world: int) -> list:
@@ -70,6 +115,10 @@ def run(args: argparse.Namespace) -> int:
 
     from ahnet_fast.train import distributed as D
 
+    problem = check_options(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     if getattr(args, "nproc", 1) > 1 and "LOCAL_RANK" not in os.environ:
         res = D.launch(args.nproc, _worker, (args,))
         return max(int(v or 0) for v in res.values())
@@ -95,14 +144,28 @@ def run(args: argparse.Namespace) -> int:
 def _segment(args: argparse.Namespace, ctx) -> int:
     import torch
 
+    from ahnet_fast._atomic import clean_stale_temps
     from ahnet_fast.data.intensity import IntensityConfig
     from ahnet_fast.infer.model_io import load_model
-    from ahnet_fast.infer.segment import SegmentOptions, collect_inputs, intensity_from_meta, segment_file
+    from ahnet_fast.infer.segment import (
+        SegmentOptions,
+        check_writable,
+        collect_inputs,
+        intensity_from_meta,
+        probabilities_path,
+        segment_file,
+    )
 
     device = ctx.device if ctx is not None else (args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        pairs = collect_inputs(args.input, args.output, split=args.split)
+        # refused before the model loads: outputs over inputs, name clashes, unwritable folders
+        pairs = collect_inputs(args.input, args.output, split=args.split, probabilities=args.probabilities)
         n_all = len(pairs)
+        folders = sorted({str(dst.parent) for _, dst in pairs})
+        for folder in folders:
+            check_writable(folder)
+            if ctx is None or ctx.rank == 0:
+                clean_stale_temps(folder)  # left by an earlier run killed with SIGKILL
         if ctx is not None:
             pairs = shard(pairs, ctx.rank, ctx.world_size)
         model, meta = load_model(args.checkpoint, map_location=device, allow_pickle=args.allow_pickle)
@@ -122,6 +185,8 @@ def _segment(args: argparse.Namespace, ctx) -> int:
             nonfinite="zero" if args.nan_to_zero else "raise",
         )
     except (OSError, ValueError) as exc:
+        if getattr(args, "debug", False):
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 1
     failures = 0
@@ -129,8 +194,13 @@ def _segment(args: argparse.Namespace, ctx) -> int:
         try:
             res = segment_file(src, dst, model, intensity, opts, probabilities=args.probabilities)
         except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: e.g. out of memory
+            if getattr(args, "debug", False):
+                raise
             failures += 1
-            print(f"error: {src}: {exc}" if str(src) not in str(exc) else f"error: {exc}", file=sys.stderr)
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            # an error about the output (full disk, ...) names the output already; others get the input
+            named = str(src) in msg or str(dst) in msg or str(probabilities_path(dst)) in msg
+            print(f"error: {msg}" if named else f"error: {src}: {msg}", file=sys.stderr)
             continue
         fg = int((res.labels > 0).sum())
         line = f"{src} -> {dst}  ({res.seconds:.1f} s, {fg} foreground voxels"

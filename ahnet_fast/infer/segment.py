@@ -4,7 +4,8 @@ The image is loaded in network layout (:func:`ahnet_fast.data.nifti.load_volume`
 canonical orientation, coarsest axis last), normalised as in training, run
 through sliding-window (or cascade) inference, and the labels (and optionally
 class probabilities) are written with the input's affine, header and
-orientation restored (:func:`ahnet_fast.data.nifti.save_like`, atomic).
+orientation restored (:func:`ahnet_fast.data.nifti.save_all_like`: atomic, and labels and
+probabilities of a case published together).
 
 Intensity normalisation comes from the checkpoint's ``"intensity"`` entry (an
 :class:`ahnet_fast.data.intensity.IntensityConfig` dict, written by training);
@@ -24,14 +25,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from ahnet_fast.data.nifti import Volume, VolumeError, is_nifti_path, load_volume, save_like
+from ahnet_fast.data.nifti import Volume, VolumeError, is_nifti_path, load_volume, save_all_like
 
 from .cascade import cascade_inference
 from .sliding_window import sliding_window_inference
 
 __all__ = [
+    "InputOutputClash",
+    "NonFiniteOutputError",
+    "OutputError",
     "SegmentOptions",
     "SegmentResult",
+    "check_outputs",
+    "check_writable",
     "intensity_from_meta",
     "predict_volume",
     "segment_file",
@@ -40,6 +46,18 @@ __all__ = [
 ]
 
 DEFAULT_WINDOW = (192, 192, 64)
+
+
+class NonFiniteOutputError(RuntimeError):
+    """The network's output holds NaN/Inf: no segmentation can be trusted."""
+
+
+class OutputError(OSError):
+    """An output cannot be written (full disk, read-only folder, ...); the message names the output."""
+
+
+class InputOutputClash(ValueError):
+    """An output would overwrite an input, or two cases would write the same output."""
 
 
 @dataclass
@@ -114,6 +132,14 @@ def predict_volume(image: np.ndarray, model: nn.Module, opts: SegmentOptions) ->
     else:
         logits = sliding_window_inference(x, model, **kw)
     logits = logits[0].float().cpu()
+    bad = int((~torch.isfinite(logits)).sum())
+    if bad:
+        # argmax over NaN is silently class 0 everywhere: an all-background "result"
+        raise NonFiniteOutputError(
+            f"the model produced {bad} NaN/Inf logits of {logits.numel()}"
+            + (" under --bf16 (try without it)" if opts.bf16 else "")
+            + "; the checkpoint's weights or the input's intensities are out of range"
+        )
     if logits.shape[0] == 1:
         prob = torch.sigmoid(logits)
         labels = (prob[0] > 0.5).to(torch.uint8)
@@ -143,34 +169,88 @@ def segment_file(
     """Segment one file and write the result(s) on the input's grid (atomically).
 
     Everything is computed before anything is written, so a failure (bad
-    input, out of memory) leaves no output behind.
+    input, out of memory) leaves no output behind; labels and probabilities are
+    published together (:func:`ahnet_fast._atomic.atomic_group`: labels last, so
+    existing labels always sit beside their own probabilities). A write failure
+    raises :class:`OutputError` naming the output.
     """
     from ahnet_fast.data.intensity import normalise
 
     vol: Volume = load_volume(in_path, nonfinite=opts.nonfinite)  # type: ignore[arg-type]
     image = normalise(vol.array, intensity, where=str(in_path))
     res = predict_volume(image, model, opts)
-    if not probabilities:
-        save_like(res.labels, vol, out_path, dtype=res.labels.dtype)
-        return res
-    prob_path = probabilities_path(out_path)
-    save_like(res.probabilities, vol, prob_path, dtype=np.float32)
+    items = [(res.labels, out_path, res.labels.dtype)]
+    if probabilities:
+        # labels last: they are the marker that the case's pair of files is complete
+        items.insert(0, (res.probabilities, probabilities_path(out_path), np.dtype(np.float32)))
     try:
-        save_like(res.labels, vol, out_path, dtype=res.labels.dtype)
-    except BaseException:
-        prob_path.unlink(missing_ok=True)  # no half of a result pair left behind
-        raise
+        save_all_like(items, vol)
+    except OSError as exc:  # ENOSPC, EROFS, EACCES: the output is at fault, not the input
+        reason = exc.strerror or str(exc)
+        raise OutputError(f"{out_path}: cannot write the output ({reason}); nothing was written for {in_path}") \
+            from exc
     return res
 
 
-def collect_inputs(source: str | os.PathLike, out: str | os.PathLike, split: str = "test") -> list[tuple[str, Path]]:
+def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    try:
+        return os.path.samefile(a, b)  # hard links and symlinks to one file
+    except OSError:
+        return False
+
+
+def check_outputs(pairs: Sequence[tuple[str, Path]], probabilities: bool = False) -> None:
+    """Refuse a list of ``(input, output)`` pairs that would lose data, before anything runs.
+
+    Raises :class:`InputOutputClash` when an output (or, with ``probabilities``, its
+    ``*_probabilities`` file) is one of the inputs, by path or as the same file reached
+    through a link, or when two cases would write the same output file.
+    """
+    inputs = {os.path.realpath(src): src for src, _ in pairs}
+    owner: dict[str, str] = {}
+    for src, dst in pairs:
+        outs = [Path(dst)] + ([probabilities_path(dst)] if probabilities else [])
+        for out in outs:
+            real = os.path.realpath(out)
+            hit = inputs.get(real)
+            if hit is None and out.exists():
+                hit = next((i for i in inputs.values() if _same_file(out, i)), None)
+            if hit is not None:
+                raise InputOutputClash(
+                    f"{out}: output would overwrite the input {hit}; choose an output file or folder that "
+                    "holds none of the inputs"
+                )
+            if real in owner and owner[real] != src:
+                raise InputOutputClash(
+                    f"{out}: both {owner[real]} and {src} would be written to this output (same file name); "
+                    "segment them into separate folders or rename one"
+                )
+            owner[real] = src
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Raise :class:`OutputError` if no file can be created in ``folder`` (checked before inference)."""
+    import tempfile
+
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise OutputError(f"{folder}: output folder is not writable ({exc.strerror or exc})") from exc
+
+
+def collect_inputs(
+    source: str | os.PathLike, out: str | os.PathLike, split: str = "test", probabilities: bool = False
+) -> list[tuple[str, Path]]:
     """Pairs ``(input file, output file)`` for a file, a folder of NIfTI files, or a dataset.json.
 
     * file: ``out`` is the output file (must end in .nii/.nii.gz);
     * folder: every ``*.nii``/``*.nii.gz`` in it (not recursive) -> ``out/<same name>``;
     * ``*.json``: the ``split`` list (``test``, ``validation`` or ``training``) of a
       Medical Segmentation Decathlon dataset.json -> ``out/<image name>``.
-    Output folders are created.
+    Output folders are created. Lists that would overwrite an input or write two cases to
+    one file are refused (:func:`check_outputs`; ``probabilities``: the
+    ``*_probabilities`` outputs are checked too).
     """
     src, out = Path(source), Path(out)
     if not src.exists():
@@ -187,7 +267,9 @@ def collect_inputs(source: str | os.PathLike, out: str | os.PathLike, split: str
             raise VolumeError(f"{src}: the {split!r} list is empty or missing (non-empty: {avail})")
         files = [r.image for r in refs]
     elif src.is_dir():
-        files = sorted(str(p) for p in src.iterdir() if p.is_file() and is_nifti_path(p))
+        # hidden files are never inputs: temporaries of interrupted writes (ours and other tools')
+        files = sorted(str(p) for p in src.iterdir()
+                       if p.is_file() and is_nifti_path(p) and not p.name.startswith("."))
         if not files:
             raise VolumeError(f"{src}: folder holds no .nii/.nii.gz files")
     else:
@@ -195,14 +277,17 @@ def collect_inputs(source: str | os.PathLike, out: str | os.PathLike, split: str
             raise VolumeError(f"{out}: output for a single input file must end in .nii or .nii.gz")
         if not out.parent.is_dir():
             raise FileNotFoundError(f"{out}: output folder {out.parent} does not exist")
-        return [(str(src), out)]
+        pairs = [(str(src), out)]
+        check_outputs(pairs, probabilities)
+        return pairs
     if out.exists() and not out.is_dir():
         raise VolumeError(f"{out}: must be a folder when the input is a folder or a dataset.json")
-    out.mkdir(parents=True, exist_ok=True)
     pairs = []
     for f in files:
         name = Path(f).name
         if not is_nifti_path(name):
             name = name.rsplit(".", 1)[0] + ".nii.gz"
         pairs.append((f, out / name))
+    check_outputs(pairs, probabilities)  # before the folder is created: a refused run changes nothing
+    out.mkdir(parents=True, exist_ok=True)
     return pairs
