@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -207,3 +208,89 @@ def test_amp_training_and_measured_memory_on_gpu(tmp_path, amp):
     assert plain is not None and ck is not None and 0 < ck < plain
     choice = choose_config(64.0, f, 1, 3, [(64, 64, 32)], (2,), amp=amp, device="cuda")
     assert choice.method == "measured" and choice.peak_bytes == pytest.approx(plain, rel=0.05)
+
+
+def _weights(path):
+    ck = load_checkpoint(path)
+    return ck["step"], ck["best_dice"], ck["model"]
+
+
+def _same_checkpoint(a, b):
+    (sa, da, ma), (sb, db, mb) = _weights(a), _weights(b)
+    return sa == sb and da == db and ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
+
+
+def test_resume_after_a_kill_between_best_and_last_is_exact(tmp_path, monkeypatch):
+    """Every epoch improves here; the run dies right after writing best.pt at step 3, before last.pt.
+    The resumed run must end with the same best.pt and last.pt as an uninterrupted one."""
+    full = _trainer(tmp_path / "full", steps=4, spe=1, tiny=True)
+    full.fit()
+    part = _trainer(tmp_path / "part", steps=4, spe=1, tiny=True)
+    real_save = Trainer.save
+    written = []
+
+    def dying_save(self, name="last.pt"):
+        if name == "last.pt" and self.step == 3:
+            assert written[-1] == ("best.pt", 3)  # best.pt is on disk before last.pt records it
+            raise KeyboardInterrupt  # kill -9 between the two writes
+        written.append((name, self.step))
+        return real_save(self, name)
+
+    monkeypatch.setattr(Trainer, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        part.fit()
+    monkeypatch.setattr(Trainer, "save", real_save)
+    assert load_checkpoint(tmp_path / "part" / "last.pt")["step"] == 2
+    again = _trainer(tmp_path / "part", steps=4, spe=1, model_seed=7, tiny=True)
+    again.fit(resume=True)
+    for name in ("best.pt", "last.pt"):
+        assert _same_checkpoint(tmp_path / "full" / name, tmp_path / "part" / name), name
+    assert again.best_dice == full.best_dice
+
+
+def test_resume_rederives_a_best_that_last_recorded(tmp_path):
+    """A run written by the old order (last.pt saved before best.pt, killed in between): last.pt
+    records the improved Dice, best.pt is older. Resuming re-derives best.pt from last.pt."""
+    tr = _trainer(tmp_path, steps=4, spe=1, tiny=True)
+    tr.fit(stop_at_step=2)
+    old_best = (tmp_path / "best.pt").read_bytes()  # the step-2 best
+    _trainer(tmp_path, steps=4, spe=1, tiny=True).fit(resume=True, stop_at_step=3)
+    (tmp_path / "best.pt").write_bytes(old_best)
+    again = _trainer(tmp_path, steps=4, spe=1, tiny=True)
+    again.fit(resume=True, stop_at_step=3)
+    assert _same_checkpoint(tmp_path / "best.pt", tmp_path / "last.pt")
+    assert load_checkpoint(tmp_path / "best.pt")["step"] == 3
+    assert '"event": "best_rederived"' in (tmp_path / "log.jsonl").read_text()
+    # a recorded best whose weights were never saved anywhere: said, and the best falls back
+    ck = load_checkpoint(tmp_path / "last.pt")
+    save_checkpoint(tmp_path / "last.pt", {**ck, "best_dice": 0.99})
+    lost = _trainer(tmp_path, steps=4, spe=1, tiny=True)
+    logs = []
+    lost._log = logs.append
+    lost.fit(resume=True, stop_at_step=3)
+    assert lost.best_dice == ck["best_dice"] and any("were never saved" in m for m in logs)
+
+
+def test_resume_refuses_another_model_or_changed_settings(tmp_path):
+    run = tmp_path / "tiny"
+    _trainer(run, steps=4, spe=2, tiny=True).fit(stop_at_step=2)
+    # a checkpoint of another model configuration: a clear refusal, not a raw state_dict error
+    other = _trainer(run, steps=4, spe=2, tiny=True)
+    other.model_config = {"layers": (2, 1, 1, 1)}
+    with pytest.raises(ValueError, match=r"the checkpoint's model differs from this run's \(layers: None "
+                                         r"in the checkpoint, \[2, 1, 1, 1\] now\)"):
+        other.fit(resume=True)
+    # changed seed / learning rate / steps per epoch: refused, naming each change
+    for field, value, text in [("seed", 4, "seed 3 -> 4"), ("lr", 2e-3, "lr 0.001 -> 0.002"),
+                               ("steps_per_epoch", 1, "steps_per_epoch 2 -> 1")]:
+        tr = _trainer(run, steps=4, spe=2, tiny=True)
+        setattr(tr.cfg, field, value)
+        with pytest.raises(ValueError, match=re.escape(f"cannot resume with changed settings ({text})")):
+            tr.fit(resume=True)
+    # ... unless overridden explicitly: then it runs and the log says so
+    tr = _trainer(run, steps=4, spe=2, tiny=True)
+    tr.cfg.lr = 2e-3
+    tr.overrides = {"lr"}
+    assert tr.fit(resume=True)["steps"] == 4
+    assert '"event": "override"' in (run / "log.jsonl").read_text()
+    assert load_checkpoint(run / "last.pt")["train_config"]["lr"] == 2e-3

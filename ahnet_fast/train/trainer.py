@@ -37,7 +37,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import numpy as np
 import torch
@@ -225,6 +225,10 @@ class Trainer:
         extra: more entries for every checkpoint (e.g. preprocessing settings).
         log: callable for human-readable lines (default: print to stderr via tqdm).
         progress: show a tqdm bar.
+        overrides: :class:`TrainConfig` fields that may differ from the checkpoint's on
+            resume (the change is logged); any other difference refuses the resume, since
+            the continued run would no longer be the one that was started.
+        option_names: user-facing names of fields for messages (e.g. ``{"lr": "--lr-3d"}``).
     """
 
     def __init__(
@@ -242,8 +246,12 @@ class Trainer:
         extra: dict[str, Any] | None = None,
         log: Callable[[str], None] | None = None,
         progress: bool = True,
+        overrides: Collection[str] = (),
+        option_names: dict[str, str] | None = None,
     ) -> None:
         self.cfg = config
+        self.overrides = set(overrides)
+        self.option_names = dict(option_names or {})
         self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device)
         self.model_config = dict(model_config)
@@ -345,6 +353,7 @@ class Trainer:
         ck = load_checkpoint(path, map_location=self.device)
         if ck.get("stage") not in (None, self.stage):
             raise ValueError(f"{path}: checkpoint of stage {ck.get('stage')!r}, cannot resume stage {self.stage!r}")
+        self._check_same_run(path, ck)
         self.model.load_state_dict(ck["model"])
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scaler.load_state_dict(ck["scaler"])
@@ -358,6 +367,77 @@ class Trainer:
         if acc is not None:
             self._acc = {"loss": float(acc["loss"]), "n": int(acc["n"]),
                          "counts": acc["counts"].cpu().numpy().astype(np.int64), "samples": int(acc["samples"])}
+
+    def _check_same_run(self, path: str | os.PathLike, ck: dict[str, Any]) -> None:
+        """Refuse to resume a checkpoint of another model, or with changed settings not overridden."""
+        saved_model = _comparable(ck.get("model_config"))
+        if "model_config" in ck and saved_model != _comparable(self.model_config):
+            diff = _differences(saved_model, _comparable(self.model_config))
+            raise ValueError(
+                f"{path}: cannot resume: the checkpoint's model differs from this run's ({diff}); resume with "
+                "the model options it was trained with (--layers, --psp, --upsample, ...) or train into a new --out"
+            )
+        saved = ck.get("train_config")
+        if not isinstance(saved, dict):
+            return  # written before train_config was recorded: nothing to compare
+        now = _comparable(asdict(self.cfg))
+        saved = _comparable(saved)
+        changed = {k: (saved.get(k), now[k]) for k in now
+                   if k not in _RESUME_FREE and k in saved and saved.get(k) != now[k]}
+        refused = {k: v for k, v in changed.items() if k not in self.overrides}
+        if refused:
+            names = ", ".join(f"{self.option_names.get(k, k)} {a} -> {b}" for k, (a, b) in refused.items())
+            keys = ",".join(self.option_names.get(k, k).lstrip("-").replace("-", "_") for k in refused)
+            raise ValueError(
+                f"{path}: cannot resume with changed settings ({names}): the result would match neither run; "
+                f"give the original values, or --override {keys} to change them on purpose"
+            )
+        if changed:
+            text = ", ".join(f"{self.option_names.get(k, k)} {a} -> {b}" for k, (a, b) in changed.items())
+            self.log(f"[{self.stage}] resuming with overridden settings: {text}")
+            self._jsonl({"event": "override", "step": int(ck.get("step", 0)),
+                         "changes": {k: [a, b] for k, (a, b) in changed.items()}})
+
+    def _reconcile_best(self, last: Path) -> None:
+        """Make ``best.pt`` hold the best Dice that ``last.pt`` records.
+
+        Runs written before best.pt was saved ahead of last.pt (or whose best.pt was lost) can
+        resume with last.pt naming a best Dice that best.pt lacks. If last.pt is itself the
+        state that reached it, best.pt is re-derived from it; otherwise those weights are gone,
+        which is said, and the best Dice falls back to what best.pt holds, so the final model
+        and the reported best agree.
+        """
+        if not math.isfinite(self.best_dice):
+            return
+        best = self.out / "best.pt"
+        held = -math.inf
+        if best.is_file():
+            try:
+                held = float(load_checkpoint(best, map_location="cpu").get("best_dice", -math.inf))
+            except ValueError:  # unreadable or corrupted best.pt: as good as missing
+                held = -math.inf
+        if held >= self.best_dice:
+            return
+        # last.pt is the best state only if it was written at the end of the epoch that reached it
+        # (not by a later mid-epoch ckpt_every save)
+        rec = self.history[-1] if self.history else {}
+        if rec.get("mean_fg_dice") == self.best_dice and rec.get("step") == self.step:
+            import shutil
+
+            from ahnet_fast._atomic import atomic_path
+
+            if self.rank == 0:
+                with atomic_path(best, fsync=True) as tmp:
+                    shutil.copyfile(last, tmp)
+            self.log(f"[{self.stage}] best.pt re-derived from last.pt (mean fg Dice {self.best_dice:.3f}, "
+                     f"step {self.step})")
+            self._jsonl({"event": "best_rederived", "step": self.step, "best_dice": self.best_dice})
+            return
+        self.log(f"[{self.stage}] warning: last.pt records best mean fg Dice {self.best_dice:.3f} but best.pt "
+                 f"holds {held:.3f}; the weights of the better epoch were never saved, continuing with "
+                 f"{held:.3f} as the best")
+        self._jsonl({"event": "best_lost", "step": self.step, "recorded": self.best_dice, "held": held})
+        self.best_dice = held
 
     # ------------------------------------------------------------------ validation
     def _autocast(self):
@@ -414,6 +494,7 @@ class Trainer:
             self.load(last)
             self.log(f"[{self.stage}] resumed from {last} at step {self.step}/{cfg.steps}")
             self._jsonl({"event": "resume", "step": self.step})
+            self._reconcile_best(last)
         else:
             torch.manual_seed(cfg.seed)
         end = cfg.steps if stop_at_step is None else min(cfg.steps, stop_at_step)
@@ -538,14 +619,33 @@ class Trainer:
             self._jsonl({"event": "loss_switch", "step": self.step, "to": "focal"})
         if self.step >= self.cfg.steps:
             self.finished = True
-        self.save("last.pt")
+        # best.pt first: last.pt records best_dice, so once it is on disk the best weights must be too
+        # (a run killed between the two writes resumes from the previous last.pt and redoes this epoch)
         if improved:
             self.save("best.pt")
+        self.save("last.pt")
 
     def _result(self, seconds: float) -> dict[str, Any]:
         last = self.history[-1]["mean_fg_dice"] if self.history else float("nan")
         return {"best_dice": self.best_dice, "last_dice": last, "steps": self.step, "epochs": self.epoch,
                 "history": self.history, "seconds": seconds, "finished": self.finished}
+
+
+#: TrainConfig fields that may change on resume without changing the run (placement, loading, how often
+#: last.pt is written)
+_RESUME_FREE = frozenset({"device", "num_workers", "ckpt_every"})
+
+
+def _comparable(x: Any) -> Any:
+    """A checkpoint-stored value and a live one compare equal (tuples come back as lists, ...)."""
+    return json.loads(json.dumps(_plain(x), default=_json_default))
+
+
+def _differences(a: Any, b: Any) -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        return ", ".join(f"{k}: {a.get(k)} in the checkpoint, {b.get(k)} now" for k in keys)
+    return f"{a} in the checkpoint, {b} now"
 
 
 def _finite(x: Any) -> Any:
