@@ -18,8 +18,10 @@ into the matching dense layout (correct, and never hit by the ops layer).
 """
 from __future__ import annotations
 
+import contextlib
+import math
 import os
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 import triton
@@ -29,6 +31,27 @@ INTERPRET: bool = os.environ.get("TRITON_INTERPRET") == "1"
 _INTERPRET_C = tl.constexpr(INTERPRET)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_GPU_PLANS = False
+
+
+@contextlib.contextmanager
+def gpu_plans() -> Iterator[None]:
+    """Inside this context the launchers choose tiles, warps and flags as on a GPU even under
+    the interpreter.  Only for recording launches that are NOT run (the CPU census of what a GPU
+    compiles: tests, bench/static_sm90.py): interpreted with GPU tiles and without the bf16
+    upcast, results would be slow and wrong."""
+    global _GPU_PLANS
+    prev, _GPU_PLANS = _GPU_PLANS, True
+    try:
+        yield
+    finally:
+        _GPU_PLANS = prev
+
+
+def interp_tiles() -> bool:
+    """True when launchers must choose the interpreter's tiles and flags (see gpu_plans)."""
+    return INTERPRET and not _GPU_PLANS
 
 # Offsets are computed in int32 unless some tensor's furthest element could pass this.
 _I32_LIMIT = 2**31 - 1
@@ -180,11 +203,52 @@ def needs_i64(*tensors: Optional[torch.Tensor], extra: int = 0) -> bool:
     return False
 
 
+def vec_align(t: torch.Tensor) -> int:
+    """Layout constexpr of a (N, C, H, W, D) kernel operand: 0 when its channel stride is not 1
+    (the contiguous kind), else the largest power of two <= 16 dividing every other stride (a
+    channels-last buffer of Ctot channels: the power-of-two part of Ctot).  It depends on the
+    layout and the buffer's channel count only, never on the spatial size, so it can replace
+    Triton's per-launch stride specialisation (see conv._CONV_NO_SPEC)."""
+    if t.size(1) > 1 and t.stride(1) != 1:
+        return 0
+    g = 16
+    for i in (0, 2, 3, 4):
+        if t.size(i) > 1:
+            g = math.gcd(g, abs(t.stride(i)))
+    return g
+
+
+def vec_aligns(primary: torch.Tensor, *others: Optional[torch.Tensor]) -> tuple[int, ...]:
+    """vec_align of the tensor whose layout picks an elementwise kernel's tile, then of the
+    others (None -> 0).  When the primary is of the contiguous kind its tiles are a few channels
+    wide, so wide channel vectors of the others buy nothing: they get 0 (generic addressing,
+    always correct), which keeps a mixed-layout call from compiling one more variant per
+    alignment of the others."""
+    vp = vec_align(primary)
+    return (vp, *((vec_align(t) if (t is not None and vp > 0) else 0) for t in others))
+
+
 def stats_partials(P: int, C: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Buffers for per-tile (count, mean, M2) partials, each fp32 (P, C)."""
     return (torch.empty((P, C), dtype=torch.float32, device=device),
             torch.empty((P, C), dtype=torch.float32, device=device),
             torch.empty((P, C), dtype=torch.float32, device=device))
+
+
+@triton.jit
+def tile_offsets(rows, cols, cstride, V: tl.constexpr):
+    """rows[:, None] + cols[None, :] * cstride: element offsets of a [rows, channels] tile.
+
+    V > 0: the channel stride is 1 and every row offset is a multiple of V (the launcher passes
+    vec_align(tensor), which guarantees it) -> contiguous, aligned channel vectors that the
+    compiler turns into wide loads/stores even though no stride is specialised.  V == 0: any
+    channel stride (the contiguous kind)."""
+    if V > 0:
+        if V > 1:
+            rows = tl.multiple_of(rows, V)
+        return rows[:, None] + cols[None, :]
+    else:
+        return rows[:, None] + (cols * cstride)[None, :]
 
 
 @triton.jit

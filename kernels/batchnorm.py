@@ -25,9 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, cdiv, check_channel_vec, check_tensor5, check_zpool, empty5,
-                      flat_strides, is_channels_last, needs_i64, next_pow2, prepare_output, stats_partials,
-                      to_dtype)
+from ._common import (cdiv, check_channel_vec, check_tensor5, check_zpool, empty5,
+                      flat_strides, interp_tiles, is_channels_last, needs_i64, next_pow2, prepare_output,
+                      stats_partials, tile_offsets, to_dtype, vec_align, vec_aligns)
 from .zpool import pair_take_second
 
 # ----------------------------------------------------------------------------------------------
@@ -60,10 +60,15 @@ def tile_stats(v, valid, nvalid):
     return mean, m2
 
 
-@triton.jit
+# Sizes and strides are not specialised by Triton ("== 1" / "% 16"): they change with the input
+# size, and a specialisation on them is one more compile per size.  One compiled kernel serves
+# every size; the layout facts the compiler needs for wide channel loads come as the per-tensor
+# constexprs XV/YV/... = _common.vec_align(tensor) (0: channel stride != 1).  C stays
+# specialised (the channel mask's alignment).
+@triton.jit(do_not_specialize=("S", "HWD", "sxn", "sxp", "sxc", "ROWS_PER_PROG"))
 def _stats_partial_kernel(x_ptr, pcnt_ptr, pmean_ptr, pm2_ptr, S, HWD, C, sxn, sxp, sxc,
                           ROWS_PER_PROG, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
-                          I64: tl.constexpr):
+                          I64: tl.constexpr, XV: tl.constexpr):
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -83,7 +88,7 @@ def _stats_partial_kernel(x_ptr, pcnt_ptr, pmean_ptr, pm2_ptr, S, HWD, C, sxn, s
         p = s % HWD
         rv = s < S
         valid = rv[:, None] & cm[None, :]
-        off = (n * sxn + p * sxp)[:, None] + (cc * sxc)[None, :]
+        off = tile_offsets(n * sxn + p * sxp, cc, sxc, XV)
         v = tl.load(x_ptr + off, mask=valid, other=0.0).to(tl.float32)
         nb = tl.sum(rv.to(tl.float32), axis=0)
         mb, m2b = tile_stats(v, valid, nb)
@@ -99,7 +104,8 @@ def _chan_combine(na, ma, m2a, nb, mb, m2b):
     return chan_merge(na, ma, m2a, nb, mb, m2b)
 
 
-@triton.jit
+# partial buffers are tiny (P x C fp32): C is not specialised either, so one kernel serves all
+@triton.jit(do_not_specialize=("P", "C"))
 def stats_merge_kernel(pcnt_ptr, pmean_ptr, pm2_ptr, P, C, mean_ptr, var_ptr,
                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Combine (P, C) partials into per-channel mean and biased variance (fixed order)."""
@@ -128,8 +134,8 @@ def merge_stats(pcnt: torch.Tensor, pmean: torch.Tensor, pm2: torch.Tensor) -> t
     P, C = pmean.shape
     mean = torch.empty(C, dtype=torch.float32, device=pmean.device)
     var = torch.empty(C, dtype=torch.float32, device=pmean.device)
-    bc = min(next_pow2(C), 64)
-    bp = min(next_pow2(P), _MERGE_BLOCK_P)
+    bc = _merge_block_c(C)
+    bp = _merge_block_p(P)
     stats_merge_kernel[(cdiv(C, bc),)](pcnt, pmean, pm2, P, C, mean, var,
                                        BLOCK_P=bp, BLOCK_C=bc, num_warps=4)
     return mean, var
@@ -137,12 +143,17 @@ def merge_stats(pcnt: torch.Tensor, pmean: torch.Tensor, pm2: torch.Tensor) -> t
 
 def _row_tile(C: int, S: int, channels_last: bool) -> tuple[int, int]:
     """[BLOCK_S, BLOCK_C] of about 2K elements; C-vectors as rows in the channels-last kind.
-    Fewer rows when S (the number of rows) is smaller than that."""
-    if channels_last or INTERPRET:   # the interpreter pays per program: few, wide tiles
+    On a GPU the tile never depends on S (a size-dependent tile is one more compile per input
+    size; a small tensor just masks rows).  The interpreter pays per element of a tile, so
+    there it shrinks to the number of rows."""
+    interp = interp_tiles()
+    if channels_last or interp:   # the interpreter pays per program: few, wide tiles
         bc = min(next_pow2(C), 64)
     else:
         bc = min(next_pow2(C), 4)
-    return max(min(2048 // bc, next_pow2(S)), 16), bc
+    if interp:
+        return max(min(2048 // bc, next_pow2(S)), 16), bc
+    return 2048 // bc, bc
 
 
 # Upper bound on per-channel partials of a reduction (P x C-blocks programs): about 8 waves of
@@ -150,6 +161,16 @@ def _row_tile(C: int, S: int, channels_last: bool) -> tuple[int, int]:
 _MAX_PARTIALS = 1024
 # Partials combined per step of the merge kernels (tree order inside a step, sequential across).
 _MERGE_BLOCK_P = 64
+
+
+def _merge_block_p(P: int) -> int:
+    """Partials per merge step: fixed on a GPU (no per-size compile), <= P under the interpreter."""
+    return min(next_pow2(P), _MERGE_BLOCK_P) if interp_tiles() else _MERGE_BLOCK_P
+
+
+def _merge_block_c(C: int) -> int:
+    """Channels per merge program: fixed on a GPU (one compile for every C), <= C interpreted."""
+    return min(next_pow2(C), 64) if interp_tiles() else 64
 
 
 def _num_partials(S: int, bs: int, n_cblocks: int) -> tuple[int, int]:
@@ -179,7 +200,7 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     pcnt, pmean, pm2 = stats_partials(P, C, x.device)
     _stats_partial_kernel[(P, ncb)](x, pcnt, pmean, pm2, S, H * W * D, C, sxn, sxp, sxc, rows,
                                     BLOCK_S=bs, BLOCK_C=bc, I64=needs_i64(x, extra=S + rows),
-                                    num_warps=4)
+                                    XV=vec_align(x), num_warps=4)
     return merge_stats(pcnt, pmean, pm2)
 
 
@@ -188,11 +209,13 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("S", "HWDo", "Dp", "D", "syn", "syp", "syc", "srn", "srp", "src",
+                               "son", "sop", "soc"))
 def _bn_apply_kernel(y_ptr, scale_ptr, shift_ptr, r_ptr, o_ptr, S, HWDo, Dp, D, C,
                      syn, syp, syc, srn, srp, src, son, sop, soc,
                      POOL: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
-                     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, I64: tl.constexpr):
+                     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, I64: tl.constexpr,
+                     YV: tl.constexpr, RV: tl.constexpr, OV: tl.constexpr):
     pid_s = tl.program_id(0)
     pid_c = tl.program_id(1)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -212,17 +235,18 @@ def _bn_apply_kernel(y_ptr, scale_ptr, shift_ptr, r_ptr, o_ptr, S, HWDo, Dp, D, 
     mask = (s < S)[:, None] & cm[None, :]
     sc = tl.load(scale_ptr + c, mask=cm, other=0.0)[None, :]
     sh = tl.load(shift_ptr + c, mask=cm, other=0.0)[None, :]
-    yo = (n * syn + p * syp)[:, None] + (cc * syc)[None, :]
+    yo = tile_offsets(n * syn + p * syp, cc, syc, YV)
     t = tl.load(y_ptr + yo, mask=mask, other=0.0).to(tl.float32) * sc + sh
     if POOL:
-        t2 = tl.load(y_ptr + yo + syp, mask=mask, other=0.0).to(tl.float32) * sc + sh
+        y2 = tile_offsets(n * syn + p * syp + syp, cc, syc, YV)
+        t2 = tl.load(y_ptr + y2, mask=mask, other=0.0).to(tl.float32) * sc + sh
         t = tl.where(pair_take_second(t, t2), t2, t)
     if HAS_RES:
-        ro = (n * srn + q * srp)[:, None] + (cc * src)[None, :]
+        ro = tile_offsets(n * srn + q * srp, cc, src, RV)
         t = t + tl.load(r_ptr + ro, mask=mask, other=0.0).to(tl.float32)
     if RELU:
         t = tl.where(t < 0.0, 0.0, t)   # keeps NaN, like torch.relu
-    oo = (n * son + q * sop)[:, None] + (cc * soc)[None, :]
+    oo = tile_offsets(n * son + q * sop, cc, soc, OV)
     tl.store(o_ptr + oo, to_dtype(t, o_ptr.dtype.element_ty), mask=mask)
 
 
@@ -258,12 +282,13 @@ def bn_act_apply(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, z
     S = N * H * W * Do
     bs, bc = _row_tile(C, S, is_channels_last(y))
     grid = (cdiv(S, bs), cdiv(C, bc))
+    yv, rv, ov = vec_aligns(y, residual, o)
     _bn_apply_kernel[grid](y, scale, shift, residual if residual is not None else y, o,
                            S, H * W * Do, max(Do, 1), D, C,
                            syn, syp, syc, srn, srp, src, son, sop, soc,
                            POOL=pool, HAS_RES=residual is not None, RELU=bool(relu),
                            BLOCK_S=bs, BLOCK_C=bc, I64=needs_i64(y, o, residual, extra=S + bs),
-                           num_warps=4)
+                           YV=yv, RV=rv, OV=ov, num_warps=4)
     return o
 
 
@@ -275,7 +300,8 @@ def bn_act_apply(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, z
 @triton.jit
 def _bn_bwd_tile(g_ptr, y_ptr, o_ptr, beta_ptr, s, c, cc, cm, mean, invstd, gam,
                  S, HWR, R, Dp, D, sgn, sgp, sgc, syn, syp, syc, son, sop, soc,
-                 POOL: tl.constexpr, RELU: tl.constexpr, HAS_OUT: tl.constexpr):
+                 POOL: tl.constexpr, RELU: tl.constexpr, HAS_OUT: tl.constexpr,
+                 GV: tl.constexpr, YV: tl.constexpr, OV: tl.constexpr):
     """Load one tile and route the gradient.
 
     Rows are (n, hw, jj), jj in [0, R).  POOL: R = ceil(D/2), elements (2jj, 2jj+1) of y feed
@@ -301,14 +327,14 @@ def _bn_bwd_tile(g_ptr, y_ptr, o_ptr, beta_ptr, s, c, cc, cm, mean, invstd, gam,
     cm2 = cm[None, :]
     m_a = row_ok[:, None] & cm2
     m_g = pair_ok[:, None] & cm2
-    ya_off = (n * syn + p * syp)[:, None] + (cc * syc)[None, :]
+    ya_off = tile_offsets(n * syn + p * syp, cc, syc, YV)
     ya = tl.load(y_ptr + ya_off, mask=m_a, other=0.0).to(tl.float32)
     xa = (ya - mean[None, :]) * invstd[None, :]
-    go_off = (n * sgn + q * sgp)[:, None] + (cc * sgc)[None, :]
+    go_off = tile_offsets(n * sgn + q * sgp, cc, sgc, GV)
     g = tl.load(g_ptr + go_off, mask=m_g, other=0.0).to(tl.float32)
     if RELU:
         if HAS_OUT:
-            oo = (n * son + q * sop)[:, None] + (cc * soc)[None, :]
+            oo = tile_offsets(n * son + q * sop, cc, soc, OV)
             o = tl.load(o_ptr + oo, mask=m_g, other=0.0).to(tl.float32)
             g = tl.where(o > 0.0, g, 0.0)
         else:
@@ -318,7 +344,7 @@ def _bn_bwd_tile(g_ptr, y_ptr, o_ptr, beta_ptr, s, c, cc, cm, mean, invstd, gam,
             g = tl.where(t > 0.0, g, 0.0)
     if POOL:
         m_b = m_g
-        yb = tl.load(y_ptr + ya_off + syp, mask=m_b, other=0.0).to(tl.float32)
+        yb = tl.load(y_ptr + tile_offsets(n * syn + p * syp + syp, cc, syc, YV), mask=m_b, other=0.0).to(tl.float32)
         xb = (yb - mean[None, :]) * invstd[None, :]
         # t = gamma*xhat + beta is affine in y with the sign of gamma (invstd > 0): route on the
         # exact order of t, first element wins ties, NaN takes (torch max-pool rule).
@@ -335,13 +361,15 @@ def _bn_bwd_tile(g_ptr, y_ptr, o_ptr, beta_ptr, s, c, cc, cm, mean, invstd, gam,
     return ga, gb, xa, xb, g, ya_off, m_a, m_b, go_off, m_g
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("S", "HWR", "R", "Dp", "D", "sgn", "sgp", "sgc", "syn", "syp", "syc",
+                               "son", "sop", "soc", "ROWS_PER_PROG"))
 def _bn_bwd_reduce_kernel(g_ptr, y_ptr, o_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
                           psg_ptr, psgx_ptr, S, HWR, R, Dp, D, C,
                           sgn, sgp, sgc, syn, syp, syc, son, sop, soc, ROWS_PER_PROG,
                           POOL: tl.constexpr, RELU: tl.constexpr, HAS_OUT: tl.constexpr,
                           HAS_GAMMA: tl.constexpr,
-                          BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, I64: tl.constexpr):
+                          BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, I64: tl.constexpr,
+                          GV: tl.constexpr, YV: tl.constexpr, OV: tl.constexpr):
     pid_p = tl.program_id(0)
     pid_c = tl.program_id(1)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -365,7 +393,7 @@ def _bn_bwd_reduce_kernel(g_ptr, y_ptr, o_ptr, mean_ptr, invstd_ptr, gamma_ptr, 
         ga, gb, xa, xb, g, ya_off, m_a, m_b, go_off, m_g = _bn_bwd_tile(
             g_ptr, y_ptr, o_ptr, beta_ptr, s, c, cc, cm, mean, invstd, gam,
             S, HWR, R, Dp, D, sgn, sgp, sgc, syn, syp, syc, son, sop, soc,
-            POOL, RELU, HAS_OUT)
+            POOL, RELU, HAS_OUT, GV, YV, OV)
         # masked lanes carry g == 0, so they add exactly 0 (xa/xb are finite there)
         acc_g += tl.sum(ga + gb, axis=0)
         acc_gx += tl.sum(tl.where(m_a, ga * xa, 0.0) + tl.where(m_b, gb * xb, 0.0), axis=0)
@@ -374,7 +402,7 @@ def _bn_bwd_reduce_kernel(g_ptr, y_ptr, o_ptr, mean_ptr, invstd_ptr, gamma_ptr, 
     tl.store(psgx_ptr + po, acc_gx, mask=cm)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("P", "C"))
 def _sum_partials_kernel(pa_ptr, pb_ptr, P, C, a_ptr, b_ptr,
                          BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     pid_c = tl.program_id(0)
@@ -392,14 +420,17 @@ def _sum_partials_kernel(pa_ptr, pb_ptr, P, C, a_ptr, b_ptr,
     tl.store(b_ptr + c, acc_b, mask=cm)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("S", "HWR", "R", "Dp", "D", "sgn", "sgp", "sgc", "syn", "syp", "syc",
+                               "son", "sop", "soc", "sdn", "sdp", "sdc", "srn", "srp", "src"))
 def _bn_bwd_apply_kernel(g_ptr, y_ptr, o_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
                          sg_ptr, sgx_ptr, gy_ptr, gr_ptr, inv_M, S, HWR, R, Dp, D, C,
                          sgn, sgp, sgc, syn, syp, syc, son, sop, soc,
                          sdn, sdp, sdc, srn, srp, src,
                          POOL: tl.constexpr, RELU: tl.constexpr, HAS_OUT: tl.constexpr,
                          HAS_GAMMA: tl.constexpr, BATCH_STATS: tl.constexpr, RES_GRAD: tl.constexpr,
-                         BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, I64: tl.constexpr):
+                         BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, I64: tl.constexpr,
+                         GV: tl.constexpr, YV: tl.constexpr, OV: tl.constexpr, DV: tl.constexpr,
+                         RV: tl.constexpr):
     pid_s = tl.program_id(0)
     pid_c = tl.program_id(1)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -419,7 +450,7 @@ def _bn_bwd_apply_kernel(g_ptr, y_ptr, o_ptr, mean_ptr, invstd_ptr, gamma_ptr, b
     ga, gb, xa, xb, g, ya_off, m_a, m_b, go_off, m_g = _bn_bwd_tile(
         g_ptr, y_ptr, o_ptr, beta_ptr, s, c, cc, cm, mean, invstd, gam,
         S, HWR, R, Dp, D, sgn, sgp, sgc, syn, syp, syc, son, sop, soc,
-        POOL, RELU, HAS_OUT)
+        POOL, RELU, HAS_OUT, GV, YV, OV)
     k = (gam * invstd)[None, :]
     if BATCH_STATS:
         sbm = (tl.load(sg_ptr + c, mask=cm, other=0.0) * inv_M)[None, :]
@@ -440,12 +471,13 @@ def _bn_bwd_apply_kernel(g_ptr, y_ptr, o_ptr, mean_ptr, invstd_ptr, gamma_ptr, b
     else:
         p = hw * D + jj
         q = p
-    do = (n * sdn + p * sdp)[:, None] + (cc * sdc)[None, :]
+    do = tile_offsets(n * sdn + p * sdp, cc, sdc, DV)
     tl.store(gy_ptr + do, to_dtype(da, gy_ptr.dtype.element_ty), mask=m_a)
     if POOL:
-        tl.store(gy_ptr + do + sdp, to_dtype(db, gy_ptr.dtype.element_ty), mask=m_b)
+        do2 = tile_offsets(n * sdn + p * sdp + sdp, cc, sdc, DV)
+        tl.store(gy_ptr + do2, to_dtype(db, gy_ptr.dtype.element_ty), mask=m_b)
     if RES_GRAD:
-        ro = (n * srn + q * srp)[:, None] + (cc * src)[None, :]
+        ro = tile_offsets(n * srn + q * srp, cc, src, RV)
         tl.store(gr_ptr + ro, to_dtype(g, gr_ptr.dtype.element_ty), mask=m_g)
 
 
@@ -516,7 +548,9 @@ def bn_act_backward(grad_out: torch.Tensor, y: torch.Tensor, mean: torch.Tensor,
     bs, bc = _row_tile(C, S, is_channels_last(y))
     ncb = cdiv(C, bc)
     i64 = needs_i64(y, grad_out, out, gres, extra=S + bs)
-    common = dict(POOL=pool, RELU=bool(relu), HAS_OUT=out is not None, HAS_GAMMA=gamma is not None)
+    yv, gv, ov, dv, rv = vec_aligns(y, grad_out, out, gy, gres)
+    common = dict(POOL=pool, RELU=bool(relu), HAS_OUT=out is not None, HAS_GAMMA=gamma is not None,
+                  YV=yv, GV=gv, OV=ov)
     dummy = mean
     P, rows = _num_partials(S, bs, ncb)
     psg = torch.empty((P, C), dtype=torch.float32, device=y.device)
@@ -527,9 +561,9 @@ def bn_act_backward(grad_out: torch.Tensor, y: torch.Tensor, mean: torch.Tensor,
         psg, psgx, S, H * W * R, R, max(Do, 1), D, C,
         sgn, sgp, sgc, syn, syp, syc, son, sop, soc, rows,
         BLOCK_S=bs, BLOCK_C=bc, I64=i64, num_warps=4, **common)
-    bcs = min(next_pow2(C), 64)
+    bcs = _merge_block_c(C)
     _sum_partials_kernel[(cdiv(C, bcs),)](psg, psgx, P, C, sum_g, sum_gx,
-                                          BLOCK_P=min(next_pow2(P), _MERGE_BLOCK_P), BLOCK_C=bcs, num_warps=4)
+                                          BLOCK_P=_merge_block_p(P), BLOCK_C=bcs, num_warps=4)
     grid = (cdiv(S, bs), ncb)
     _bn_bwd_apply_kernel[grid](
         grad_out, y, out if out is not None else y, mean, invstd,
@@ -537,5 +571,6 @@ def bn_act_backward(grad_out: torch.Tensor, y: torch.Tensor, mean: torch.Tensor,
         sum_g, sum_gx, gy, gres if gres is not None else gy, 1.0 / M, S, H * W * R, R, max(Do, 1), D, C,
         sgn, sgp, sgc, syn, syp, syc, son, sop, soc, sdn, sdp, sdc, srn, srp, src,
         BATCH_STATS=bool(batch_stats), RES_GRAD=bool(residual_grad),
+        DV=dv, RV=rv,
         BLOCK_S=bs, BLOCK_C=bc, I64=i64, num_warps=4, **common)
     return gy, (sum_gx if gamma is not None else None), sum_g, gres

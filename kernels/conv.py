@@ -9,8 +9,8 @@ one flat K loop over (tap, BLOCK_K chunk of input channels) -- flat so that the 
 overlap the loads of step k+1 with the MMA of step k even when Cin fits in one chunk:
   A tile [BLOCK_M, BLOCK_K] = x[n, ci, ho*sh-ph+kh, wo*sw-pw+kw, d*sd-pd+kd]   (channels-last:
       each row is a contiguous run of BLOCK_K channels -> coalesced, vectorised loads)
-  B tile [BLOCK_K, BLOCK_N] = w_packed[tap, ci, co] (weights repacked once per call to
-      (KH*KW*KD, Cin, Cout), contiguous in co; small, L2-resident)
+  B tile [BLOCK_K, BLOCK_N] = w_packed[tap, ci, co] (pack_conv_weight: (KH*KW*KD*Cin, Cout),
+      contiguous in co; small, L2-resident; a caller may cache it and pass packed_weight=)
   acc += tl.dot(A, B) with fp32 accumulation (tensor cores for bf16/fp16; fp32 uses TF32 only if
   torch.backends.cuda.matmul.allow_tf32, else IEEE).
 Prologue (pre-activation BN): A = relu(A*in_scale[ci] + in_shift[ci]) in fp32, rounded back to the
@@ -31,8 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, cdiv, check_channel_vec, check_tensor5, check_zpool,
-                      needs_i64, next_pow2, prepare_output, stats_partials, to_dtype)
+from ._common import (cdiv, check_channel_vec, check_tensor5, check_zpool, interp_tiles,
+                      needs_i64, next_pow2, prepare_output, stats_partials, tile_offsets, to_dtype,
+                      vec_align)
 from .batchnorm import merge_stats, tile_stats
 from .zpool import pair_take_second
 
@@ -41,12 +42,12 @@ _POOL_CODES = {"none": 0, "before_affine": 1, "after_affine": 2}
 
 @triton.jit
 def _load_a(x_ptr, isc_ptr, ish_ptr, xrow, d_in, row_ok, ci, ci_ok, cio, H, W, D, hi, wi,
-            sxc, sxh, sxw, sxd, HAS_PRO: tl.constexpr, IN_RELU: tl.constexpr):
+            sxc, sxh, sxw, sxd, HAS_PRO: tl.constexpr, IN_RELU: tl.constexpr, XV: tl.constexpr):
     """A tile [BLOCK_M, BLOCK_K] of one tap at input depth d_in, with the BN+ReLU prologue."""
     ok = row_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W) & (d_in >= 0) & (d_in < D)
     base = xrow + hi * sxh + wi * sxw + d_in * sxd
     am = ok[:, None] & ci_ok[None, :]
-    a = tl.load(x_ptr + base[:, None] + (cio * sxc)[None, :], mask=am, other=0.0)
+    a = tl.load(x_ptr + tile_offsets(base, cio, sxc, XV), mask=am, other=0.0)
     if HAS_PRO:
         sc = tl.load(isc_ptr + ci, mask=ci_ok, other=0.0)
         sh = tl.load(ish_ptr + ci, mask=ci_ok, other=0.0)
@@ -70,7 +71,19 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.c
     return acc
 
 
-@triton.jit
+# Triton specialises every int argument on "== 1" and "% 16 == 0" and compiles one kernel per
+# combination.  Spatial sizes and strides change with the input size (and, in the contiguous kind
+# or with odd channel counts, so does their divisibility), so they are NOT specialised: the kernel
+# compiled for one input size is the kernel for every size.  What the compiler needs from the
+# strides (unit channel stride -> contiguous channel vectors; row offsets divisible by 8 -> 16-byte
+# loads) is passed instead as the XV/OV/RV constexprs, which depend on the layout and the channel
+# count of the buffer only (see _common.vec_align).  Cin/Cout/stride/padding stay specialised.
+_CONV_NO_SPEC = ("M", "H", "W", "D", "Ho", "Wo", "Dr",
+                 "sxn", "sxc", "sxh", "sxw", "sxd", "son", "soc", "soh", "sow", "sod",
+                 "srn", "src", "srh", "srw", "srd")
+
+
+@triton.jit(do_not_specialize=_CONV_NO_SPEC)
 def _conv_kernel(x_ptr, w_ptr, bias_ptr, isc_ptr, ish_ptr, osc_ptr, osh_ptr, res_ptr, out_ptr,
                  pcnt_ptr, pmean_ptr, pm2_ptr,
                  M, Cin, Cout, H, W, D, Ho, Wo, Dr,
@@ -78,13 +91,12 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, isc_ptr, ish_ptr, osc_ptr, osh_ptr, res
                  son, soc, soh, sow, sod,
                  srn, src, srh, srw, srd,
                  STH, STW, STD, PH, PW, PD,
-                 M_BUCKET,  # autotune key only (shape bucket)
                  KH: tl.constexpr, KW: tl.constexpr, KD: tl.constexpr,
                  HAS_BIAS: tl.constexpr, HAS_PRO: tl.constexpr, IN_RELU: tl.constexpr,
                  HAS_OSC: tl.constexpr, HAS_OSH: tl.constexpr, POOL: tl.constexpr,
                  HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr,
                  UPCAST: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
-                 I64: tl.constexpr,
+                 I64: tl.constexpr, XV: tl.constexpr, OV: tl.constexpr, RV: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -132,12 +144,12 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, isc_ptr, ish_ptr, osc_ptr, osh_ptr, res
         b = tl.load(w_ptr + ((tap * Cin + ci) * Cout)[:, None] + co[None, :],
                     mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
         a = _load_a(x_ptr, isc_ptr, ish_ptr, xrow, dbase + kd, row_ok, ci, ci_ok, cio, H, W, D,
-                    hi, wi, sxc, sxh, sxw, sxd, HAS_PRO, IN_RELU)
+                    hi, wi, sxc, sxh, sxw, sxd, HAS_PRO, IN_RELU, XV)
         acc0 = _mma(a, b, acc0, UPCAST, IS_FP32, PRECISION)
         if POOL != 0:
             # second output depth of the z-pair: same weight tile
             a1 = _load_a(x_ptr, isc_ptr, ish_ptr, xrow, dbase + STD + kd, row_ok, ci, ci_ok, cio,
-                         H, W, D, hi, wi, sxc, sxh, sxw, sxd, HAS_PRO, IN_RELU)
+                         H, W, D, hi, wi, sxc, sxh, sxw, sxd, HAS_PRO, IN_RELU, XV)
             acc1 = _mma(a1, b, acc1, UPCAST, IS_FP32, PRECISION)
 
     # ---- epilogue (fp32) ----
@@ -178,51 +190,66 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, isc_ptr, ish_ptr, osc_ptr, osh_ptr, res
     else:
         coo = co
     if HAS_RES:
-        ro = (n * srn + ho * srh + wo * srw + dr * srd)[:, None] + (coo * src)[None, :]
+        ro = tile_offsets(n * srn + ho * srh + wo * srw + dr * srd, coo, src, RV)
         v = v + tl.load(res_ptr + ro, mask=valid, other=0.0).to(tl.float32)
     if RELU:
         v = tl.where(v < 0.0, 0.0, v)
-    oo = (n * son + ho * soh + wo * sow + dr * sod)[:, None] + (coo * soc)[None, :]
+    oo = tile_offsets(n * son + ho * soh + wo * sow + dr * sod, coo, soc, OV)
     tl.store(out_ptr + oo, to_dtype(v, out_ptr.dtype.element_ty), mask=valid)
 
 
-# --------------------------------------------------------------------------- autotuning (GPU only)
+# --------------------------------------------------------------------------- tile table (GPU)
+#
+# One fixed config per key, no runtime search: an autotuner keyed on the output size compiled
+# ~116 kernels and benchmarked 152 configs for one AH-Net forward, and again for every new input
+# size.  The tile is decided by what the GEMM looks like, never by the spatial size:
+#   BLOCK_N  follows Cout (16..128; tl.dot needs >= 16),
+#   BLOCK_K  follows Cin: the largest of 64/32/16 (32/16 in fp32) that pads Cin by <= 25 %
+#            (80 -> 32: 3 chunks, 96 rows; 20 -> 32: one chunk),
+#   BLOCK_M  128 rows, 64 with a z-pool (two fp32 accumulators share each weight tile),
+#   warps    8 for 128-wide N (keeps the fp32 accumulators at <= 64 registers per thread), else 4,
+#   stages   3 always (a K loop shorter than that just leaves buffers unused; a second stage
+#            count for short loops would be a second compile of the same tile).
+# The numbers were checked statically for sm_90 and sm_80 (bench/static_sm90.py, committed report
+# in bench/results/): no spill at any key, shared memory within the sm_90 limit, wgmma in the
+# 16-bit main loops.  They are starting points from the static evidence, not measured optima.
 
-def _cfg(bm, bn, bk, warps, stages):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
-
-
-# H100 starting points.  Every config is compiled on first use of a key (tens of seconds each
-# for the pooled variants), so the list is pruned to at most 4 per shape bucket: BLOCK_N and
-# BLOCK_K follow the channel counts (tl.dot needs >= 16), only BLOCK_M/warps/stages are searched.
-#   wide Cout (encoder):   128x128 / 128x64 / 64x64 / 256x64 tiles
-#   narrow Cout (decoder, Cout=20 -> BLOCK_N=32): tall M tiles, 64..256 rows
-_GPU_CONFIGS = [
-    _cfg(bm, bn, bk, w, st)
-    for bn in (16, 32, 64, 128)
-    for bk in (16, 32, 64)
-    for (bm, w, st) in ((64, 4, 4), (128, 4, 3), (128, 8, 3), (256, 8, 3))
-]
-
-
-def _prune(configs, named_args, **kwargs):
-    """Keep the configs whose BLOCK_N/BLOCK_K fit the channel counts (<= 4 per key)."""
-    bn = min(max(next_pow2(named_args["Cout"]), 16), 128)
-    bk = min(max(next_pow2(named_args["Cin"]), 16), 64)
-    x = named_args["x_ptr"]
-    if getattr(x, "dtype", None) == torch.float32:
-        bk = min(bk, 32)      # fp32 A/B stages at 128x128x64 would need ~190 KB of shared memory
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] == bn and c.kwargs["BLOCK_K"] == bk]
-    if bn == 128:             # 128x128 fp32 accumulators want 8 warps
-        kept = [c for c in kept if c.kwargs["BLOCK_M"] <= 128 and c.num_warps == 8 or c.kwargs["BLOCK_M"] == 64]
-    return kept or [_cfg(64, bn, bk, 4, 3)]
+SM90_SMEM_LIMIT = 232448   # bytes of shared memory one block may use on sm_90 (227 KB)
 
 
-_conv_kernel_tuned = triton.autotune(
-    configs=_GPU_CONFIGS,
-    key=["M_BUCKET", "Cin", "Cout", "KH", "KW", "KD", "STH", "STD", "POOL", "HAS_PRO", "STATS"],
-    prune_configs_by={"early_config_prune": _prune},
-)(_conv_kernel)
+def _pick_bk(Cin: int, is_fp32: bool) -> int:
+    options = (32, 16) if is_fp32 else (64, 32, 16)
+    for bk in options:
+        if cdiv(Cin, bk) * bk * 4 <= Cin * 5:
+            return bk
+    return min(options, key=lambda bk: (cdiv(Cin, bk) * bk, -bk))
+
+
+def conv_configs(Cin: int, Cout: int, KH: int, KW: int, KD: int,
+                 stride: Union[int, Sequence[int]] = 1, dtype: torch.dtype = torch.bfloat16,
+                 channels_last: bool = True, pool: Union[int, str] = 0, has_pro: bool = False,
+                 stats: bool = False, has_res: bool = False) -> list[triton.Config]:
+    """The config(s) the GPU path of ``conv3d_fused`` launches for this key: a pure function
+    (no GPU, no compile), so a CPU can enumerate everything a model will compile.
+
+    Key: taps (KH, KW, KD), stride, channel counts, dtype, layout (channel stride 1 or not),
+    fusion (pool: 0/1/2 or "none"/"before_affine"/"after_affine"; has_pro: BN+ReLU prologue;
+    stats: BN statistics epilogue; has_res: residual).  Never the spatial size.  Returns a list
+    of one config today (the launcher has no runtime search).  ``stride``, ``channels_last``,
+    ``has_pro``, ``stats`` and ``has_res`` do not change today's choice; they are in the key so
+    that a table that does distinguish them needs no new call sites.
+    """
+    if isinstance(pool, str):
+        pool = _POOL_CODES[pool]
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"conv_configs: unsupported dtype {dtype}")
+    is_fp32 = dtype == torch.float32
+    bn = min(max(next_pow2(Cout), 16), 128)
+    bk = _pick_bk(Cin, is_fp32)
+    bm = 64 if pool else 128
+    warps = 8 if bn == 128 else 4
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
+                          num_warps=warps, num_stages=3)]
 
 
 def _interp_blocks(M: int, Cin: int, Cout: int) -> tuple[int, int, int]:
@@ -231,6 +258,32 @@ def _interp_blocks(M: int, Cin: int, Cout: int) -> tuple[int, int, int]:
     bk = min(max(next_pow2(Cin), 16), 64)
     bm = min(max(next_pow2(M), 16), 128)
     return bm, bn, bk
+
+
+def pack_conv_weight(weight: torch.Tensor) -> torch.Tensor:
+    """(Cout, Cin, KH, KW, KD) -> (KH*KW*KD*Cin, Cout), contiguous in Cout: the layout the
+    kernel reads B tiles from (row = tap*Cin + ci).  Pass it as ``conv3d_fused(packed_weight=)``
+    to skip the per-call repack (it changes only when the weight does)."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 5:
+        raise ValueError("weight must be a 5-D tensor (Cout, Cin, KH, KW, KD)")
+    Cout, Cin, KH, KW, KD = weight.shape
+    return weight.detach().permute(2, 3, 4, 1, 0).reshape(KH * KW * KD * Cin, Cout).contiguous()
+
+
+def _check_packed(packed: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    Cout, Cin, KH, KW, KD = weight.shape
+    shape = (KH * KW * KD * Cin, Cout)
+    if not isinstance(packed, torch.Tensor):
+        raise TypeError(f"packed_weight must be a torch.Tensor, got {type(packed).__name__}")
+    if tuple(packed.shape) != shape:
+        raise ValueError(f"packed_weight must have shape {shape} (pack_conv_weight of a {tuple(weight.shape)} "
+                         f"weight), got {tuple(packed.shape)}")
+    if packed.dtype != weight.dtype or packed.device != weight.device:
+        raise TypeError(f"packed_weight must be {weight.dtype} on {weight.device}, "
+                        f"got {packed.dtype} on {packed.device}")
+    if not packed.is_contiguous():
+        raise ValueError("packed_weight must be contiguous (as pack_conv_weight returns it)")
+    return packed
 
 
 # --------------------------------------------------------------------------- launcher
@@ -255,6 +308,7 @@ def conv3d_fused(x: torch.Tensor, weight: torch.Tensor, *,
                  residual: Optional[torch.Tensor] = None, relu: bool = False,
                  out: Optional[torch.Tensor] = None, out_channel_offset: int = 0,
                  compute_stats: bool = False,
+                 packed_weight: Optional[torch.Tensor] = None,
                  ) -> Union[torch.Tensor, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
     """Fused 3D convolution (cross-correlation, like F.conv3d; no dilation, no groups).
 
@@ -274,6 +328,8 @@ def conv3d_fused(x: torch.Tensor, weight: torch.Tensor, *,
     compute_stats: also return (mean, var_biased), fp32 (Cout,), over (N, Ho, Wo, Dfinal) of
     acc + bias (after a "before_affine" pool), deterministic; needs out_scale/out_shift None and
     zpool in {"none", "before_affine"}.
+    packed_weight: ``pack_conv_weight(weight)`` (shape, dtype and device checked), for callers
+    that cache it; without it the weight is repacked on every call.
     Returns out, or (out, (mean, var)) with compute_stats.
     """
     check_tensor5("x", x)
@@ -289,6 +345,8 @@ def conv3d_fused(x: torch.Tensor, weight: torch.Tensor, *,
     Cout, wcin, KH, KW, KD = weight.shape
     if wcin != Cin:
         raise ValueError(f"weight expects {wcin} input channels but x has {Cin} (groups are not supported)")
+    if packed_weight is not None:
+        packed_weight = _check_packed(packed_weight, weight)
     sth, stw, std = _triple("stride", stride)
     ph, pw, pd = _triple("padding", padding)
     if min(sth, stw, std) < 1 or min(ph, pw, pd) < 0:
@@ -324,11 +382,12 @@ def conv3d_fused(x: torch.Tensor, weight: torch.Tensor, *,
             raise ValueError(f"compute_stats needs a non-empty output, got {oshape}")
         return o
     # weights as (taps*Cin, Cout), contiguous in Cout: the B tile rows are contiguous
-    w_packed = weight.permute(2, 3, 4, 1, 0).reshape(KH * KW * KD * Cin, Cout).contiguous()
+    w_packed = packed_weight if packed_weight is not None else pack_conv_weight(weight)
 
-    upcast = INTERPRET and x.dtype == torch.bfloat16
+    interp = interp_tiles()
+    upcast = interp and x.dtype == torch.bfloat16
     is_fp32 = x.dtype == torch.float32
-    precision = "tf32" if (is_fp32 and torch.backends.cuda.matmul.allow_tf32 and not INTERPRET) else "ieee"
+    precision = "tf32" if (is_fp32 and torch.backends.cuda.matmul.allow_tf32 and not interp) else "ieee"
     i64 = needs_i64(x, o, residual, extra=M + 256)
     dummy = w_packed
     res_strides = residual.stride() if residual is not None else (0,) * 5
@@ -339,32 +398,23 @@ def conv3d_fused(x: torch.Tensor, weight: torch.Tensor, *,
     flags = dict(KH=KH, KW=KW, KD=KD, HAS_BIAS=bias is not None, HAS_PRO=in_scale is not None,
                  IN_RELU=bool(in_relu), HAS_OSC=out_scale is not None, HAS_OSH=out_shift is not None,
                  POOL=pool, HAS_RES=residual is not None, RELU=bool(relu), STATS=bool(compute_stats),
-                 UPCAST=upcast, IS_FP32=is_fp32, PRECISION=precision, I64=i64)
+                 UPCAST=upcast, IS_FP32=is_fp32, PRECISION=precision, I64=i64,
+                 XV=vec_align(x), OV=vec_align(o), RV=vec_align(residual) if residual is not None else 0)
     scalars = [M, Cin, Cout, H, W, D, Ho, Wo, Dr,
                x.stride(0), x.stride(1), x.stride(2), x.stride(3), x.stride(4),
                o.stride(0), o.stride(1), o.stride(2), o.stride(3), o.stride(4),
-               *res_strides, sth, stw, std, ph, pw, pd, next_pow2(M)]
-    if INTERPRET:
+               *res_strides, sth, stw, std, ph, pw, pd]
+    if interp:
         bm, bn, bk = _interp_blocks(M, Cin, Cout)
-        P = cdiv(M, bm)
-        parts = stats_partials(P, Cout, x.device) if compute_stats else (dummy, dummy, dummy)
-        _conv_kernel[(P, cdiv(Cout, bn))](*args, *parts, *scalars, **flags,
-                                          BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+        launch = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     else:
-        if compute_stats:
-            # partial rows depend on the tuned BLOCK_M: size for the smallest candidate
-            min_bm = min(c.kwargs["BLOCK_M"] for c in _GPU_CONFIGS)
-            parts = stats_partials(cdiv(M, min_bm), Cout, x.device)
-        else:
-            parts = (dummy, dummy, dummy)
-
-        def grid(meta):
-            return (cdiv(M, meta["BLOCK_M"]), cdiv(Cout, meta["BLOCK_N"]))
-
-        _conv_kernel_tuned[grid](*args, *parts, *scalars, **flags)
-        if compute_stats:
-            P = cdiv(M, _conv_kernel_tuned.best_config.kwargs["BLOCK_M"])
+        (cfg,) = conv_configs(Cin, Cout, KH, KW, KD, (sth, stw, std), x.dtype, flags["XV"] > 0, pool,
+                              flags["HAS_PRO"], flags["STATS"], flags["HAS_RES"])
+        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+        launch = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    P = cdiv(M, bm)
+    parts = stats_partials(P, Cout, x.device) if compute_stats else (dummy, dummy, dummy)
+    _conv_kernel[(P, cdiv(Cout, bn))](*args, *parts, *scalars, **flags, **launch)
     if not compute_stats:
         return o
-    pcnt, pmean, pm2 = (p[:P] for p in parts)
-    return o, merge_stats(pcnt, pmean, pm2)
+    return o, merge_stats(*parts)

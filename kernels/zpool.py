@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (INTERPRET, cdiv, check_tensor5, empty5, flat_strides, is_channels_last,
-                      needs_i64, next_pow2, to_dtype)
+from ._common import (cdiv, check_tensor5, empty5, flat_strides, interp_tiles, is_channels_last,
+                      needs_i64, next_pow2, tile_offsets, to_dtype, vec_aligns)
 
 
 @triton.jit
@@ -28,10 +28,13 @@ def pair_take_second(a, b):
     return (b > a) | (b != b)
 
 
-@triton.jit
+# Sizes and strides are not specialised by Triton: one compiled kernel per layout/dtype serves
+# every input size; XV/YV/... = _common.vec_align(tensor) carry the layout (see batchnorm.py).
+@triton.jit(do_not_specialize=("S", "HWDp", "Dp", "D", "sxn", "sxp", "sxc", "syn", "syp", "syc"))
 def _zpool_fwd_kernel(x_ptr, y_ptr, S, HWDp, Dp, D, C,
                       sxn, sxp, sxc, syn, syp, syc,
-                      BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, I64: tl.constexpr):
+                      BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, I64: tl.constexpr,
+                      XV: tl.constexpr, YV: tl.constexpr):
     pid_s = tl.program_id(0)
     pid_c = tl.program_id(1)
     if I64:
@@ -46,18 +49,21 @@ def _zpool_fwd_kernel(x_ptr, y_ptr, S, HWDp, Dp, D, C,
     j = q % Dp
     p_in = hw * D + 2 * j   # input spatial index of the first element of the pair
     mask = (s < S)[:, None] & (c < C)[None, :]
-    xo = (n * sxn + p_in * sxp)[:, None] + (c * sxc)[None, :]
+    xo = tile_offsets(n * sxn + p_in * sxp, c, sxc, XV)
     a = tl.load(x_ptr + xo, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(x_ptr + xo + sxp, mask=mask, other=0.0).to(tl.float32)
+    xo2 = tile_offsets(n * sxn + p_in * sxp + sxp, c, sxc, XV)
+    b = tl.load(x_ptr + xo2, mask=mask, other=0.0).to(tl.float32)
     r = tl.where(pair_take_second(a, b), b, a)
-    yo = (n * syn + q * syp)[:, None] + (c * syc)[None, :]
+    yo = tile_offsets(n * syn + q * syp, c, syc, YV)
     tl.store(y_ptr + yo, to_dtype(r, y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("S", "HWJ", "J", "Dp", "D", "sxn", "sxp", "sxc", "sgn", "sgp", "sgc",
+                               "sxgn", "sxgp", "sxgc"))
 def _zpool_bwd_kernel(x_ptr, gy_ptr, gx_ptr, S, HWJ, J, Dp, D, C,
                       sxn, sxp, sxc, sgn, sgp, sgc, sxgn, sxgp, sxgc,
-                      BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, I64: tl.constexpr):
+                      BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, I64: tl.constexpr,
+                      XV: tl.constexpr, GV: tl.constexpr, XGV: tl.constexpr):
     # rows: (n, hw, jj) with jj in [0, J), J = ceil(D/2); jj == Dp is the odd tail slice (grad 0)
     pid_s = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -76,28 +82,33 @@ def _zpool_bwd_kernel(x_ptr, gy_ptr, gx_ptr, S, HWJ, J, Dp, D, C,
     cm = (c < C)[None, :]
     m_first = row_ok[:, None] & cm
     m_pair = (row_ok & (jj < Dp))[:, None] & cm
-    xo = (n * sxn + p_in * sxp)[:, None] + (c * sxc)[None, :]
+    xo = tile_offsets(n * sxn + p_in * sxp, c, sxc, XV)
     a = tl.load(x_ptr + xo, mask=m_pair, other=0.0).to(tl.float32)
-    b = tl.load(x_ptr + xo + sxp, mask=m_pair, other=0.0).to(tl.float32)
-    go = (n * sgn + (hw * Dp + jj) * sgp)[:, None] + (c * sgc)[None, :]
+    xo2 = tile_offsets(n * sxn + p_in * sxp + sxp, c, sxc, XV)
+    b = tl.load(x_ptr + xo2, mask=m_pair, other=0.0).to(tl.float32)
+    go = tile_offsets(n * sgn + (hw * Dp + jj) * sgp, c, sgc, GV)
     g = tl.load(gy_ptr + go, mask=m_pair, other=0.0).to(tl.float32)
     second = pair_take_second(a, b)
     ga = tl.where(second, 0.0, g)
     gb = tl.where(second, g, 0.0)
-    xgo = (n * sxgn + p_in * sxgp)[:, None] + (c * sxgc)[None, :]
+    xgo = tile_offsets(n * sxgn + p_in * sxgp, c, sxgc, XGV)
     tl.store(gx_ptr + xgo, to_dtype(ga, gx_ptr.dtype.element_ty), mask=m_first)
-    tl.store(gx_ptr + xgo + sxgp, to_dtype(gb, gx_ptr.dtype.element_ty), mask=m_pair)
+    xgo2 = tile_offsets(n * sxgn + p_in * sxgp + sxgp, c, sxgc, XGV)
+    tl.store(gx_ptr + xgo2, to_dtype(gb, gx_ptr.dtype.element_ty), mask=m_pair)
 
 
 def _tile(C: int, S: int, channels_last: bool) -> tuple[int, int, int]:
     """(BLOCK_S, BLOCK_C, num_warps): ~2K pooled outputs per program (4K+ elements moved),
-    fewer rows when there are fewer than that (small tensors, and the interpreter)."""
-    if channels_last or INTERPRET:   # the interpreter pays per program: few, wide tiles
+    on a GPU independent of S (no per-size compile), fewer rows under the interpreter."""
+    interp = interp_tiles()
+    if channels_last or interp:   # the interpreter pays per program: few, wide tiles
         bc = min(next_pow2(C), 64)
         bs = max(2048 // bc, 16)
     else:
         bc, bs = 1, 2048
-    return max(min(bs, next_pow2(S)), 16), bc, 4
+    if interp:
+        bs = max(min(bs, next_pow2(S)), 16)
+    return bs, bc, 4
 
 
 def zmaxpool_forward(x: torch.Tensor) -> torch.Tensor:
@@ -118,9 +129,10 @@ def zmaxpool_forward(x: torch.Tensor) -> torch.Tensor:
     S = N * H * W * Dp
     bs, bc, nw = _tile(C, S, is_channels_last(x))
     grid = (cdiv(S, bs), cdiv(C, bc))
+    xv, yv = vec_aligns(x, y)
     _zpool_fwd_kernel[grid](x, y, S, H * W * Dp, Dp, D, C, sxn, sxp, sxc, syn, syp, syc,
                             BLOCK_S=bs, BLOCK_C=bc, I64=needs_i64(x, y, extra=S + bs),
-                            num_warps=nw)
+                            XV=xv, YV=yv, num_warps=nw)
     return y
 
 
@@ -148,8 +160,9 @@ def zmaxpool_backward(x: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
     S = N * H * W * J
     bs, bc, nw = _tile(C, S, is_channels_last(x))
     grid = (cdiv(S, bs), cdiv(C, bc))
+    xv, gv, xgv = vec_aligns(x, grad_y, gx)
     _zpool_bwd_kernel[grid](x, grad_y, gx, S, H * W * J, J, Dp, D, C,
                             sxn, sxp, sxc, sgn, sgp, sgc, sxgn, sxgp, sxgc,
                             BLOCK_S=bs, BLOCK_C=bc, I64=needs_i64(x, grad_y, gx, extra=S + bs),
-                            num_warps=nw)
+                            XV=xv, GV=gv, XGV=xgv, num_warps=nw)
     return gx

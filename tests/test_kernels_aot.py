@@ -40,20 +40,23 @@ def _compile_all() -> None:
         return {n: f"*{dt}" for n in names}
 
     tile = dict(BLOCK_S=64, BLOCK_C=32)
-    build(zpool._zpool_fwd_kernel, ptrs(["x_ptr", "y_ptr"], "bf16"), dict(tile, I64=True))
-    build(zpool._zpool_bwd_kernel, ptrs(["x_ptr", "gy_ptr", "gx_ptr"], "bf16"), dict(tile, I64=False))
+    build(zpool._zpool_fwd_kernel, ptrs(["x_ptr", "y_ptr"], "bf16"), dict(tile, I64=True, XV=8, YV=8))
+    build(zpool._zpool_bwd_kernel, ptrs(["x_ptr", "gy_ptr", "gx_ptr"], "bf16"),
+          dict(tile, I64=False, XV=0, GV=0, XGV=0))
     f32 = ["pcnt_ptr", "pmean_ptr", "pm2_ptr", "scale_ptr", "shift_ptr", "mean_ptr", "invstd_ptr",
            "gamma_ptr", "beta_ptr", "psg_ptr", "psgx_ptr", "sg_ptr", "sgx_ptr", "var_ptr",
            "pa_ptr", "pb_ptr", "a_ptr", "b_ptr"]
     types = {**ptrs(["x_ptr", "y_ptr", "r_ptr", "o_ptr", "g_ptr", "gy_ptr", "gr_ptr"], "bf16"),
              **ptrs(f32, "fp32"), "inv_M": "fp32"}
-    build(batchnorm._stats_partial_kernel, types, dict(tile, I64=False))
+    build(batchnorm._stats_partial_kernel, types, dict(tile, I64=False, XV=16))
     build(batchnorm.stats_merge_kernel, types, dict(BLOCK_P=64, BLOCK_C=64))
     build(batchnorm._sum_partials_kernel, types, dict(BLOCK_P=64, BLOCK_C=64))
-    build(batchnorm._bn_apply_kernel, types, dict(tile, POOL=True, HAS_RES=True, RELU=True, I64=False))
-    flags = dict(POOL=True, RELU=True, HAS_OUT=True, HAS_GAMMA=True)
+    build(batchnorm._bn_apply_kernel, types,
+          dict(tile, POOL=True, HAS_RES=True, RELU=True, I64=False, YV=16, RV=4, OV=8))
+    flags = dict(POOL=True, RELU=True, HAS_OUT=True, HAS_GAMMA=True, GV=8, YV=16, OV=0)
     build(batchnorm._bn_bwd_reduce_kernel, types, dict(tile, **flags, I64=False))
-    build(batchnorm._bn_bwd_apply_kernel, types, dict(tile, **flags, BATCH_STATS=True, RES_GRAD=True, I64=True))
+    build(batchnorm._bn_bwd_apply_kernel, types,
+          dict(tile, **flags, BATCH_STATS=True, RES_GRAD=True, I64=True, DV=16, RV=2))
     ctypes = {**ptrs(["x_ptr", "w_ptr", "res_ptr", "out_ptr"], "bf16"),
               **ptrs(["bias_ptr", "isc_ptr", "ish_ptr", "osc_ptr", "osh_ptr",
                       "pcnt_ptr", "pmean_ptr", "pm2_ptr"], "fp32")}
@@ -61,7 +64,8 @@ def _compile_all() -> None:
         build(conv._conv_kernel, ctypes,
               dict(KH=3, KW=3, KD=1, HAS_BIAS=True, HAS_PRO=True, IN_RELU=True, HAS_OSC=not stats,
                    HAS_OSH=not stats, POOL=pool, HAS_RES=True, RELU=True, STATS=stats, UPCAST=False,
-                   IS_FP32=False, PRECISION="ieee", I64=stats, BLOCK_M=64, BLOCK_N=16, BLOCK_K=16),
+                   IS_FP32=False, PRECISION="ieee", I64=stats, XV=8, OV=0 if stats else 8, RV=8,
+                   BLOCK_M=64, BLOCK_N=16, BLOCK_K=16),
               num_warps=2, num_stages=2)
 
 
