@@ -72,10 +72,49 @@ def test_cli_train_smoke_and_resume(mni, tmp_path, capsys):
     # resume a finished stage: nothing to do, same checkpoint
     rc = main(["train", str(mni.parent), "--out", str(out), "--stages", "2d", "--steps-2d", "2", "--resume", *SMALL])
     assert rc == 0 and "resumed from" in capsys.readouterr().out
-    # --max-memory on the CPU: estimated, and reported
-    rc = main(["train", str(mni.parent), "--out", str(out / "mm"), "--stages", "2d", "--steps-2d", "1",
-               "--max-memory", "2", *SMALL])
+    log_before = (out / "2d" / "log.jsonl").read_text()
+    # the same --out again without --resume: refused, nothing replaced, logs not mixed
+    rc = main(["train", str(mni.parent), "--out", str(out), "--stages", "2d", "--steps-2d", "2", *SMALL])
+    err = capsys.readouterr().err
+    assert rc == 2 and "already holds results of the stage(s) to run (2d/best.pt" in err and "--overwrite" in err
+    # --resume with a changed setting: refused, naming it and the way to change it on purpose
+    rc = main(["train", str(mni.parent), "--out", str(out), "--stages", "2d", "--resume", "--seed", "5", *SMALL])
+    err = capsys.readouterr().err
+    assert rc == 2 and "seed 0 -> 5" in err and "--override seed" in err
+    # another model for a stage to resume: refused before anything is built
+    rc = main(["train", str(mni.parent), "--out", str(out), "--stages", "transfer", "--resume", *SMALL,
+               "--layers", "2,1,1,1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "model_config {'layers': [1, 1, 1, 1]" in err and "'layers': [2, 1, 1, 1]" in err
+    assert (out / "2d" / "log.jsonl").read_text() == log_before
+    # ... unless overridden: accepted, and recorded in recipe.json and the stage's log
+    rc = main(["train", str(mni.parent), "--out", str(out), "--stages", "2d", "--resume", "--seed", "5",
+               "--override", "seed", *SMALL])
+    assert rc == 0 and "--override: seed 0 -> 5" in capsys.readouterr().out
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["seed"] == 5 and recipe["overrides"][-1]["changes"] == {"seed": [0, 5]}
+    assert '"event": "override"' in (out / "2d" / "log.jsonl").read_text()
+    # a full disk while writing a checkpoint: one line naming the file, no traceback, nothing left
+    real_save = torch.save
+
+    def disk_full(obj, f, *a, **k):
+        f.write(b"PK partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    torch.save = disk_full
+    try:
+        rc = main(["train", str(mni.parent), "--out", str(out), "--stages", "transfer", *SMALL])
+    finally:
+        torch.save = real_save
+    err = capsys.readouterr().err
+    assert rc == 1 and "init.pt: cannot write the checkpoint: the write stopped part way" in err
+    assert "Traceback" not in err and err.count("\n") == 1 and list((out / "transfer").iterdir()) == []
+    # --overwrite replaces the stage's results: one run in the log. --max-memory on the CPU: estimated, reported
+    rc = main(["train", str(mni.parent), "--out", str(out), "--stages", "2d", "--steps-2d", "1",
+               "--max-memory", "2", "--overwrite", *SMALL])
     assert rc == 0 and "max-memory 2.00 GiB: chose patch" in capsys.readouterr().out
+    events = [json.loads(line)["event"] for line in (out / "2d" / "log.jsonl").read_text().splitlines()]
+    assert events == ["epoch"] and load_checkpoint(out / "2d" / "last.pt")["step"] == 1
 
 
 def test_cli_bad_input_is_one_line_error(tmp_path, mni, capsys):
@@ -88,3 +127,16 @@ def test_cli_bad_input_is_one_line_error(tmp_path, mni, capsys):
     assert "2D patch: (40, 40) is not a valid size" in capsys.readouterr().err
     assert main(["train", str(mni.parent), "--out", str(tmp_path / "o"), "--stages", "decoder", *SMALL]) == 2
     assert "run the 'transfer' stage first" in capsys.readouterr().err
+    # training lists with an unlabelled case, and a ragged CSV: one line naming the list, no traceback
+    spec = json.loads(mni.read_text())
+    img = str(mni.parent / spec["training"][0]["image"])
+    lab = str(mni.parent / spec["training"][0]["label"])
+    (tmp_path / "nolabel.csv").write_text(f"image,label\n{img},{lab}\n{img},\n")
+    (tmp_path / "ragged.csv").write_text(f"image,label\n{img},{lab},extra\n")
+    (tmp_path / "nolabel.json").write_text(json.dumps({**spec, "training": [{"image": img}]}))
+    for name, msg in [("nolabel.csv", "1 training case(s) have no label"), ("ragged.csv", "line 2: 3 fields but"),
+                      ("nolabel.json", "1 training case(s) have no label")]:
+        assert main(["train", str(tmp_path / name), "--out", str(tmp_path / "o"), "--stages", "2d",
+                     "--num-classes", "4", *SMALL]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"ahnet-fast: error: {tmp_path / name}: {msg}") and err.count("\n") == 1, err

@@ -99,7 +99,8 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"[demo] {'full' if full else 'small'} configuration: AH-Net {cfg.model_config}, 2D {cfg.model_2d}, "
           f"patches 2D {cfg.patch_2d} 3D {cfg.patch_3d}, steps 2d/decoder/finetune "
           f"{cfg.steps_2d}/{cfg.steps_decoder}/{cfg.steps_finetune}, device {cfg.device or ('cuda' if cuda else 'cpu')}")
-    res = run_recipe(cfg, resume=args.resume, progress=not args.no_progress, log=print)
+    res = run_recipe(cfg, resume=args.resume, progress=not args.no_progress, log=print,
+                     overwrite=args.overwrite, overrides=args.override)
     for k, v in res["stages"].items():
         times[k] = v["seconds"]
 

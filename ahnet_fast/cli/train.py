@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 STAGE_HELP = "comma-separated subset of 2d,transfer,decoder,finetune (default: all, in that order)"
 
@@ -17,6 +18,10 @@ def _ints(text: str) -> tuple[int, ...]:
         return tuple(int(v) for v in text.replace("x", ",").split(",") if v)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected integers separated by ',' or 'x', got {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip().lstrip("-").replace("-", "_") for v in text.split(",") if v.strip()]
 
 
 def add_training_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,7 +61,13 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
                         "estimated on the CPU) and print the choice")
     m.add_argument("--workers", type=int, help="DataLoader worker processes (default 2)")
     m.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out exactly")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out exactly (its settings, from recipe.json, must be given again)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="without --resume: replace the results of the stages to run that --out already holds")
+    p.add_argument("--override", type=_names, action="extend", default=[], metavar="NAME[,NAME]",
+                   help="with --resume: settings that may differ from the resumed run, e.g. lr_3d,seed "
+                        "(recorded in recipe.json and log.jsonl)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
 
@@ -105,13 +116,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--num-classes", type=int, help="classes incl. background (default: dataset.json 'labels')")
     p.add_argument("--intensity", choices=["ct", "percentile", "none"],
                    help="ct window (default for CT) or percentile scaling (default otherwise)")
-    p.add_argument("--ct-window", type=float, nargs=2, metavar=("LO", "HI"), default=(-125.0, 225.0),
+    p.add_argument("--ct-window", type=float, nargs=2, metavar=("LO", "HI"), default=None,
                    help="HU window for --intensity ct (default -125 225, the paper's)")
-    p.add_argument("--percentiles", type=float, nargs=2, metavar=("LO", "HI"), default=(0.5, 99.5),
+    p.add_argument("--percentiles", type=float, nargs=2, metavar=("LO", "HI"), default=None,
                    help="percentiles for --intensity percentile (default 0.5 99.5)")
-    p.add_argument("--fg-ratio", type=float, default=0.7, help="share of patches centred on foreground (0.7)")
-    p.add_argument("--class-balanced", action="store_true", help="draw the foreground class uniformly first")
-    p.add_argument("--no-augment", action="store_true", help="no rotation/scaling/mirroring")
+    # defaults of None: with --resume, an option not given keeps the resumed run's value
+    p.add_argument("--fg-ratio", type=float, default=None, help="share of patches centred on foreground (0.7)")
+    p.add_argument("--class-balanced", action="store_true", default=None,
+                   help="draw the foreground class uniformly first")
+    p.add_argument("--no-augment", action="store_true", default=None, help="no rotation/scaling/mirroring")
     p.add_argument("--init-2d", help="transfer from this 2D state-dict file (FCN/MCFCN/torchvision ResNet50) "
                                      "instead of stage 2d's output")
     add_training_arguments(p)
@@ -119,7 +132,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--nproc", type=int, default=1,
                    help="worker processes on this machine, one per GPU (same as torchrun --nproc_per_node=N "
                         "-m ahnet_fast.cli train ...); batch sizes are per process (default 1)")
-    d.add_argument("--sync-bn", action="store_true",
+    d.add_argument("--sync-bn", action="store_true", default=None,
                    help="BatchNorm statistics over the batches of all processes (synchronized BatchNorm)")
     d.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
                    help="timeout of collectives: a rank waiting on a failed one stops after it (default 1800)")
@@ -150,8 +163,18 @@ def run_guarded(fn, args: argparse.Namespace) -> int:
     except (DataError, FileNotFoundError, FileExistsError, ValueError) as exc:
         if getattr(args, "debug", False):
             raise
-        print(f"ahnet-fast: error: {exc}", file=sys.stderr)
+        print(f"ahnet-fast: error: {_first_line(exc)}", file=sys.stderr)
         return 2
+    except OSError as exc:  # full disk, read-only folder: the message names the file
+        if getattr(args, "debug", False):
+            raise
+        print(f"ahnet-fast: error: {_first_line(exc)}", file=sys.stderr)
+        return 1
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -166,6 +189,18 @@ def _preflight(cfg) -> None:
 
     spec = read_dataset(cfg.data)
     check_headers(spec.training + spec.validation)
+
+
+def _read_record(path: Path) -> dict:
+    import json
+
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot read the settings of the run to resume ({exc})") from exc
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: expected a JSON object of recipe settings")
+    return record
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -206,21 +241,39 @@ def _run_one(args: argparse.Namespace, ctx) -> int:
     def go() -> int:
         from ahnet_fast.data.intensity import IntensityConfig
         from ahnet_fast.data.sampling import AugmentConfig
-        from ahnet_fast.train.recipe import RecipeConfig, run_recipe
+        from ahnet_fast.train.recipe import RecipeConfig, recipe_config_from_record, run_recipe
 
-        intensity = None
+        base = None
+        saved = Path(args.out) / "recipe.json"
+        if args.resume and saved.is_file():
+            # resuming: the run's own settings, so only options given now can differ from them
+            base = recipe_config_from_record(_read_record(saved), data=args.data, out_dir=args.out)
+        cfg = base or RecipeConfig(data=args.data, out_dir=args.out)
+        cfg.stages = _stages(args.stages)
         if args.intensity is not None:
-            intensity = IntensityConfig(args.intensity, tuple(args.ct_window), tuple(args.percentiles))
-        cfg = RecipeConfig(data=args.data, out_dir=args.out, stages=_stages(args.stages),
-                           num_classes=args.num_classes, intensity=intensity, fg_ratio=args.fg_ratio,
-                           class_balanced=args.class_balanced,
-                           augment=AugmentConfig(enabled=not args.no_augment), init_2d=args.init_2d)
+            cfg.intensity = IntensityConfig(args.intensity, tuple(args.ct_window or (-125.0, 225.0)),
+                                            tuple(args.percentiles or (0.5, 99.5)))
+        elif (args.ct_window or args.percentiles) and cfg.intensity is not None:
+            cfg.intensity = IntensityConfig(cfg.intensity.mode, tuple(args.ct_window or cfg.intensity.window),
+                                            tuple(args.percentiles or cfg.intensity.percentiles),
+                                            cfg.intensity.nonzero)
+        for field_, value in (("num_classes", args.num_classes), ("fg_ratio", args.fg_ratio),
+                              ("class_balanced", args.class_balanced), ("init_2d", args.init_2d),
+                              ("sync_bn", getattr(args, "sync_bn", None))):
+            if value is not None:
+                setattr(cfg, field_, value)
+        if args.no_augment is not None:
+            cfg.augment = AugmentConfig(enabled=not args.no_augment)
         apply_training_arguments(cfg, args)
-        cfg.sync_bn = bool(getattr(args, "sync_bn", False))
         if ctx is not None:  # a rank that cannot see a file stops every rank now, with its error
             D.agree(lambda: _preflight(cfg))
+        if args.overwrite and args.resume:
+            raise ValueError("--overwrite and --resume contradict each other: choose one")
+        if args.override and not args.resume:
+            raise ValueError("--override only applies with --resume")
         res = run_recipe(cfg, resume=args.resume, progress=not args.no_progress and main_rank,
-                         log=print if main_rank else (lambda m: None))
+                         log=print if main_rank else (lambda m: None), overwrite=args.overwrite,
+                         overrides=args.override)
         if main_rank:
             print("stage times: " + ", ".join(f"{k} {v['seconds']:.1f} s" for k, v in res["stages"].items()))
         return 0

@@ -36,7 +36,7 @@ from ahnet_fast.data.errors import DataError
 from ahnet_fast.data.intensity import IntensityConfig, normalise
 from ahnet_fast.data.nifti import is_nifti_path, load_label, load_volume
 
-__all__ = ["CaseRef", "DatasetSpec", "Case", "read_dataset", "load_case", "check_headers"]
+__all__ = ["CaseRef", "DatasetSpec", "Case", "read_dataset", "load_case", "check_headers", "require_labels"]
 
 
 @dataclass(frozen=True)
@@ -181,6 +181,10 @@ def _read_csv(path: Path) -> DatasetSpec:
     root = path.parent
     refs = []
     for i, row in enumerate(rows, start=2):
+        if None in row:  # DictReader files surplus fields under the key None
+            n = len(fields) + len(row[None] or [])
+            raise DataError(path, f"line {i}: {n} fields but the header has {len(fields)} ({', '.join(fields)}); "
+                                  "quote paths that contain commas")
         row = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
         if not row.get("image"):
             raise DataError(path, f"line {i}: empty image path")
@@ -227,6 +231,22 @@ def read_dataset(source: str | os.PathLike) -> DatasetSpec:
     if not spec.training:
         raise DataError(spec.source, "the dataset has no training cases (empty list)")
     return spec
+
+
+def require_labels(spec: DatasetSpec) -> None:
+    """Every training case needs a label map (validation and test cases may have none).
+
+    Raises:
+        DataError: naming the dataset, the first unlabelled case and how many there are.
+    """
+    missing = [r for r in spec.training if r.label is None]
+    if missing:
+        raise DataError(
+            spec.source,
+            f"{len(missing)} training case(s) have no label, e.g. {missing[0].image}; every training case needs "
+            "a label file (a CSV \"label\" column / a dataset.json \"label\" entry); put unlabelled images in "
+            "the \"test\" list instead",
+        )
 
 
 def check_headers(refs: list[CaseRef]) -> None:

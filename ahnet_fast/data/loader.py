@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ahnet_fast.data.dataset import Case, CaseRef, load_case
+from ahnet_fast.data.errors import DataError
 from ahnet_fast.data.intensity import IntensityConfig
 from ahnet_fast.data.sampling import AugmentConfig, ForegroundIndex, sample_patch
 
@@ -88,6 +89,8 @@ class PatchDataset(Dataset):
         if cases is not None:
             self.refs = [CaseRef(c.image_path, c.label_path, c.name) for c in cases]
             for i, c in enumerate(cases):
+                if c.label is None:
+                    raise DataError(c.image_path, "training case has no label")
                 self._cache[i] = (c, ForegroundIndex(c.label))
             self._preloaded = True
         elif preload:

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ahnet_fast._atomic import atomic_path
-from ahnet_fast.data.dataset import Case, DatasetSpec, check_headers, load_case, read_dataset
+from ahnet_fast.data.dataset import Case, DatasetSpec, check_headers, load_case, read_dataset, require_labels
 from ahnet_fast.data.intensity import IntensityConfig
 from ahnet_fast.data.loader import PatchDataset
 from ahnet_fast.data.sampling import AugmentConfig
@@ -54,7 +54,7 @@ from ahnet_fast.train.models import (
 )
 from ahnet_fast.train.trainer import TrainConfig, Trainer, ValidationCase, _confusion, dice_from_counts
 
-__all__ = ["STAGES", "RecipeConfig", "run_recipe", "predict_2d", "predict_3d", "evaluate"]
+__all__ = ["STAGES", "RecipeConfig", "run_recipe", "recipe_fields", "recipe_config_from_record", "predict_2d", "predict_3d", "evaluate"]
 
 STAGES = ("2d", "transfer", "decoder", "finetune")
 
@@ -200,8 +200,10 @@ def evaluate(model: nn.Module, cases: Sequence[Case], num_classes: int,
 
 # --------------------------------------------------------------------------- recipe
 class _Recipe:
-    def __init__(self, cfg: RecipeConfig, log: Callable[[str], None], progress: bool) -> None:
+    def __init__(self, cfg: RecipeConfig, log: Callable[[str], None], progress: bool,
+                 overrides: Sequence[str] = ()) -> None:
         self.cfg = cfg
+        self.overrides = set(overrides)
         self.log = log
         self.progress = progress
         self.out = Path(cfg.out_dir)
@@ -221,6 +223,7 @@ class _Recipe:
         self.k = int(k)
         self.intensity = cfg.intensity or IntensityConfig.for_modality(self.spec.modality)
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        require_labels(self.spec)
         check_headers(self.spec.training + self.spec.validation)
         self._train_cases: list[Case] | None = None
         self._val_cases: list[Case] | None = None
@@ -239,6 +242,25 @@ class _Recipe:
         if self._val_cases is None:
             self._val_cases = [load_case(r, self.k, self.intensity) for r in self.spec.validation if r.label]
         return self._val_cases
+
+    def _resume_args(self, stage: str) -> dict[str, Any]:
+        """Trainer arguments that map recipe settings (as the user names them) to TrainConfig fields."""
+        names = {f: "--" + f.replace("_", "-") for f in _COMMON_TRAIN_FIELDS}
+        names.update(_STAGE_OPTION_NAMES.get(stage, {}))
+        recipe_field = {v.lstrip("-").replace("-", "_"): k for k, v in names.items()}
+        overrides = {recipe_field.get(o, o) for o in self.overrides}
+        if "max_memory" in self.overrides:  # the memory chooser picks batch and checkpointing
+            overrides |= {"batch_size", "checkpointing"}
+        if stage == "finetune" and "lr_3d" in self.overrides:
+            overrides.add("lr")
+        return {"overrides": overrides, "option_names": names}
+
+    def _check_init(self, init: Path, ck: dict[str, Any], stage: str) -> None:
+        saved = _plain(ck.get("model_config"))
+        now = _plain(self.model_config)
+        if saved is not None and json.dumps(saved, sort_keys=True) != json.dumps(now, sort_keys=True):
+            raise ValueError(f"{init}: stage {stage} starts from a model built with {saved}, but this run asks for "
+                             f"{now}; use the model options of that run, or rerun the earlier stages into a new --out")
 
     def _train_cfg(self, steps: int, batch: int, lr: float, checkpointing: bool, seed_offset: int) -> TrainConfig:
         c = self.cfg
@@ -288,7 +310,8 @@ class _Recipe:
         trainer = Trainer(model, {"kind": c.model_2d, "in_slices": 3, "out_channels": self.k}, ds,
                           self._train_cfg(c.steps_2d, batch, c.lr_2d, ck, 1), self.out / "2d", self.k, vals,
                           predict=lambda m, im: predict_2d(m, im, 3, device=self.device), stage="2d",
-                          extra={"preprocessing": self.preprocessing}, log=self.log, progress=self.progress)
+                          extra={"preprocessing": self.preprocessing}, log=self.log, progress=self.progress,
+                          **self._resume_args("2d"))
         return trainer.fit(resume=resume)
 
     def stage_transfer(self, resume: bool) -> dict[str, Any]:
@@ -297,6 +320,7 @@ class _Recipe:
         c = self.cfg
         dst = self.out / "transfer" / "init.pt"
         if resume and dst.is_file():
+            self._check_init(dst, load_checkpoint(dst), "transfer")
             self.log(f"[transfer] {dst} exists; kept")
             return {"finished": True, "seconds": 0.0, "reused": True}
         torch.manual_seed(c.seed + 2)
@@ -331,6 +355,7 @@ class _Recipe:
         _check_multiple(patch, tuple(rules[0]), f"3D patch for {type(model).__name__}({self.model_config})",
                         tuple(rules[1]))
         state = load_checkpoint(init)
+        self._check_init(init, state, stage)
         model.load_state_dict(state["model"])
         train_mode = None
         if frozen:
@@ -350,7 +375,7 @@ class _Recipe:
                           self.out / stage, self.k, vals, predict=predict,
                           train_mode=train_mode, stage=stage,
                           extra={"preprocessing": self.preprocessing, "init": str(init)},
-                          log=self.log, progress=self.progress)
+                          log=self.log, progress=self.progress, **self._resume_args(stage))
         return trainer.fit(resume=resume)
 
     def stage_decoder(self, resume: bool) -> dict[str, Any]:
@@ -390,22 +415,163 @@ def _best_or_last(folder: Path, stage: str) -> Path:
     raise FileNotFoundError(f"{folder}: no checkpoint of stage '{stage}'; run that stage first")
 
 
+#: TrainConfig fields every trainer stage shares with RecipeConfig under the same name
+_COMMON_TRAIN_FIELDS = ("seed", "steps_per_epoch", "grad_accum", "amp", "checkpointing", "loss", "focal_gamma",
+                        "plateau_patience", "lr_schedule", "val_window", "sync_bn")
+#: the per-stage TrainConfig fields, named as the user sets them
+_STAGE_OPTION_NAMES = {
+    "2d": {"lr": "--lr-2d", "batch_size": "--batch-2d", "steps": "--steps-2d"},
+    "decoder": {"lr": "--lr-3d", "batch_size": "--batch-3d", "steps": "--steps-decoder"},
+    "finetune": {"lr": "--lr-finetune", "batch_size": "--batch-3d", "steps": "--steps-finetune"},
+}
+#: RecipeConfig fields that decide each stage's result (compared with recipe.json on --resume)
+_COMMON_RECIPE_FIELDS = ("data", "num_classes", "intensity", "fg_ratio", "class_balanced", "augment", "loss",
+                         "focal_gamma", "plateau_patience", "amp", "grad_accum", "seed", "steps_per_epoch",
+                         "lr_schedule", "sync_bn", "val_window", "checkpointing", "max_memory")
+_STAGE_RECIPE_FIELDS = {
+    "2d": ("model_2d", "patch_2d", "batch_2d", "steps_2d", "lr_2d"),
+    "transfer": ("init_2d", "model_config", "model_2d"),
+    "decoder": ("model_config", "patch_3d", "batch_3d", "steps_decoder", "lr_3d", "fast"),
+    "finetune": ("model_config", "patch_3d", "batch_3d", "steps_finetune", "lr_finetune", "lr_3d", "fast"),
+}
+#: what each stage writes into out_dir (the stage folder, and the final model for finetune)
+_STAGE_OUTPUTS = {"2d": ("2d",), "transfer": ("transfer",), "decoder": ("decoder",), "finetune": ("finetune", "model.pt")}
+
+
+def recipe_fields() -> list[str]:
+    """Names accepted by ``overrides`` (:func:`run_recipe`, ``--override``)."""
+    return sorted({*_COMMON_RECIPE_FIELDS, *(f for fs in _STAGE_RECIPE_FIELDS.values() for f in fs)})
+
+
+def recipe_config_from_record(record: dict[str, Any], data: str, out_dir: str) -> RecipeConfig:
+    """The :class:`RecipeConfig` a ``recipe.json`` describes (for ``--resume``: the run's own settings).
+
+    ``data`` and ``out_dir`` are taken as given now (paths may be spelled differently);
+    entries this version does not know are ignored.
+    """
+    known = {f.name for f in dataclasses.fields(RecipeConfig)} - {"data", "out_dir", "stages"}
+    kw: dict[str, Any] = {k: v for k, v in record.items() if k in known}
+    for k in ("patch_2d", "patch_3d", "val_window"):
+        if isinstance(kw.get(k), list):
+            kw[k] = tuple(kw[k])
+    if isinstance(kw.get("model_config"), dict):
+        kw["model_config"] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in kw["model_config"].items()}
+    if isinstance(kw.get("intensity"), dict):
+        kw["intensity"] = IntensityConfig.from_dict(kw["intensity"])
+    if isinstance(kw.get("augment"), dict):
+        aug = dict(kw["augment"])
+        aug["flip_axes"] = tuple(aug.get("flip_axes", (0, 1)))
+        kw["augment"] = AugmentConfig(**aug)
+    try:
+        return RecipeConfig(data=data, out_dir=out_dir, **kw)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{out_dir}/recipe.json: not the settings of a run of this version ({exc})") from exc
+
+
+def _recipe_record(cfg: RecipeConfig) -> dict[str, Any]:
+    rec = json.loads(json.dumps(_plain(dataclasses.asdict(cfg))))
+    rec["data"] = str(Path(cfg.data).resolve())  # the same data given by another relative path is the same
+    return rec
+
+
+def _existing_outputs(out: Path, stages: Sequence[str]) -> list[str]:
+    from ahnet_fast._atomic import is_temp_name
+
+    found = []
+    for stage in stages:
+        for name in _STAGE_OUTPUTS[stage]:
+            p = out / name
+            if p.is_dir():
+                found += [f"{name}/{q.name}" for q in sorted(p.iterdir()) if not is_temp_name(q.name)]
+            elif p.exists():
+                found.append(name)
+    return found
+
+
+def _check_resume_settings(out: Path, cfg: RecipeConfig, overrides: set[str]) -> dict[str, list[Any]]:
+    """Settings that differ from the run being resumed (recipe.json); refused unless overridden."""
+    path = out / "recipe.json"
+    if not path.is_file():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot read the settings of the run to resume ({exc})") from exc
+    now = _recipe_record(cfg)
+    fields = [*_COMMON_RECIPE_FIELDS, *(f for st in cfg.stages for f in _STAGE_RECIPE_FIELDS[st])]
+    changed = {f: [saved.get(f), now.get(f)] for f in dict.fromkeys(fields)
+               if f in saved and saved.get(f) != now.get(f)}
+    refused = {f: v for f, v in changed.items() if f not in overrides}
+    if refused:
+        text = ", ".join(f"{f} {a} -> {b}" for f, (a, b) in refused.items())
+        raise ValueError(
+            f"--resume: settings differ from the run in {out} ({text}; see recipe.json); give the original "
+            f"values, or --override {','.join(refused)} to change them on purpose"
+        )
+    return changed
+
+
 def run_recipe(cfg: RecipeConfig, resume: bool = False, log: Callable[[str], None] | None = None,
-               progress: bool = True) -> dict[str, Any]:
+               progress: bool = True, overwrite: bool = False, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Run ``cfg.stages`` in order (module docstring).
+
+    Args:
+        resume: continue the run in ``cfg.out_dir`` exactly; settings that differ from its
+            ``recipe.json`` (and each stage checkpoint's) are refused unless named in ``overrides``.
+        overwrite: without ``resume``, replace the outputs of ``cfg.stages`` already in
+            ``out_dir`` (otherwise their presence is an error: nothing is silently replaced and
+            logs of two runs are never mixed).
+        overrides: :func:`recipe_fields` that may change on resume; changes are logged.
 
     Returns:
         ``{"stages": {name: result with "seconds"}, "out_dir": ..., "num_classes": ...}``.
     """
+    from ahnet_fast._atomic import atomic_write_text, clean_stale_temps
+
     if log is None:
         from tqdm.auto import tqdm
 
         log = lambda m: tqdm.write(m)  # noqa: E731
     if not ddp_util.is_main():
         log, progress = (lambda m: None), False  # rank 0 alone reports
-    r = _Recipe(cfg, log, progress)
+    unknown = sorted(set(overrides) - set(recipe_fields()))
+    if unknown:
+        raise ValueError(f"--override: unknown setting(s) {unknown}; accepted: {', '.join(recipe_fields())}")
+    out = Path(cfg.out_dir)
+    changed: dict[str, list[Any]] = {}
+    if resume:
+        changed = _check_resume_settings(out, cfg, set(overrides))
+    else:
+        existing = _existing_outputs(out, cfg.stages)
+        if existing and not overwrite:
+            shown = ", ".join(existing[:4]) + (f", ... ({len(existing)} in all)" if len(existing) > 4 else "")
+            raise FileExistsError(
+                f"{out}: already holds results of the stage(s) to run ({shown}); pass --resume to continue that "
+                "run, --overwrite to replace them, or choose another --out"
+            )
+        if existing and ddp_util.is_main():
+            for stage in cfg.stages:
+                for name in _STAGE_OUTPUTS[stage]:
+                    p = out / name
+                    if p.is_dir():
+                        shutil.rmtree(p)
+                    elif p.exists():
+                        p.unlink()
+            log(f"--overwrite: removed the earlier results of {', '.join(cfg.stages)} in {out}")
+        ddp_util.barrier()
+    r = _Recipe(cfg, log, progress, overrides=overrides)
     if ddp_util.is_main():
-        (r.out / "recipe.json").write_text(json.dumps(_plain(dataclasses.asdict(cfg)), indent=2))
+        for folder in [r.out, *(r.out / s for s in STAGES)]:
+            clean_stale_temps(folder)  # left by a run killed with SIGKILL
+        record = _recipe_record(cfg)
+        history: list[Any] = []
+        if resume and (r.out / "recipe.json").is_file():
+            history = list(json.loads((r.out / "recipe.json").read_text()).get("overrides", []))
+        if changed:
+            history.append({"time": time.time(), "changes": changed})
+            log("--override: " + ", ".join(f"{f} {a} -> {b}" for f, (a, b) in changed.items()))
+        record["overrides"] = history
+        atomic_write_text(r.out / "recipe.json", json.dumps(record, indent=2))
     results: dict[str, Any] = {}
     for stage in cfg.stages:
         t0 = time.time()
