@@ -373,3 +373,23 @@ def _dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
+
+
+def test_any_unexpected_failure_is_one_line_unless_debug(tmp_path, capsys, monkeypatch):
+    import ahnet_fast.infer.segment as seg_mod
+    from ahnet_fast.cli import main
+
+    def broken(*a, **k):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(seg_mod, "collect_inputs", broken)
+    argv = ["segment", str(tmp_path / "a.nii.gz"), str(tmp_path / "b.nii.gz"), "--checkpoint", "c.pt"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err == "ahnet-fast: error: KeyError: 'boom' (run again with --debug for the traceback)\n"
+    with pytest.raises(KeyError):
+        main([*argv, "--debug"])
+    if not torch.cuda.is_available():  # train and demo check --device before reading anything
+        for cmd in (["train", str(tmp_path / "none"), "--out", str(tmp_path / "o")], ["demo"]):
+            assert main([*cmd, "--device", "cuda"]) == 2
+            assert "--device cuda: CUDA is not available on this machine" in capsys.readouterr().err

@@ -294,3 +294,18 @@ def test_resume_refuses_another_model_or_changed_settings(tmp_path):
     assert tr.fit(resume=True)["steps"] == 4
     assert '"event": "override"' in (run / "log.jsonl").read_text()
     assert load_checkpoint(run / "last.pt")["train_config"]["lr"] == 2e-3
+
+
+def test_train_checkpoints_never_unpickle_code(tmp_path, capsys):
+    """A last.pt with code in its pickle is refused by the trainer's loader; nothing runs."""
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    with open(tmp_path / "last.pt", "wb") as fh:
+        torch.save({"model": {}, "x": Evil()}, fh, pickle_module=pickle)
+    with pytest.raises(ValueError, match="last.pt: cannot read the checkpoint"):
+        load_checkpoint(tmp_path / "last.pt")
+    assert "pwned" not in capsys.readouterr().out

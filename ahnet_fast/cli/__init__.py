@@ -24,6 +24,27 @@ COMMANDS = {
 }
 
 
+def device_problem(name: str | None) -> str | None:
+    """Why ``name`` is not a usable torch device here (None: usable or not given)."""
+    if name is None:
+        return None
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        return "not a device name; expected cpu, cuda or cuda:N"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return (f"CUDA is not available on this machine (torch {torch.__version__}, "
+                    f"{'no GPU found' if torch.version.cuda else 'a CPU-only build'}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            return f"there are {torch.cuda.device_count()} GPU(s), numbered 0..{torch.cuda.device_count() - 1}"
+    elif dev.type not in ("cpu", "mps", "xpu"):
+        return "expected cpu, cuda or cuda:N"
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ahnet-fast", description="Fast anisotropic 3D networks (AH-Net) for CT/MRI segmentation."

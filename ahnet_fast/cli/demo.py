@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -63,6 +64,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ahnet_fast.cli import device_problem
+
+    problem = device_problem(args.device)
+    if problem:
+        print(f"ahnet-fast: error: --device {args.device}: {problem}", file=sys.stderr)
+        return 2
     return run_guarded(lambda: run_demo(args), args)
 
 

@@ -58,6 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def check_options(args: argparse.Namespace) -> str | None:
     """The first option that is out of range, as an error line; checked before any file is read."""
+    from ahnet_fast.cli import device_problem
+
     if args.window is not None and any(v < 1 for v in args.window):
         return f"--window {' '.join(map(str, args.window))}: expected 3 positive sizes H W D (e.g. 192 192 64)"
     if not 0 <= args.overlap < 1:
@@ -76,27 +78,6 @@ def check_options(args: argparse.Namespace) -> str | None:
         problem = device_problem(value)
         if problem:
             return f"{opt} {value}: {problem}"
-    return None
-
-
-def device_problem(name: str | None) -> str | None:
-    """Why ``name`` is not a usable torch device here (None: usable or not given)."""
-    if name is None:
-        return None
-    import torch
-
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        return "not a device name; expected cpu, cuda or cuda:N"
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            return (f"CUDA is not available on this machine (torch {torch.__version__}, "
-                    f"{'no GPU found' if torch.version.cuda else 'a CPU-only build'}); use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            return f"there are {torch.cuda.device_count()} GPU(s), numbered 0..{torch.cuda.device_count() - 1}"
-    elif dev.type not in ("cpu", "mps", "xpu"):
-        return "expected cpu, cuda or cuda:N"
     return None
 
 

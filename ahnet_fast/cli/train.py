@@ -185,9 +185,10 @@ def _worker(args: argparse.Namespace) -> int:
 
 def _preflight(cfg) -> None:
     """Checks every rank runs before training: the dataset list and every file's header."""
-    from ahnet_fast.data.dataset import check_headers, read_dataset
+    from ahnet_fast.data.dataset import check_headers, read_dataset, require_labels
 
     spec = read_dataset(cfg.data)
+    require_labels(spec)
     check_headers(spec.training + spec.validation)
 
 
@@ -206,8 +207,13 @@ def _read_record(path: Path) -> dict:
 def _run(args: argparse.Namespace) -> int:
     import os
 
+    from ahnet_fast.cli import device_problem
     from ahnet_fast.train import distributed as D
 
+    problem = device_problem(args.device)
+    if problem:  # before any data is read or model built (torch's own message blames other things)
+        print(f"ahnet-fast: error: --device {args.device}: {problem}", file=sys.stderr)
+        return 2
     if getattr(args, "nproc", 1) > 1 and "LOCAL_RANK" not in os.environ:
         try:
             res = D.launch(args.nproc, _worker, (args,))

@@ -318,8 +318,12 @@ class Trainer:
         if self.rank != 0:
             return
         record = _finite({"time": time.time(), "stage": self.stage, **record})
-        with open(self.out / "log.jsonl", "a") as fh:
-            fh.write(json.dumps(record, default=_json_default, allow_nan=False) + "\n")
+        path = self.out / "log.jsonl"
+        try:
+            with open(path, "a") as fh:
+                fh.write(json.dumps(record, default=_json_default, allow_nan=False) + "\n")
+        except OSError as exc:  # a full disk: name the file (the bare errno does not)
+            raise OSError(f"{path}: cannot append to the training log ({exc.strerror or exc})") from exc
 
     # ------------------------------------------------------------------ checkpoints
     def _payload(self) -> dict[str, Any]:
