@@ -239,7 +239,8 @@ def load_model(
     if model_class is None:
         config = check_model_config(config, path)
     elif not isinstance(config, dict):
-        raise CheckpointError(f"{path}: 'model_config' must be a dict of constructor kwargs, got {type(config).__name__}")
+        raise CheckpointError(f"{path}: 'model_config' must be a dict of constructor kwargs, "
+                              f"got {type(config).__name__}")
     elif config.get("pretrained"):
         raise CheckpointError(f"{path}: model_config['pretrained'] = {config['pretrained']!r} is refused: a "
                               "checkpoint never names weights to fetch or open")

@@ -192,11 +192,13 @@ def segment_file(
     return res
 
 
-def _same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+def _file_id(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(device, inode): equal for one file reached through hard or symbolic links."""
     try:
-        return os.path.samefile(a, b)  # hard links and symlinks to one file
+        st = os.stat(path)
     except OSError:
-        return False
+        return None
+    return st.st_dev, st.st_ino
 
 
 def check_outputs(pairs: Sequence[tuple[str, Path]], probabilities: bool = False) -> None:
@@ -207,14 +209,16 @@ def check_outputs(pairs: Sequence[tuple[str, Path]], probabilities: bool = False
     through a link, or when two cases would write the same output file.
     """
     inputs = {os.path.realpath(src): src for src, _ in pairs}
+    by_id = {fid: src for src, _ in pairs if (fid := _file_id(src)) is not None}
     owner: dict[str, str] = {}
     for src, dst in pairs:
         outs = [Path(dst)] + ([probabilities_path(dst)] if probabilities else [])
         for out in outs:
             real = os.path.realpath(out)
             hit = inputs.get(real)
-            if hit is None and out.exists():
-                hit = next((i for i in inputs.values() if _same_file(out, i)), None)
+            if hit is None:
+                fid = _file_id(out)  # an existing output that is an input under another name
+                hit = by_id.get(fid) if fid is not None else None
             if hit is not None:
                 raise InputOutputClash(
                     f"{out}: output would overwrite the input {hit}; choose an output file or folder that "

@@ -54,7 +54,16 @@ from ahnet_fast.train.models import (
 )
 from ahnet_fast.train.trainer import TrainConfig, Trainer, ValidationCase, _confusion, dice_from_counts
 
-__all__ = ["STAGES", "RecipeConfig", "run_recipe", "recipe_fields", "recipe_config_from_record", "predict_2d", "predict_3d", "evaluate"]
+__all__ = [
+    "STAGES",
+    "RecipeConfig",
+    "run_recipe",
+    "recipe_fields",
+    "recipe_config_from_record",
+    "predict_2d",
+    "predict_3d",
+    "evaluate",
+]
 
 STAGES = ("2d", "transfer", "decoder", "finetune")
 
@@ -435,7 +444,8 @@ _STAGE_RECIPE_FIELDS = {
     "finetune": ("model_config", "patch_3d", "batch_3d", "steps_finetune", "lr_finetune", "lr_3d", "fast"),
 }
 #: what each stage writes into out_dir (the stage folder, and the final model for finetune)
-_STAGE_OUTPUTS = {"2d": ("2d",), "transfer": ("transfer",), "decoder": ("decoder",), "finetune": ("finetune", "model.pt")}
+_STAGE_OUTPUTS = {"2d": ("2d",), "transfer": ("transfer",), "decoder": ("decoder",),
+                  "finetune": ("finetune", "model.pt")}
 
 
 def recipe_fields() -> list[str]:
@@ -558,7 +568,7 @@ def run_recipe(cfg: RecipeConfig, resume: bool = False, log: Callable[[str], Non
                     elif p.exists():
                         p.unlink()
             log(f"--overwrite: removed the earlier results of {', '.join(cfg.stages)} in {out}")
-        ddp_util.barrier()
+    ddp_util.barrier()  # every rank has checked the folder before rank 0 writes into it
     r = _Recipe(cfg, log, progress, overrides=overrides)
     if ddp_util.is_main():
         for folder in [r.out, *(r.out / s for s in STAGES)]:
