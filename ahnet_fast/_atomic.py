@@ -32,6 +32,7 @@ import re
 import shutil
 import socket
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 
@@ -47,6 +48,10 @@ __all__ = [
 
 # ".<dest>.<host>-<pid>.<random>.tmp" or ".tmpd" (folder); mkstemp's random part is [a-z0-9_]
 _TEMP_RE = re.compile(r"^\.(?P<dest>.+)\.(?P<host>[A-Za-z0-9]*)-(?P<pid>[0-9]+)\.[A-Za-z0-9_]+\.tmpd?$")
+# what earlier versions wrote (".<dest>.<random>.tmp<suffix>"): no pid to ask, so only removed
+# once untouched for LEGACY_AGE_S (a live writer keeps its file's mtime fresh)
+_LEGACY_RE = re.compile(r"^\.(?P<dest>.+)\.[a-z0-9_]{8}\.tmp(\.nii|\.nii\.gz|\.png)?$")
+LEGACY_AGE_S = 3600.0
 
 
 def _host() -> str:
@@ -83,7 +88,8 @@ def clean_stale_temps(folder: str | os.PathLike[str], dest_name: str | None = No
         dest_name: only temporaries of this destination file name.
 
     Returns the removed names. Temporaries of running processes and of other hosts (a
-    shared file system) are kept: their writer may still be busy.
+    shared file system) are kept: their writer may still be busy. Temporaries named by
+    earlier versions (no pid in the name) are removed once unmodified for an hour.
     """
     host = _host()
     removed = []
@@ -91,12 +97,21 @@ def clean_stale_temps(folder: str | os.PathLike[str], dest_name: str | None = No
         entries = list(os.scandir(folder))
     except (FileNotFoundError, NotADirectoryError):
         return removed
+    now = time.time()
     for entry in entries:
         m = _TEMP_RE.match(entry.name)
-        if m is None or (dest_name is not None and m.group("dest") != dest_name):
+        legacy = None if m else _LEGACY_RE.match(entry.name)
+        found = m or legacy
+        if found is None or (dest_name is not None and found.group("dest") != dest_name):
             continue
-        if m.group("host") != host or _pid_alive(int(m.group("pid"))):
+        if m is not None and (m.group("host") != host or _pid_alive(int(m.group("pid")))):
             continue
+        if legacy is not None:
+            try:
+                if not entry.is_file(follow_symlinks=False) or now - entry.stat().st_mtime < LEGACY_AGE_S:
+                    continue
+            except FileNotFoundError:
+                continue
         try:
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path)

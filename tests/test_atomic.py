@@ -105,10 +105,16 @@ def test_temporaries_of_killed_writers_are_cleaned_on_the_next_write(tmp_path: P
     other_host = tmp_path / f".last.pt.{host}x-{dead}.zzzzzzzz.tmp"
     live.write_bytes(b"")
     other_host.write_bytes(b"")
+    # names earlier versions used (the 140 MB ".last.pt.*.tmp" of a killed run): removed once an hour old
+    legacy_old = tmp_path / ".last.pt.k2j4h5g6.tmp"
+    legacy_new = tmp_path / ".seg.nii.gz.a1b2c3d4.tmp.nii.gz"
+    legacy_old.write_bytes(b"z")
+    legacy_new.write_bytes(b"z")
+    os.utime(legacy_old, (1e9, 1e9))
     atomic_write_bytes(tmp_path / "last.pt", b"new")  # cleans only its own destination's leftovers
-    assert not stale_file.exists() and stale_dir.exists()
+    assert not stale_file.exists() and not legacy_old.exists() and stale_dir.exists()
     assert clean_stale_temps(tmp_path) == [stale_dir.name]
-    assert sorted(os.listdir(tmp_path)) == sorted(["last.pt", live.name, other_host.name])
+    assert sorted(os.listdir(tmp_path)) == sorted(["last.pt", live.name, other_host.name, legacy_new.name])
 
 
 def test_group_publishes_the_marker_last(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -127,6 +127,11 @@ def test_cli_bad_input_is_one_line_error(tmp_path, mni, capsys):
     assert "2D patch: (40, 40) is not a valid size" in capsys.readouterr().err
     assert main(["train", str(mni.parent), "--out", str(tmp_path / "o"), "--stages", "decoder", *SMALL]) == 2
     assert "run the 'transfer' stage first" in capsys.readouterr().err
+    assert main(["train", str(mni.parent), "--out", str(tmp_path / "o"), "--resume", "--override", "bogus,seed",
+                 *SMALL]) == 2
+    assert "--override: unknown setting(s) ['bogus']; accepted: amp, augment" in capsys.readouterr().err
+    assert main(["train", str(mni.parent), "--out", str(tmp_path / "o"), "--override", "seed", *SMALL]) == 2
+    assert "--override only applies with --resume" in capsys.readouterr().err
     # training lists with an unlabelled case, and a ragged CSV: one line naming the list, no traceback
     spec = json.loads(mni.read_text())
     img = str(mni.parent / spec["training"][0]["image"])
