@@ -245,17 +245,23 @@ def _run_one(args: argparse.Namespace, ctx) -> int:
     main_rank = ctx is None or ctx.rank == 0
 
     def go() -> int:
+        import dataclasses
+
         from ahnet_fast.data.intensity import IntensityConfig
         from ahnet_fast.data.sampling import AugmentConfig
         from ahnet_fast.train.recipe import RecipeConfig, recipe_config_from_record, run_recipe
 
+        if args.overwrite and args.resume:
+            raise ValueError("--overwrite and --resume contradict each other: choose one")
+        if args.override and not args.resume:
+            raise ValueError("--override only applies with --resume")
         base = None
         saved = Path(args.out) / "recipe.json"
         if args.resume and saved.is_file():
             # resuming: the run's own settings, so only options given now can differ from them
             base = recipe_config_from_record(_read_record(saved), data=args.data, out_dir=args.out)
-        cfg = base or RecipeConfig(data=args.data, out_dir=args.out)
-        cfg.stages = _stages(args.stages)
+        # replace() runs the checks of RecipeConfig again (stages put in recipe order)
+        cfg = dataclasses.replace(base or RecipeConfig(data=args.data, out_dir=args.out), stages=_stages(args.stages))
         if args.intensity is not None:
             cfg.intensity = IntensityConfig(args.intensity, tuple(args.ct_window or (-125.0, 225.0)),
                                             tuple(args.percentiles or (0.5, 99.5)))
@@ -273,10 +279,6 @@ def _run_one(args: argparse.Namespace, ctx) -> int:
         apply_training_arguments(cfg, args)
         if ctx is not None:  # a rank that cannot see a file stops every rank now, with its error
             D.agree(lambda: _preflight(cfg))
-        if args.overwrite and args.resume:
-            raise ValueError("--overwrite and --resume contradict each other: choose one")
-        if args.override and not args.resume:
-            raise ValueError("--override only applies with --resume")
         res = run_recipe(cfg, resume=args.resume, progress=not args.no_progress and main_rank,
                          log=print if main_rank else (lambda m: None), overwrite=args.overwrite,
                          overrides=args.override)
