@@ -260,7 +260,7 @@ class _Recipe:
         overrides = {recipe_field.get(o, o) for o in self.overrides}
         if "max_memory" in self.overrides:  # the memory chooser picks batch and checkpointing
             overrides |= {"batch_size", "checkpointing"}
-        if stage == "finetune" and "lr_3d" in self.overrides:
+        if stage == "finetune" and "lr_finetune" in self.overrides:  # an API setting; the CLI sets --lr-3d
             overrides.add("lr")
         return {"overrides": overrides, "option_names": names}
 
@@ -431,7 +431,7 @@ _COMMON_TRAIN_FIELDS = ("seed", "steps_per_epoch", "grad_accum", "amp", "checkpo
 _STAGE_OPTION_NAMES = {
     "2d": {"lr": "--lr-2d", "batch_size": "--batch-2d", "steps": "--steps-2d"},
     "decoder": {"lr": "--lr-3d", "batch_size": "--batch-3d", "steps": "--steps-decoder"},
-    "finetune": {"lr": "--lr-finetune", "batch_size": "--batch-3d", "steps": "--steps-finetune"},
+    "finetune": {"lr": "--lr-3d", "batch_size": "--batch-3d", "steps": "--steps-finetune"},
 }
 #: RecipeConfig fields that decide each stage's result (compared with recipe.json on --resume)
 _COMMON_RECIPE_FIELDS = ("data", "num_classes", "intensity", "fg_ratio", "class_balanced", "augment", "loss",
