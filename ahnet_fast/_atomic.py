@@ -71,6 +71,8 @@ def is_temp_name(name: str) -> bool:
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there: never ask, keep its files
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
