@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ahnet_fast.ops import bn_act_conv, conv_bn_act, use_backend, zmaxpool
+from ahnet_fast.ops.reference import without_onednn, onednn_conv_backward_unsafe
 
 CL = torch.channels_last_3d
 LAYOUTS = {"contiguous": torch.contiguous_format, "channels_last_3d": CL}
@@ -193,7 +194,11 @@ def _run(kind: str, t: dict, spec: ConvSpec, dtype, device, fmt, backend: Option
     go = grad_out64.to(device=device, dtype=dtype)
     if fmt is not None:
         go = go.contiguous(memory_format=fmt)
-    with use_backend(backend or "reference"):
+    # torch's oneDNN conv backward is wrong on some CPUs where the kernel exceeds the input
+    # (ahnet_fast.ops.reference.onednn_conv_backward_unsafe): the same-dtype torch composition
+    # that sets the 16-bit tolerance must not be that garbage, so it uses torch's other kernel
+    unsafe = backend is None and onednn_conv_backward_unsafe(tt["x"], tt["weight"])
+    with use_backend(backend or "reference"), without_onednn(unsafe):
         grads = torch.autograd.grad(out, [v for _, v in inputs], go)
     return out, dict(zip([k for k, _ in inputs], grads)), tt["running_mean"], tt["running_var"]
 

@@ -13,7 +13,8 @@ Like every backend, functions return None for a result they did not compute; the
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import contextlib
+from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -124,14 +125,56 @@ def _affine(xhat: torch.Tensor, gamma: Optional[torch.Tensor], beta: Optional[to
     return t if beta is None else t + bcast(beta.to(sdt))
 
 
+def onednn_conv_backward_unsafe(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """True where torch's CPU conv3d backward must not take its oneDNN path.
+
+    Upstream behaviour (torch 2.13.0 CPU build; reproduced on AMD EPYC with AVX-512, see
+    tests/test_cpu_conv_workaround.py): when a kernel extent is larger than the input along
+    some axis (the 7x7x3 stem on a 7x5x4 input, a 3x3x1 conv on a 2x2xD input),
+    oneDNN's ``convolution_backward`` reads uninitialised memory: the weight gradient is
+    garbage (relative error 1e17 .. NaN) for float32 with any channels_last_3d operand and
+    for bfloat16 in every layout, and some shapes abort with heap corruption or never return.
+    A sweep of 1752 (kernel, input, stride, padding, channels, layout, dtype) cases found no
+    failure where every kernel extent fits the input. torch's non-oneDNN kernel is exact on
+    the same calls. Such inputs are tiny by construction (an axis shorter than the kernel),
+    so the slower kernel costs nothing measurable, and no processor list or probe is needed:
+    the route is taken on every CPU.
+    """
+    return x.device.type == "cpu" and any(k > s for k, s in zip(weight.shape[2:], x.shape[2:]))
+
+
 def _conv_backward(grad_c: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: Sequence[int],
                    padding: Sequence[int], has_bias: bool, mask: Sequence[bool]
                    ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
     if not any(mask):
         return None, None, None
-    return torch.ops.aten.convolution_backward(
-        grad_c, x, weight, [weight.shape[0]] if has_bias else None, list(stride), list(padding),
-        [1, 1, 1], False, [0, 0, 0], 1, [bool(mask[0]), bool(mask[1]), bool(mask[2]) and has_bias])
+    args = ([weight.shape[0]] if has_bias else None, list(stride), list(padding), [1, 1, 1], False, [0, 0, 0], 1,
+            [bool(mask[0]), bool(mask[1]), bool(mask[2]) and has_bias])
+    if not onednn_conv_backward_unsafe(x, weight):
+        return torch.ops.aten.convolution_backward(grad_c, x, weight, *args)
+    # torch's non-oneDNN CPU kernel, in fp32 for 16-bit inputs (its 16-bit variant accumulates
+    # in 16 bits); the operands are tiny here, so neither choice costs anything measurable
+    up = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    with without_onednn(True):
+        grads = torch.ops.aten.convolution_backward(grad_c.to(up), x.to(up), weight.to(up), *args)
+    dtypes = (x.dtype, weight.dtype, weight.dtype)
+    return tuple(None if g is None else g.to(dt) for g, dt in zip(grads, dtypes))
+
+
+@contextlib.contextmanager
+def without_onednn(active: bool) -> Iterator[None]:
+    """torch's own (non-oneDNN) CPU convolution kernels inside, when ``active``. Only the
+    "enabled" switch is touched (``torch.backends.mkldnn.flags`` would also reset the oneDNN
+    TF32 setting and warn on every call)."""
+    if not active:
+        yield
+        return
+    prev = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(prev)
 
 
 # ----------------------------------------------------------------------------- conv -> BN -> act
