@@ -76,7 +76,8 @@ def test_cli_train_smoke_and_resume(mni, tmp_path, capsys):
     # the same --out again without --resume: refused, nothing replaced, logs not mixed
     rc = main(["train", str(mni.parent), "--out", str(out), "--stages", "2d", "--steps-2d", "2", *SMALL])
     err = capsys.readouterr().err
-    assert rc == 2 and "already holds results of the stage(s) to run (2d/best.pt" in err and "--overwrite" in err
+    assert rc == 2 and "--overwrite" in err
+    assert "already holds results of the stage(s) to run (2d/last.pt, 2d/best.pt, 2d/log.jsonl)" in err
     # --resume with a changed setting: refused, naming it and the way to change it on purpose
     rc = main(["train", str(mni.parent), "--out", str(out), "--stages", "2d", "--resume", "--seed", "5", *SMALL])
     err = capsys.readouterr().err

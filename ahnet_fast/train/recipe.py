@@ -443,9 +443,14 @@ _STAGE_RECIPE_FIELDS = {
     "decoder": ("model_config", "patch_3d", "batch_3d", "steps_decoder", "lr_3d", "fast"),
     "finetune": ("model_config", "patch_3d", "batch_3d", "steps_finetune", "lr_finetune", "lr_3d", "fast"),
 }
-#: what each stage writes into out_dir (the stage folder, and the final model for finetune)
-_STAGE_OUTPUTS = {"2d": ("2d",), "transfer": ("transfer",), "decoder": ("decoder",),
-                  "finetune": ("finetune", "model.pt")}
+#: what each stage writes into out_dir; --overwrite removes exactly these (never a user's other files)
+_TRAINER_FILES = ("last.pt", "best.pt", "log.jsonl")
+_STAGE_OUTPUTS = {
+    "2d": tuple(f"2d/{f}" for f in _TRAINER_FILES),
+    "transfer": ("transfer/init.pt",),
+    "decoder": tuple(f"decoder/{f}" for f in _TRAINER_FILES),
+    "finetune": (*(f"finetune/{f}" for f in _TRAINER_FILES), "model.pt"),
+}
 
 
 def recipe_fields() -> list[str]:
@@ -485,17 +490,7 @@ def _recipe_record(cfg: RecipeConfig) -> dict[str, Any]:
 
 
 def _existing_outputs(out: Path, stages: Sequence[str]) -> list[str]:
-    from ahnet_fast._atomic import is_temp_name
-
-    found = []
-    for stage in stages:
-        for name in _STAGE_OUTPUTS[stage]:
-            p = out / name
-            if p.is_dir():
-                found += [f"{name}/{q.name}" for q in sorted(p.iterdir()) if not is_temp_name(q.name)]
-            elif p.exists():
-                found.append(name)
-    return found
+    return [name for stage in stages for name in _STAGE_OUTPUTS[stage] if (out / name).exists()]
 
 
 def _check_resume_settings(out: Path, cfg: RecipeConfig, overrides: set[str]) -> dict[str, list[Any]]:
@@ -560,14 +555,9 @@ def run_recipe(cfg: RecipeConfig, resume: bool = False, log: Callable[[str], Non
                 "run, --overwrite to replace them, or choose another --out"
             )
         if existing and ddp_util.is_main():
-            for stage in cfg.stages:
-                for name in _STAGE_OUTPUTS[stage]:
-                    p = out / name
-                    if p.is_dir():
-                        shutil.rmtree(p)
-                    elif p.exists():
-                        p.unlink()
-            log(f"--overwrite: removed the earlier results of {', '.join(cfg.stages)} in {out}")
+            for name in existing:
+                (out / name).unlink()
+            log(f"--overwrite: removed the earlier results in {out}: {', '.join(existing)}")
     ddp_util.barrier()  # every rank has checked the folder before rank 0 writes into it
     r = _Recipe(cfg, log, progress, overrides=overrides)
     if ddp_util.is_main():
