@@ -386,9 +386,11 @@ def test_any_unexpected_failure_is_one_line_unless_debug(tmp_path, capsys, monke
     argv = ["segment", str(tmp_path / "a.nii.gz"), str(tmp_path / "b.nii.gz"), "--checkpoint", "c.pt"]
     assert main(argv) == 1
     err = capsys.readouterr().err
-    assert err == "ahnet-fast: error: KeyError: 'boom' (run again with --debug for the traceback)\n"
+    assert err == "ahnet-fast: error: KeyError: 'boom' (`ahnet-fast --debug segment ...` shows the traceback)\n"
     with pytest.raises(KeyError):
         main([*argv, "--debug"])
+    with pytest.raises(KeyError):
+        main(["--debug", *argv])
     if not torch.cuda.is_available():  # train and demo check --device before reading anything
         for cmd in (["train", str(tmp_path / "none"), "--out", str(tmp_path / "o")], ["demo"]):
             assert main([*cmd, "--device", "cuda"]) == 2

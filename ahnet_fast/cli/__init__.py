@@ -21,6 +21,7 @@ COMMANDS = {
     "evaluate": "ahnet_fast.cli.evaluate",
     "show": "ahnet_fast.cli.show",
     "bench": "ahnet_fast.cli.bench",
+    "warmup": "ahnet_fast.cli.warmup",
 }
 
 
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ahnet-fast", description="Fast anisotropic 3D networks (AH-Net) for CT/MRI segmentation."
     )
+    # its own dest: a sub-command's --debug default would overwrite a shared one
+    parser.add_argument("--debug", dest="debug_all", action="store_true",
+                        help="show full tracebacks (any command; train, demo and segment also take --debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMANDS.values():
         importlib.import_module(module).register(sub)
@@ -67,11 +71,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("ahnet-fast: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, never a traceback
-        if getattr(args, "debug", False):
+        if getattr(args, "debug", False) or getattr(args, "debug_all", False):
             raise
         text = str(exc).splitlines()[0] if str(exc) else ""
-        print(f"ahnet-fast: error: {type(exc).__name__}: {text} (run again with --debug for the traceback)",
-              file=sys.stderr)
+        print(f"ahnet-fast: error: {type(exc).__name__}: {text} (`ahnet-fast --debug {args.command} ...` "
+              "shows the traceback)", file=sys.stderr)
         return 1
 
 
