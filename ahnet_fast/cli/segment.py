@@ -17,7 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Segment IN (a .nii/.nii.gz file, a folder of them, or a dataset.json) and write labels to OUT "
             "(a file for a file, else a folder) on the input's grid: same affine, header and orientation. "
-            "Outputs are written atomically; a failed case leaves no output."
+            "Outputs are written atomically; a failed case leaves no output; a case's labels and probabilities "
+            "are published together. An OUT that would overwrite an input, or two cases with one output name, "
+            "is refused before anything runs."
         ),
     )
     p.add_argument("input", metavar="IN", help="NIfTI file, folder of NIfTI files, or dataset.json")

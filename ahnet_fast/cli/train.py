@@ -109,7 +109,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Train on a Medical Segmentation Decathlon folder, a dataset.json or a CSV (columns image,"
                     "label). Stages: 2d (MC-FCN on 3-slice stacks), transfer (2D encoder -> AH-Net), decoder "
                     "(3D decoder, encoder frozen), finetune (everything). Outputs in --out: <stage>/last.pt, "
-                    "<stage>/best.pt, <stage>/log.jsonl, and model.pt (for `ahnet-fast segment`).")
+                    "<stage>/best.pt, <stage>/log.jsonl, and model.pt (for `ahnet-fast segment`). Results already in "
+                    "--out are never replaced silently: continue with --resume (the same settings; --override to "
+                    "change one) or replace them with --overwrite.")
     p.add_argument("data", help="dataset folder, dataset.json or CSV file")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--stages", default="all", help=STAGE_HELP)
