@@ -39,6 +39,7 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "backend_status",
+    "composite_path",
     "get_backend",
     "requested_backend",
     "select",
@@ -106,6 +107,24 @@ def call_arg() -> str:
     if torch.compiler.is_compiling():
         return ""
     return requested_backend()
+
+
+def composite_path(x: torch.Tensor) -> bool:
+    """True when a call on ``x`` takes the composite path (``ahnet_fast.ops.composite``: plain
+    torch ops that autograd and inductor see through) instead of a custom op.
+
+    That is ``auto`` for any tensor not on a CUDA device: there the only custom-op backend
+    would be the reference one, whose opaque ops cost extra passes eagerly and block
+    inductor's BN folding and fusion. Under ``torch.compile`` a ``use_backend`` context cannot
+    be read while tracing, so CPU tensors always take the composite path there unless the
+    AHNET_FAST_BACKEND environment variable names an explicit backend.
+    """
+    if x.device.type == "cuda":
+        return False
+    if torch.compiler.is_compiling():
+        env = os.environ.get(ENV_VAR)
+        return env is None or env.strip().lower() in ("", "auto")
+    return requested_backend() == "auto"
 
 
 def module(name: str) -> ModuleType:

@@ -5,7 +5,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from . import _backend, _checks
+from . import _backend, _checks, composite
 from ._library import bn_act_conv_into_op, bn_act_conv_op, bn_update_running_stats_op
 from ._util import triple
 
@@ -52,7 +52,11 @@ def bn_act_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor
     count = _checks.batch_count(x.shape, training)
     rm = None if training else running_mean
     rv = None if training else running_var
+    use_composite = _backend.composite_path(x)
     backend = _backend.call_arg()
+    if out is None and use_composite:
+        return composite.bn_act_conv(x, bn_weight, bn_bias, running_mean, running_var, weight, conv_bias, stride_,
+                                     padding_, bool(training), float(momentum), float(eps), bool(relu))
     if out is None:
         res, mean, _invstd, var = bn_act_conv_op(x, bn_weight, bn_bias, rm, rv, weight, conv_bias, stride_,
                                                  padding_, bool(training), float(eps), bool(relu), backend)
@@ -69,6 +73,9 @@ def bn_act_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor
                 torch.is_grad_enabled() and out.requires_grad):
             raise RuntimeError("bn_act_conv(out=...) is not differentiable: call it under torch.no_grad() or "
                                "torch.inference_mode(), or without out= when gradients are needed")
+        if use_composite:
+            return composite.bn_act_conv(x, bn_weight, bn_bias, running_mean, running_var, weight, conv_bias, stride_,
+                                         padding_, bool(training), float(momentum), float(eps), bool(relu), out, off)
         mean, _invstd, var = bn_act_conv_into_op(x, bn_weight, bn_bias, rm, rv, weight, conv_bias, stride_,
                                                  padding_, bool(training), float(eps), bool(relu), out, off, backend)
         res = out.narrow(1, off, o_shape[1])

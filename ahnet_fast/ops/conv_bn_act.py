@@ -5,7 +5,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from . import _backend, _checks
+from . import _backend, _checks, composite
 from ._library import bn_update_running_stats_op, conv_bn_act_op
 
 __all__ = ["conv_bn_act"]
@@ -60,6 +60,10 @@ def conv_bn_act(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias:
         x, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, zpool,
         training, momentum, eps)
     count = _checks.batch_count(bn_shape, training)
+    if _backend.composite_path(x):
+        return composite.conv_bn_act(x, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, residual,
+                                     stride_, padding_, bool(training), float(momentum), float(eps), zpool,
+                                     bool(relu))
     save = _checks.any_requires_grad(x, weight, conv_bias, bn_weight, bn_bias, residual)
     out, _c, mean, _invstd, var = conv_bn_act_op(
         x, weight, conv_bias, bn_weight, bn_bias,

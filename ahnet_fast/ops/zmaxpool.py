@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _backend, _checks
+from . import _backend, _checks, composite
 from ._library import zmaxpool_op
 
 __all__ = ["zmaxpool"]
@@ -25,4 +25,6 @@ def zmaxpool(x: torch.Tensor) -> torch.Tensor:
     _checks.tensor5("x", x)
     if x.shape[-1] < 2:
         raise ValueError(f"zmaxpool needs D >= 2 (pairs along the last axis), got shape {tuple(x.shape)}")
+    if _backend.composite_path(x):
+        return composite.zmaxpool(x)
     return zmaxpool_op(x, _backend.call_arg())
