@@ -97,12 +97,15 @@ def importance_map(
     sigma_scale: float = 0.125,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Blending weights ``(h, w, d)`` float32, max 1, strictly positive.
+    """Blending weights ``(h, w, d)`` float32, strictly positive: MONAI 1.6.1's map.
 
-    Gaussian: separable, centred, sigma = ``sigma_scale * size`` per axis;
-    values are clamped below at the smallest value that is still positive
-    so that window corners keep a tiny non-zero weight (every voxel of the
-    volume is covered by a positive weight).
+    Gaussian: separable, centred, sigma = ``sigma_scale * size`` per axis, computed exactly as
+    ``monai.data.utils.compute_importance_map`` does (float32, not normalised: the peak is 1
+    for odd sizes and just under 1 for even ones) and floored like it at
+    ``max(min(map), 1e-3)``. The floor matters: without it the weights fall to ~1e-10 at
+    window corners, where one window's border prediction then decides the blend alone;
+    with it, our blend equals MONAI's ``sliding_window_inference`` with the same options
+    (tests/test_infer_sliding_window.py).
     """
     if mode == "constant":
         return torch.ones(tuple(int(w) for w in window), dtype=torch.float32, device=device)
@@ -113,15 +116,12 @@ def importance_map(
     m = None
     for ax, n in enumerate(window):
         n = int(n)
-        x = torch.arange(n, dtype=torch.float64, device=device) - (n - 1) / 2.0
-        g = torch.exp(-0.5 * (x / max(sigma_scale * n, 1e-6)) ** 2)
-        shape = [1, 1, 1]
-        shape[ax] = n
-        g = g.reshape(shape)
-        m = g if m is None else m * g
-    m = (m / m.max()).to(torch.float32)
-    tiny = torch.finfo(torch.float32).tiny * 1e3
-    return m.clamp_min(max(float(m[m > 0].min()) if bool((m > 0).any()) else tiny, tiny))
+        sigma = n * sigma_scale
+        x = torch.arange(start=-(n - 1) / 2.0, end=(n - 1) / 2.0 + 1, dtype=torch.float, device=device)
+        x = torch.exp(x ** 2 / (-2 * sigma ** 2))
+        m = x if m is None else m.unsqueeze(-1) * x[(None,) * ax]
+    assert m is not None
+    return m.clamp_(min=max(float(m.min()), 1e-3))
 
 
 def _pad_amounts(size: Sequence[int], target: Sequence[int]) -> list[int]:
