@@ -124,13 +124,21 @@ def _cl_weight(w: Tensor) -> Tensor:
 
 
 def _conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[int],
-          padding: Sequence[int]) -> Tensor:
-    if _needs_grad(x, weight, bias) and reference.onednn_conv_backward_unsafe(x, weight):
+          padding: Sequence[int], training: bool) -> Tensor:
+    grad = _needs_grad(x, weight, bias)
+    if grad and reference.onednn_conv_backward_unsafe(x, weight):
         return _SafeConv3d.apply(x, weight, bias, list(stride), list(padding))
-    if _onednn(x):
+    # eval mode with autograd on (saliency maps, parity checks against MONAI) keeps torch's own
+    # kernel choice, so its rounding is MONAI's conv for conv: a freshly initialised model in
+    # eval mode amplifies activations to ~1e5 and a last-bit difference flips ReLU masks there
+    # (gradients then differ by ~2e-4 from MONAI's while both are equally far from float64)
+    if (training or not grad) and _onednn(x):
         return torch.mkldnn_convolution(x.contiguous(memory_format=CL), _cl_weight(weight), bias, list(padding),
                                         list(stride), [1, 1, 1], 1)
-    return F.conv3d(x, weight, bias, list(stride), list(padding))
+    y = F.conv3d(x, weight, bias, list(stride), list(padding))
+    # torch's slow_conv3d answers a channels-last input in NCDHW: restore the input's layout
+    # here (tiny tensors), not after BN/ReLU/pool and again for every gradient
+    return _follow(y, CL) if x.is_contiguous(memory_format=CL) and not torch.compiler.is_compiling() else y
 
 
 def _batch_norm(y: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], weight: Optional[Tensor],
@@ -229,11 +237,11 @@ def conv_bn_act(x: Tensor, weight: Tensor, conv_bias: Optional[Tensor], bn_weigh
         folded = _fold(weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps, x.dtype,
                        zpool == "before_bn")
         if folded is not None:
-            t = _conv(x, folded[0], folded[1], stride, padding)
+            t = _conv(x, folded[0], folded[1], stride, padding, training)
             if zpool != "none":  # scale >= 0 (checked in _fold) or after the affine: pool commutes
                 t = zmax(t)
             return _tail(t, residual, relu, fmt)
-    c = _conv(x, weight, conv_bias, stride, padding)
+    c = _conv(x, weight, conv_bias, stride, padding, training)
     if zpool == "before_bn":
         c = zmax(c)
     t = _batch_norm(c, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
@@ -265,7 +273,7 @@ def bn_act_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor
     z = _batch_norm(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
     if relu:
         z = z.relu_()  # BN's backward reads its input, never its output
-    o = _follow(_conv(z, weight, conv_bias, stride, padding), fmt)
+    o = _follow(_conv(z, weight, conv_bias, stride, padding, training), fmt)
     if out is not None:
         return out.narrow(1, out_channel_offset, o.shape[1]).copy_(o)
     return o
