@@ -6,6 +6,7 @@ Volumes are ``(B, C, H, W, D)`` tensors in network layout (see
 from __future__ import annotations
 
 from .cascade import CascadeStats, cascade_inference
+from .graphed import GraphedForward, graphed
 from .metrics import average_surface_distance, dice, dice_per_class, evaluate_case, global_dice, hd95
 from .model_io import CheckpointError, load_model, save_model_checkpoint
 from .segment import SegmentOptions, SegmentResult, predict_volume, segment_file
@@ -20,6 +21,8 @@ __all__ = [
     "dice_per_class",
     "evaluate_case",
     "global_dice",
+    "graphed",
+    "GraphedForward",
     "hd95",
     "importance_map",
     "load_model",

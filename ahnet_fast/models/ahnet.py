@@ -296,6 +296,10 @@ class PSP(nn.Module):
                 self.up_modules.append(_conv_t(spatial_dims)(1, 1, kernel_size=size, stride=size, padding=pad))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self.maps(x), dim=1)
+
+    def maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The ``psp_block_num`` one-channel maps (N, 1, *spatial), in concatenation order."""
         outputs = []
         if self.upsample_mode == "transpose":
             for project, pool, up in zip(self.project_modules, self.pool_modules, self.up_modules):
@@ -306,7 +310,7 @@ class PSP(nn.Module):
                 outputs.append(
                     F.interpolate(project(pool(x)), size=x.shape[2:], mode=self.upsample_mode, align_corners=align)
                 )
-        return torch.cat(outputs, dim=1)
+        return outputs
 
 
 @dataclass(frozen=True)

@@ -137,20 +137,35 @@ class FusedDenseBlock(DenseBlock):
     """Dense block whose layers write into one preallocated concat buffer in inference."""
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.forward_sum(x, None)
+
+    def forward_sum(self, a: Tensor, b: Tensor | None) -> Tensor:
+        """``forward(a + b)`` (``forward(a)`` when ``b`` is None). In inference the sum is
+        written straight into the first channels of the block's concat buffer, and every
+        layer writes its new features into its own channel slice: no copy of the growing
+        feature map, no separate copy of the input."""
         layers = list(self.children())
         if torch.is_grad_enabled() or not layers:
-            return super().forward(x)
+            return super().forward(a if b is None else a + b)
         growth = layers[0].conv4.out_channels
-        c0 = x.shape[1]
-        fmt = torch.channels_last_3d if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) \
-            and not x.is_contiguous() else torch.contiguous_format
-        buf = torch.empty((x.shape[0], c0 + growth * len(layers), *x.shape[2:]), dtype=x.dtype, device=x.device)
-        buf = buf.contiguous(memory_format=fmt)
-        buf[:, :c0].copy_(x)
+        c0 = a.shape[1]
+        buf = torch.empty((a.shape[0], c0 + growth * len(layers), *a.shape[2:]), dtype=a.dtype, device=a.device,
+                          memory_format=_layout_of(a))
+        if b is None:
+            buf[:, :c0].copy_(a)
+        else:
+            torch.add(a, b, out=buf[:, :c0])
         for i, layer in enumerate(layers):
             c = c0 + i * growth
             layer.new_features(buf[:, :c], out=buf, out_channel_offset=c)
         return buf
+
+
+def _layout_of(x: Tensor) -> torch.memory_format:
+    """channels_last_3d for a channels-last 5-D tensor (channel stride 1), else contiguous."""
+    if x.dim() == 5 and x.stride(1) == 1 and not x.is_contiguous():
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 FAST_BLOCKS = BlockSet(
@@ -245,22 +260,63 @@ class FastAHNet(ReferenceAHNet):
     def _decode(self, conv_x: Tensor, pool_x: Tensor, fms: tuple[Tensor, Tensor, Tensor, Tensor]) -> Tensor:
         fm1, fm2, fm3, fm4 = fms
         ck = self._maybe_checkpoint
-        d0 = ck(self.dense0, self.up0(fm4) + fm3)
-        d1 = ck(self.dense1, self.up1(d0) + fm2)
-        d2 = ck(self.dense2, self.up2(d1) + fm1)
-        d3 = ck(self.dense3, self.trans1(d2) + pool_x)
-        return ck(self.dense4, self.up3(d3) + conv_x)
+        if self.training and torch.is_grad_enabled():
+            d0 = ck(self.dense0, self.up0(fm4) + fm3)
+            d1 = ck(self.dense1, self.up1(d0) + fm2)
+            d2 = ck(self.dense2, self.up2(d1) + fm1)
+            d3 = ck(self.dense3, self.trans1(d2) + pool_x)
+            return ck(self.dense4, self.up3(d3) + conv_x)
+        # each skip sum is written straight into its dense block's concat buffer
+        d0 = self.dense0.forward_sum(self.up0(fm4), fm3)
+        d1 = self.dense1.forward_sum(self.up1(d0), fm2)
+        d2 = self.dense2.forward_sum(self.up2(d1), fm1)
+        d3 = self.dense3.forward_sum(self.trans1(d2), pool_x)
+        return self.dense4.forward_sum(self.up3(d3), conv_x)
+
+    def _head(self, d4: Tensor) -> Tensor:
+        if self.psp_block_num == 0:
+            return self.final(d4)
+        parts = [*self.psp.maps(d4), d4]
+        if torch.is_grad_enabled() or d4.dim() != 5:
+            return self.final(torch.cat(parts, dim=1))
+        # inference: one concatenation (not PSP's own plus this one), laid out like d4: torch.cat
+        # would pick NCDHW for 1-channel maps followed by a channels-last d4
+        buf = torch.empty((d4.shape[0], sum(p.shape[1] for p in parts), *d4.shape[2:]), dtype=d4.dtype,
+                          device=d4.device, memory_format=_layout_of(d4))
+        return self.final(torch.cat(parts, dim=1, out=buf))
 
     def forward(self, x: Tensor) -> Tensor:
-        """``(B, in_channels, *spatial)`` -> ``(B, out_channels, *spatial)``."""
+        """``(B, in_channels, *spatial)`` -> ``(B, out_channels, *spatial)``, in ``x``'s memory
+        format (on CUDA the network itself always runs channels_last_3d)."""
+        out_format = _output_format(x)
+        if x.dim() == 5 and x.device.type == "cuda":
+            # the fused kernels' layout, whatever the caller's (a no-op for 1-channel input,
+            # whose outputs the ops then lay out channels-last, see ops._util.memory_format)
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         dtype = _autocast_dtype(x)
         if dtype is not None:
             # the fused ops are custom ops (no autocast rule of their own): run the whole
             # network in the autocast dtype, as autocast runs conv3d; BN math stays fp32
             # inside the ops
             with torch.autocast(x.device.type, enabled=False):
-                return _cast_run(self, x, dtype)
-        return super().forward(x)
+                out = _cast_run(self, x, dtype)
+        else:
+            out = super().forward(x)
+        return out if out_format is None else out.contiguous(memory_format=out_format)
+
+
+def _output_format(x: Tensor) -> torch.memory_format | None:
+    """The memory format the output must have to follow the input (None: leave it as it is).
+
+    A contiguous input (1-channel inputs included) gets a contiguous output, a
+    channels_last_3d one a channels_last_3d output; only 5-D inputs are converted."""
+    if x.dim() != 5:
+        return None
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return None
 
 
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:

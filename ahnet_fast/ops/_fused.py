@@ -32,12 +32,16 @@ import torch
 import torch.nn.functional as F
 
 from . import reference
+from ._plan import cached
 from ._util import bn_affine, is_supported_layout, running_stats
 
 Tensor = torch.Tensor
 
 LAUNCHERS = ("conv3d_fused", "channel_stats", "bn_act_apply", "bn_act_backward",
              "zmaxpool_forward", "zmaxpool_backward")
+# helpers a backend may offer: ``pack_conv_weight(weight)`` gives the layout its conv3d_fused
+# reads weights in (then passed as ``packed_weight=`` and cached per layer, see _conv)
+OPTIONAL_LAUNCHERS = ("pack_conv_weight",)
 # launchers an op cannot do without (conv3d_fused is optional: torch's conv stands in)
 REQUIRED = {
     "zmaxpool": ("zmaxpool_forward", "zmaxpool_backward"),
@@ -54,6 +58,22 @@ _ZPOOL_KERNEL = {"none": "none", "before_bn": "before_affine", "after_bn": "afte
 
 def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.detach().to(torch.float32).contiguous()
+
+
+def _eval_affine(running_mean: Tensor, running_var: Tensor, bn_weight: Optional[Tensor],
+                 bn_bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(mean, invstd, var, scale, shift), fp32, of a BN normalising with its running statistics.
+
+    Depends on the layer's parameters and buffers only, so it is built once per layer and
+    rebuilt when one of them changes (``_plan.cached``): an eval forward then launches nothing
+    but its convs. The tensors are shared between calls; callers must not write into them.
+    """
+    def build():
+        mean, invstd, var = running_stats(running_mean, running_var, eps, torch.float32)
+        scale, shift = bn_affine(mean, invstd, _f32(bn_weight), _f32(bn_bias))
+        return mean, invstd, var, scale.contiguous(), shift.contiguous()
+
+    return cached("eval_bn_affine", (running_mean, running_var, bn_weight, bn_bias), build, extra=float(eps))
 
 
 class FusedPipeline:
@@ -78,7 +98,7 @@ class FusedPipeline:
             except Exception as exc:  # ImportError, a failed build check, a triton error...
                 self._error = f"{type(exc).__name__}: {exc}"
             else:
-                self._launchers = SimpleNamespace(**{k: found.get(k) for k in LAUNCHERS})
+                self._launchers = SimpleNamespace(**{k: found.get(k) for k in LAUNCHERS + OPTIONAL_LAUNCHERS})
         return self._launchers
 
     def load_error(self) -> Optional[str]:
@@ -131,8 +151,13 @@ class FusedPipeline:
     # -- conv -> BN -> act -------------------------------------------------------------------------
     def _conv(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding, fused: bool, **kw):
         if fused:
-            return self.launchers().conv3d_fused(x, weight, stride=tuple(stride), padding=tuple(padding),
-                                                 bias=bias, **kw)
+            L = self.launchers()
+            if L.pack_conv_weight is not None:
+                # the repacked weight changes only when the weight does: built once per layer
+                # (and once per optimizer step in training), not on every call
+                pack = L.pack_conv_weight
+                kw["packed_weight"] = cached("packed_conv_weight", (weight,), lambda: pack(weight))
+            return L.conv3d_fused(x, weight, stride=tuple(stride), padding=tuple(padding), bias=bias, **kw)
         assert not kw
         return F.conv3d(x, weight, bias, list(stride), list(padding))
 
@@ -155,10 +180,10 @@ class FusedPipeline:
                 y = L.zmaxpool_forward(c) if before else c
                 mean, var = L.channel_stats(y)
             invstd = torch.rsqrt(var + eps)
+            scale, shift = bn_affine(mean, invstd, _f32(bn_weight), _f32(bn_bias))
+            scale, shift = scale.contiguous(), shift.contiguous()
         else:
-            mean, invstd, var = running_stats(running_mean, running_var, eps, torch.float32)
-        scale, shift = bn_affine(mean, invstd, _f32(bn_weight), _f32(bn_bias))
-        scale, shift = scale.contiguous(), shift.contiguous()
+            mean, invstd, var, scale, shift = _eval_affine(running_mean, running_var, bn_weight, bn_bias, eps)
         if not training and not save and fused:
             # inference: BN folded into the conv epilogue, everything in one kernel
             out = self._conv(x, weight, conv_bias, stride, padding, True, out_scale=scale, out_shift=shift,
@@ -194,10 +219,10 @@ class FusedPipeline:
         if training:
             mean, var = L.channel_stats(x)
             invstd = torch.rsqrt(var + eps)
+            scale, shift = bn_affine(mean, invstd, _f32(bn_weight), _f32(bn_bias))
+            scale, shift = scale.contiguous(), shift.contiguous()
         else:
-            mean, invstd, var = running_stats(running_mean, running_var, eps, torch.float32)
-        scale, shift = bn_affine(mean, invstd, _f32(bn_weight), _f32(bn_bias))
-        scale, shift = scale.contiguous(), shift.contiguous()
+            mean, invstd, var, scale, shift = _eval_affine(running_mean, running_var, bn_weight, bn_bias, eps)
         if self.conv_fused_ok(weight, stride, padding):
             o = self._conv(x, weight, conv_bias, stride, padding, True, in_scale=scale, in_shift=shift,
                            in_relu=relu, out=out, out_channel_offset=out_channel_offset)

@@ -371,6 +371,11 @@ def bn_update_running_stats_op(running_mean: Tensor, running_var: Tensor, batch_
     # statistics dtype, stored back in the buffers' dtype
     sdt = batch_mean.dtype
     unbiased = batch_var * (count / (count - 1))
+    if running_mean.dtype == sdt and running_var.dtype == sdt and running_mean.device == batch_mean.device:
+        # r += m*(batch - r) for both buffers in one multi-tensor launch (on a GPU) instead of
+        # eight elementwise passes; equal to ATen's m*batch + (1-m)*r to rounding
+        torch._foreach_lerp_([running_mean, running_var], [batch_mean, unbiased], momentum)
+        return
     running_mean.copy_(batch_mean * momentum + running_mean.to(sdt) * (1.0 - momentum))
     running_var.copy_(unbiased * momentum + running_var.to(sdt) * (1.0 - momentum))
 

@@ -26,11 +26,21 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def memory_format(x: torch.Tensor) -> torch.memory_format:
     """The memory format outputs follow: channels_last_3d for a channels-last input (also a
-    channel slice of one), contiguous otherwise (including tensors that are both)."""
-    if x.dim() != 5 or x.is_contiguous():
+    channel slice of one), contiguous for a contiguous one.
+
+    A tensor that is both (C = 1, e.g. every AH-Net's 1-channel input) says nothing about the
+    caller's layout. On CUDA it gets channels_last_3d, the layout the fused kernels are built
+    for (16-byte channel vectors); following "the input" there would drag a whole network
+    into NCDHW. Elsewhere (the CPU paths) it stays contiguous.
+    """
+    if x.dim() != 5:
         return torch.contiguous_format
     if x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
+        if not x.is_contiguous() or x.device.type == "cuda":
+            return torch.channels_last_3d
+        return torch.contiguous_format
+    if x.is_contiguous():
+        return torch.contiguous_format
     if x.size(1) > 1 and x.stride(1) == 1:
         return torch.channels_last_3d
     return torch.contiguous_format
@@ -90,10 +100,10 @@ def bn_affine(mean: torch.Tensor, invstd: torch.Tensor, weight: Optional[torch.T
               bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel (scale, shift) with BN(y) = y*scale + shift, in the dtype of ``invstd``."""
     scale = invstd if weight is None else weight.to(invstd.dtype) * invstd
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias.to(invstd.dtype)
-    return scale, shift
+    if bias is None:
+        return scale, (mean * scale).neg_()
+    # bias - mean*scale in one pass (one launch on a GPU instead of three)
+    return scale, torch.addcmul(bias.to(invstd.dtype), mean, scale, value=-1.0)
 
 
 def running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, eps: float,

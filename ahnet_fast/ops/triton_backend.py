@@ -14,7 +14,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ._fused import LAUNCHERS, FusedPipeline
+from ._fused import LAUNCHERS, OPTIONAL_LAUNCHERS, FusedPipeline
 
 NAME = "triton"
 _MODULES = {  # launcher -> module of ahnet_fast.kernels that defines it (OPS_CONTRACT.md)
@@ -24,8 +24,9 @@ _MODULES = {  # launcher -> module of ahnet_fast.kernels that defines it (OPS_CO
     "bn_act_backward": "batchnorm",
     "zmaxpool_forward": "zpool",
     "zmaxpool_backward": "zpool",
+    "pack_conv_weight": "conv",
 }
-assert set(_MODULES) == set(LAUNCHERS)
+assert set(_MODULES) == set(LAUNCHERS + OPTIONAL_LAUNCHERS)
 
 
 def _load() -> dict[str, Callable]:

@@ -1,0 +1,174 @@
+"""The fast path's hot loop, counted exactly on a CPU: layout, per-layer plans, launch budget.
+
+Kernel launches are recorded, not run (ahnet_fast.launches): the Triton kernels' results are
+garbage inside those blocks, which is fine for counting and for strides, and makes a whole
+AH-Net "run" in a second under the interpreter.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+from ahnet_fast import AHNet, use_backend
+from ahnet_fast.launches import model_launches, record_launches
+from ahnet_fast.nn.functional import bn_act_conv_modules, conv_bn_act_modules
+from ahnet_fast.ops import _plan, conv_bn_act
+
+CFG = dict(in_channels=1, out_channels=4, psp_block_num=3, upsample_mode="trilinear")
+SHAPE = (1, 1, 64, 64, 32)  # the smallest input AHNet(psp 3, trilinear) accepts
+
+# Launch budgets (AHNet(psp_block_num=3, upsample_mode="trilinear"), one forward; counts do not
+# depend on the spatial size). MONAI eager issues 429 launches in eval and 985 in a training
+# forward+backward here (measured in test_launch_budget, printed on failure). These are the
+# counts reached so far, held as regression budgets: eval 157 (was 1233 before the per-layer
+# plans), train 2125 including the weight repack after an optimizer step (was 3562). The goals are 1.15 per conv in eval (fusing the Pseudo3D sum
+# and the stem) and at most MONAI's count in training (BN finalize and the normalize+ReLU in the
+# consumer's prologue): not reached yet.
+EVAL_LAUNCHES_PER_CONV = 1.3
+TRAIN_LAUNCHES_MAX = 2150
+
+
+def _convs(model: torch.nn.Module) -> int:
+    return sum(isinstance(m, torch.nn.Conv3d) for m in model.modules())
+
+
+def _fake_cuda(mode: FakeTensorMode, t: torch.Tensor) -> torch.Tensor:
+    return FakeTensor(mode, t.detach().to("meta"), torch.device("cuda"))
+
+
+def test_one_channel_input_is_laid_out_channels_last_on_cuda():
+    """A 1-channel tensor is both contiguous and channels-last; on CUDA the fused ops lay their
+    outputs out channels-last (the kernels' layout) instead of "following" it into NCDHW.
+    Checked through the ops' fake implementations on fake CUDA tensors (no GPU needed)."""
+    mode = FakeTensorMode()
+    w = torch.randn(64, 1, 7, 7, 3)
+    g, b, rm, rv = torch.ones(64), torch.zeros(64), torch.zeros(64), torch.ones(64)
+    x = _fake_cuda(mode, torch.empty(1, 1, 32, 32, 8))
+    args = [_fake_cuda(mode, t) for t in (w, g, b, rm, rv)]
+    with mode:
+        y = conv_bn_act(x, *args, stride=(2, 2, 1), padding=(3, 3, 1), zpool="before_bn")
+        assert y.device.type == "cuda" and y.stride(1) == 1, y.stride()
+        assert y.is_contiguous(memory_format=torch.channels_last_3d)
+    # on the CPU the ambiguous input keeps the contiguous layout (the CPU paths' own)
+    for backend in ("reference",):
+        with use_backend(backend):
+            y_cpu = conv_bn_act(torch.randn(1, 1, 32, 32, 8), w, g, b, rm, rv, stride=(2, 2, 1), padding=(3, 3, 1))
+        assert y_cpu.is_contiguous(), (backend, y_cpu.stride())
+
+
+def test_network_stays_channels_last():
+    """Every fused conv of a channels-last forward reads channels-last input (channel stride 1),
+    through the plain-torch ops between them too, and the output follows the input's layout."""
+    net = AHNet(**{**CFG, "in_channels": 2}).eval()
+    x = torch.randn(1, 2, 64, 64, 32).contiguous(memory_format=torch.channels_last_3d)
+    with use_backend("triton"), record_launches() as log, torch.no_grad():
+        y = net(x)
+    convs = [r for r in log.triton if r.kernel == "_conv_kernel"]
+    assert len(convs) >= 118, log.summary()
+    x_strides = [r.args[0].stride for r in convs]
+    assert all(s[1] == 1 for s in x_strides), [s for s in x_strides if s[1] != 1][:5]
+    assert y.is_contiguous(memory_format=torch.channels_last_3d)
+    # a contiguous input gets a contiguous output
+    with use_backend("triton"), record_launches(), torch.no_grad():
+        assert net(x.contiguous()).is_contiguous()
+
+
+def test_layer_plans_are_built_once_and_follow_every_change():
+    """Folded eval BN and packed weights are cached per layer: a second eval forward of the whole
+    model builds nothing and issues no folding or packing op; and a cached plan follows every
+    change of its layer (load_state_dict, an optimizer step, .to()), checked on both fused ops
+    against the reference backend (tiny tensors: the Triton kernels run under the interpreter)."""
+    net = AHNet(**CFG).eval()
+    x = torch.randn(*SHAPE)
+    with use_backend("triton"), torch.no_grad():
+        with record_launches():
+            net(x)
+        before = _plan.stats()
+        with record_launches() as log:
+            net(x)
+        assert _plan.stats()["builds"] == before["builds"], "a second eval forward rebuilt layer plans"
+        assert not any(op in log.torch_ops for op in ("aten::rsqrt", "aten::mul", "aten::clone")), log.summary()
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(24, 16, (3, 3, 1), padding=(1, 1, 0), bias=False)
+    bn_post = torch.nn.BatchNorm3d(16)
+    bn_pre = torch.nn.BatchNorm3d(24)
+    for bn in (bn_post, bn_pre):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 1.5)
+        bn.weight.data.uniform_(0.5, 1.5)
+        bn.eval()
+    xi = torch.randn(1, 24, 5, 4, 3)
+
+    def both():
+        with torch.no_grad():
+            outs = {}
+            for backend in ("reference", "triton"):
+                with use_backend(backend):
+                    outs[backend] = (conv_bn_act_modules(xi.to(conv.weight.dtype), conv, bn_post),
+                                     bn_act_conv_modules(xi.to(conv.weight.dtype), bn_pre, conv))
+        for got, want in zip(outs["triton"], outs["reference"]):
+            err = ((got - want).abs().max() / want.abs().max()).item()
+            assert err < 1e-5, err
+
+    both()
+    with torch.no_grad():
+        # buffers written in place, as load_state_dict does
+        bn_post.load_state_dict({**bn_post.state_dict(), "running_var": bn_post.running_var * 1.7})
+        bn_pre.load_state_dict({**bn_pre.state_dict(), "running_mean": bn_pre.running_mean + 0.3})
+    both()
+    opt = torch.optim.SGD([*conv.parameters(), *bn_post.parameters(), *bn_pre.parameters()], lr=0.5)
+    for p in opt.param_groups[0]["params"]:
+        p.grad = torch.randn_like(p)
+    opt.step()  # weights and BN affine changed in place by an optimizer
+    both()
+    # module.to() swaps storages behind the same Parameter objects (param.data = new)
+    for m in (conv, bn_post, bn_pre):
+        m.double()
+        for t in [*m.parameters(), *m.buffers()]:
+            if t.is_floating_point():
+                t.data = (-0.9 * t.data).float() if t.dim() else t.data.float()
+    for bn in (bn_post, bn_pre):
+        bn.running_var.data = bn.running_var.data.abs()
+    both()
+
+
+def test_launch_budget():
+    """One eval forward at most EVAL_LAUNCHES_PER_CONV launches per conv; one training
+    forward+backward at most TRAIN_LAUNCHES_MAX; MONAI eager's counts measured beside."""
+    from monai.networks.nets import AHNet as MonaiAHNet
+
+    torch.manual_seed(0)
+    monai = MonaiAHNet(**CFG)
+    net = AHNet(**CFG)
+    net.load_state_dict(monai.state_dict())
+    x = torch.randn(*SHAPE)
+    convs = _convs(net)
+    m_eval = model_launches(monai, x, train=False, run_triton=True)
+    m_train = model_launches(monai, x, train=True, run_triton=True)
+    with use_backend("triton"):
+        model_launches(net, x, train=False)  # first call: layer plans are built
+        f_eval = model_launches(net, x, train=False)
+        model_launches(net, x, train=True)
+        with torch.no_grad():  # an optimizer step changes every weight: its repack is counted
+            for p in net.parameters():
+                p.add_(0.0)
+        f_train = model_launches(net, x, train=True)
+    msg = (f"fast eval {f_eval.summary()}\nMONAI eval {m_eval.total}\n"
+           f"fast train {f_train.summary()}\nMONAI train {m_train.total}")
+    assert f_eval.total <= EVAL_LAUNCHES_PER_CONV * convs, msg
+    assert f_eval.total < m_eval.total / 2.5, msg
+    assert f_train.total <= TRAIN_LAUNCHES_MAX, msg
+
+
+def test_auto_never_picks_the_unvalidated_cuda_conv():
+    """The CUDA extension's conv (WMMA, never run on a GPU yet) is not auto's choice for the conv
+    ops until a GPU run validates it; its BN/pool kernels keep their place."""
+    from ahnet_fast.ops import _backend
+
+    assert _backend.CUDA_CONV_VALIDATED is False
+    for op in ("conv_bn_act", "bn_act_conv"):
+        assert "cuda" not in _backend._auto_order(op)
+        assert _backend._auto_order(op)[0] == "triton"
+    assert _backend._auto_order("zmaxpool")[0] == "cuda"
