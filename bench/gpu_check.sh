@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # The whole GPU pass in ONE command (about 9 minutes on an H100):
 #
-#   bash bench/gpu_check.sh [STEP ...]      STEP in: install info tests ops model (default: all, in order)
+#   bash bench/gpu_check.sh [STEP ...]      STEP in: wheels install info warmup tests ops model
+#                                           (default: all, in order)
 #
 # Steps, each time-boxed (seconds, env overrides) and each allowed to fail without
 # stopping the rest:
 #   wheels   when a .whl/ folder is in the repo root: install those wheels into /tmp/site
 #            (packages the GPU image lacks, e.g. monai, nibabel, nilearn) and put it on PYTHONPATH
-#   install  pip install --no-deps --no-build-isolation -e .      (T_INSTALL, 240: may build the
+#   install  pip install --no-deps --no-build-isolation -e .      (T_INSTALL, 200: may build the
 #            CUDA extension, with MAX_JOBS=nproc)
 #   info     python -m ahnet_fast.info                             (T_INFO, 30)
-#   tests    the whole pytest suite, GPU tests included            (T_TESTS, 150) -> tests.log
+#   warmup   ahnet-fast warmup (bf16 and fp32, forward + training step) compiles every Triton
+#            kernel variant the tests and the model benchmark launch, into Triton's on-disk
+#            cache                                                 (T_WARMUP, 60 each) -> warmup.log
+#   tests    the GPU-marked tests (pytest -m gpu)                  (T_TESTS, 100) -> tests.log
 #            (4 xdist workers when pytest-xdist is there: TEST_WORKERS)
 #   ops      python -m bench.ops                                   (share of what is left)
 #   model    python -m bench.model                                 (the rest, until T_TOTAL)
@@ -20,7 +24,7 @@
 # rewritten after every case, so even a killed step leaves its results.
 #
 # Output, flat (the device tool returns at most 8 files): ${OUT:-bench/results/latest}/
-#   steps.log tests.log ops.json ops.md roofline.png model.json model.md
+#   steps.log warmup.log tests.log ops.json ops.md roofline.png model.json model.md
 # Extra arguments for the suites: OPS_ARGS / MODEL_ARGS (e.g. MODEL_ARGS="--no-compile").
 # The commit is recorded from git, or from AHNET_FAST_GIT_COMMIT when the copy has no .git.
 set -u
@@ -33,12 +37,13 @@ PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
 export MAX_JOBS="${MAX_JOBS:-$(nproc 2>/dev/null || echo 8)}"
 T_TOTAL="${T_TOTAL:-530}"
-T_INSTALL="${T_INSTALL:-240}"
+T_INSTALL="${T_INSTALL:-200}"
 T_INFO="${T_INFO:-30}"
-T_TESTS="${T_TESTS:-150}"
+T_TESTS="${T_TESTS:-100}"
+T_WARMUP="${T_WARMUP:-60}"
 T_OPS="${T_OPS:-130}"
 T_MODEL="${T_MODEL:-110}"
-STEPS="${*:-wheels install info tests ops model}"
+STEPS="${*:-wheels install info warmup tests ops model}"
 START=$(date +%s)
 if [ -z "${AHNET_FAST_GIT_COMMIT:-}" ]; then
     AHNET_FAST_GIT_COMMIT="$(git rev-parse HEAD 2>/dev/null || true)"
@@ -112,15 +117,28 @@ fi
 if want info; then
     run_step info "$(( T_INFO < $(left) ? T_INFO : $(left) ))" "$LOG" "$PY" -m ahnet_fast.info
 fi
+if want warmup; then
+    # compile first, once, what the tests and the model benchmark launch (Triton's on-disk cache
+    # keeps it for every later step): bf16 and fp32, forward and training step, the benchmark's
+    # AH-Net configuration. A cold cache otherwise spends the test step's budget compiling.
+    : >"$RES/warmup.log"
+    for dt in bf16 fp32; do
+        run_step "warmup-$dt" "$(( T_WARMUP < $(left) ? T_WARMUP : $(left) ))" "$RES/warmup.log" \
+            "$PY" -m ahnet_fast.cli warmup --psp 3 --upsample trilinear --out-channels 4 --dtype "$dt" \
+            --channels-last --train
+    done
+    tail -n 6 "$RES/warmup.log" >>"$LOG"
+fi
 if want tests; then
     # -v: one line per test as it finishes, so a time-boxed kill still leaves what ran;
-    # xdist (on the GPU image) spreads the suite over 4 workers sharing the GPU
+    # xdist (on the GPU image) spreads the suite over 4 workers sharing the GPU.
+    # The GPU-marked tests first (what only this machine can check), then the rest if time is left.
     PYTEST_ARGS=(-v -ra --durations=15 -p no:cacheprovider)
     if "$PY" -c "import pytest_timeout" >/dev/null 2>&1; then PYTEST_ARGS+=(--timeout=120); fi
     if "$PY" -c "import xdist" >/dev/null 2>&1; then PYTEST_ARGS+=(-n "${TEST_WORKERS:-4}" --dist loadfile); fi
     : >"$RES/tests.log"
-    run_step tests "$(( T_TESTS < $(left) ? T_TESTS : $(left) ))" "$RES/tests.log" \
-        "$PY" -m pytest tests "${PYTEST_ARGS[@]}"
+    run_step tests-gpu "$(( T_TESTS < $(left) ? T_TESTS : $(left) ))" "$RES/tests.log" \
+        "$PY" -m pytest tests -m gpu "${PYTEST_ARGS[@]}"
     tail -n 25 "$RES/tests.log" >>"$LOG"
 fi
 if want ops; then
