@@ -170,3 +170,38 @@ def test_one_channel_input_runs_channels_last_and_contiguous_input_follows():
         assert y.is_contiguous(memory_format=CL)
         z = ConvBNAct3d(8, 8, (3, 3, 1), padding=(1, 1, 0)).eval()(torch.randn(1, 8, 6, 6, 4))
         assert z.is_contiguous()
+
+
+def test_compiled_inference_policy_and_cache():
+    from ahnet_fast.infer import compiled
+
+    m = torch.nn.Conv3d(1, 2, 1).eval()
+    assert compiled.maybe_compiled(m, "cpu") is m  # auto: measured not to pay (bench/results/cpu.md)
+    assert compiled.maybe_compiled(m, "cpu", enabled=False) is m
+    assert compiled.maybe_compiled(m, "cpu", enabled=True, autocast_dtype=torch.bfloat16) is m
+    assert not compiled.should_compile(m, "cuda", enabled=True)
+    if compiled.compile_available()[0]:
+        first = compiled.maybe_compiled(m, "cpu", enabled=True)
+        assert first is compiled.inference_model(m)  # once per process and model
+        assert first.module is m and compiled.compile_seconds(m) == 0.0  # nothing compiled before a call
+        assert compiled.inference_model(m, recompile=True) is not first
+        compiled.forget(m)
+    with pytest.raises(ValueError, match="eval mode"):
+        compiled.inference_model(torch.nn.Conv3d(1, 2, 1).train())
+
+
+def test_sliding_window_reads_size_rules_through_a_compiled_wrapper():
+    from ahnet_fast.infer.sliding_window import sliding_window_inference
+
+    net = FastAHNet(layers=(1, 1, 1, 1), psp_block_num=0, upsample_mode="trilinear").eval()
+    seen = []
+
+    class Wrapper:  # what ahnet_fast.infer.compiled returns: a callable with .module
+        module = net
+
+        def __call__(self, x):
+            seen.append(tuple(x.shape))
+            return torch.zeros(x.shape[0], 2, *x.shape[2:])
+
+    sliding_window_inference(torch.randn(1, 1, 40, 40, 20), Wrapper(), window=(40, 40, 20))
+    assert seen == [(1, 1, 64, 64, 32)]  # rounded up to the model's multiples, as for the model itself

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["compile_available", "compile_seconds", "forget", "inference_model", "should_compile"]
+__all__ = ["compile_available", "compile_seconds", "forget", "inference_model", "maybe_compiled", "should_compile"]
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +46,20 @@ def compile_available() -> tuple[bool, str]:
     return False, "no C++ compiler (g++, c++, clang++) on PATH: inductor cannot build CPU kernels"
 
 
-def should_compile(model: nn.Module, device: torch.device | str, *, enabled: bool = True) -> bool:
-    """True when compiled inference pays: asked for (``--no-compile`` not given), the model runs
-    on the CPU (CUDA has its own fused kernels and CUDA graphs), the model is in eval mode, and
-    inductor can build CPU kernels here."""
-    if not enabled or torch.device(device).type != "cpu" or model.training:
+def should_compile(model: nn.Module, device: torch.device | str, *, enabled: bool | None = None) -> bool:
+    """Whether to run ``model`` compiled: ``enabled`` True forces it, False refuses it, None
+    (auto) decides by measurement.
+
+    Measured (bench/results/cpu.md, AMD EPYC, 2 cores, torch 2.13.0, 1x1x128x128x32 eval): the
+    compiled fast model does not pay today. Its steady forward is slower than the eager
+    composite path (ratio to MONAI eager 0.92 against 0.57 on 1 thread), and the first call
+    compiles for about 5 minutes; the no_grad dense-block buffers (``torch.add``/``torch.cat``
+    with ``out=`` slices) break dynamo's graph. So auto is False; it only ever considers the
+    CPU (CUDA has its own kernels and CUDA graphs), eval mode, and a machine where inductor
+    can build CPU kernels."""
+    if enabled is None or not enabled:
+        return False
+    if torch.device(device).type != "cpu" or model.training:
         return False
     ok, why = compile_available()
     if not ok:
@@ -64,6 +73,7 @@ class _Compiled:
     def __init__(self, model: nn.Module) -> None:
         # freezing: weights become constants of the graph, so inductor folds BN into the convs
         # and prepacks oneDNN weights (inference only: eval mode, no autograd)
+        self.module = model  # sliding_window_inference reads the model's size rules from it
         self.fn = torch.compile(model, options={"freezing": True})
         self.shapes: set[tuple] = set()
         self.compile_s = 0.0
@@ -98,6 +108,18 @@ def inference_model(model: nn.Module, *, recompile: bool = False) -> Callable[[T
         hit = _Compiled(model)
         _CACHE[model] = hit
     return hit
+
+
+def maybe_compiled(model: nn.Module, device: torch.device | str, *, enabled: bool | None = None,
+                   autocast_dtype: torch.dtype | None = None) -> Callable[[Tensor], Tensor] | nn.Module:
+    """``inference_model(model)`` where :func:`should_compile` says so, else ``model``.
+
+    Under autocast (bf16) the eager model is kept: the compiled bf16 path is not measured.
+    This is what ``segment`` / ``evaluate`` call: ``--compile`` passes ``enabled=True``,
+    ``--no-compile`` ``enabled=False``, neither ``None`` (auto)."""
+    if autocast_dtype is not None or not should_compile(model, device, enabled=enabled):
+        return model
+    return inference_model(model)
 
 
 def compile_seconds(model: nn.Module) -> float:

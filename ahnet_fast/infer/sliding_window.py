@@ -189,7 +189,9 @@ def sliding_window_inference(
     sw_device = torch.device(sw_device) if sw_device is not None else inputs.device
     device = torch.device(device) if device is not None else inputs.device
     if rules == "auto":
-        rules = window_rules(model) if isinstance(model, nn.Module) else None
+        # a compiled wrapper (ahnet_fast.infer.compiled) keeps the model it runs as .module
+        src = model if isinstance(model, nn.Module) else getattr(model, "module", None)
+        rules = window_rules(src) if isinstance(src, nn.Module) else None
 
     batch, _, *size = inputs.shape
     whole = valid_window(size, rules)  # smallest valid shape holding the whole volume

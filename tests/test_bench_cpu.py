@@ -1,0 +1,46 @@
+"""Smoke test of the CPU suite (bench/cpu.py) on a tiny shape: it runs end to end, checks every
+contender before timing, writes JSON + markdown with ratios, and measures peak RSS in a child
+process. No timing assertions (CI machines say nothing about speed)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
+
+from bench import cpu  # noqa: E402
+
+
+def test_cpu_suite_runs_on_a_tiny_shape(tmp_path):
+    prev = torch.get_num_threads()
+    try:
+        assert cpu.main(["--tiny", "--no-compile", "--no-rss", "--threads", "1", "--reps", "1",
+                         "--cases", "eval", "train", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(prev)
+    payload = json.loads((tmp_path / "cpu.json").read_text())
+    cases = {(r["case"], r["threads"]) for r in payload["results"]}
+    assert cases == {("eval", 1), ("train", 1)}
+    for res in payload["results"]:
+        rows = res["contenders"]
+        assert set(rows) >= {"monai_eager", "ours_eager"}
+        for name, row in rows.items():
+            assert row["status"] == "ok", (res["case"], name, row["status"])
+            assert row["cpu_min_s"] > 0 and row["wall_min_s"] > 0 and row["reps"] == 1
+            assert row["error_vs_oracle"] <= row["error_limit"]
+        assert "ours_eager/monai_eager" in res["ratios"]
+    assert "ours_eager_ckpt" in payload["results"][1]["contenders"]
+    md = (tmp_path / "cpu.md").read_text()
+    assert "ours eager / MONAI eager" in md and "monai_eager" in md
+    assert payload["env"]["torch"] == torch.__version__
+
+
+def test_peak_rss_child_process():
+    mem = cpu.measure_rss("eval", "ours_eager", cpu.TINY["eval"][0], 1, timeout=300)
+    assert "error" not in mem, mem
+    assert mem["peak_rss_over_base_bytes"] > 0
