@@ -66,6 +66,12 @@ def next_pow2(v: int) -> int:
     return 1 << (v - 1).bit_length()
 
 
+def pow2_part(v: int) -> int:
+    """Largest power of two dividing v (v > 0)."""
+    v = int(v)
+    return v & -v if v > 0 else 1
+
+
 def check_tensor5(name: str, t: torch.Tensor, *, dtype: Optional[torch.dtype] = None,
                   device: Optional[torch.device] = None) -> None:
     """Raise a clear error unless ``t`` is a 5-D (N, C, H, W, D) tensor of a supported dtype."""
@@ -123,6 +129,12 @@ def is_channels_last(t: torch.Tensor) -> bool:
 
 
 def memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    """The memory format of outputs allocated for input ``t``. A tensor that is both
+    contiguous and channels-last (one channel) gets channels_last_3d, the kernels' fast layout
+    and the ops layer's rule (ahnet_fast.ops._util.memory_format): a 1-channel input must not
+    drag the network into NCDHW."""
+    if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
     return torch.channels_last_3d if is_channels_last(t) else torch.contiguous_format
 
 
@@ -211,7 +223,8 @@ def vec_align(t: torch.Tensor) -> int:
     Triton's per-launch stride specialisation (see conv._CONV_NO_SPEC)."""
     if t.size(1) > 1 and t.stride(1) != 1:
         return 0
-    g = 16
+    # no wider than one 16-byte vector: a larger value would be a separate compile for nothing
+    g = 16 // t.element_size()
     for i in (0, 2, 3, 4):
         if t.size(i) > 1:
             g = math.gcd(g, abs(t.stride(i)))
@@ -223,9 +236,18 @@ def vec_aligns(primary: torch.Tensor, *others: Optional[torch.Tensor]) -> tuple[
     others (None -> 0).  When the primary is of the contiguous kind its tiles are a few channels
     wide, so wide channel vectors of the others buy nothing: they get 0 (generic addressing,
     always correct), which keeps a mixed-layout call from compiling one more variant per
-    alignment of the others."""
-    vp = vec_align(primary)
-    return (vp, *((vec_align(t) if (t is not None and vp > 0) else 0) for t in others))
+    alignment of the others.  The elementwise kernels mask channels with ``c < C`` and Triton
+    only knows "C % 16 == 0": when it is not, no channel vector is provable whatever the
+    alignment, so every channels-last value becomes 1 (same code, one variant instead of one
+    per alignment)."""
+    C = primary.size(1)
+
+    def v(t):
+        a = vec_align(t)
+        return min(a, 1) if C % 16 else a
+
+    vp = v(primary)
+    return (vp, *((v(t) if (t is not None and vp > 0) else 0) for t in others))
 
 
 def stats_partials(P: int, C: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -150,15 +150,24 @@ def spec_of(kernel, args: tuple, kwargs: dict) -> KernelSpec:
                       tuple(sorted(opts.items())))
 
 
+def int_args(kernel, args: tuple, kwargs: dict) -> dict[str, int]:
+    """The int (non-constexpr, non-bool) arguments of a launch by name: sizes, strides, channels."""
+    fn = _python_fn(kernel)
+    sig = inspect.signature(fn)
+    bound = sig.bind_partial(*args, **{k: v for k, v in kwargs.items() if k in sig.parameters})
+    return {k: v for k, v in bound.arguments.items()
+            if isinstance(v, int) and not isinstance(v, bool) and not _is_constexpr(sig.parameters[k])}
+
+
 @dataclass
 class SpecLog:
-    """What ``record_specs`` saw: one (spec, grid) per launch, in launch order."""
+    """What ``record_specs`` saw: one (spec, grid, int arguments) per launch, in launch order."""
 
     launches: list = field(default_factory=list)
 
     @property
     def specs(self) -> list[KernelSpec]:
-        return [s for s, _ in self.launches]
+        return [s for s, _, _ in self.launches]
 
     def distinct(self) -> list[KernelSpec]:
         return list(dict.fromkeys(self.specs))
@@ -181,7 +190,7 @@ def record_specs() -> Iterator[SpecLog]:
     log = SpecLog()
 
     def run(self, *args, grid, warmup, **kwargs):
-        log.launches.append((spec_of(self, args, kwargs), grid))
+        log.launches.append((spec_of(self, args, kwargs), grid, int_args(self, args, kwargs)))
         return None
 
     saved = [(cls, cls.__dict__["run"]) for cls in classes]

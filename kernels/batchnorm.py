@@ -64,7 +64,9 @@ def tile_stats(v, valid, nvalid):
 # size, and a specialisation on them is one more compile per size.  One compiled kernel serves
 # every size; the layout facts the compiler needs for wide channel loads come as the per-tensor
 # constexprs XV/YV/... = _common.vec_align(tensor) (0: channel stride != 1).  C stays
-# specialised (the channel mask's alignment).
+# specialised (the channel mask's alignment).  RELU is a runtime flag of the apply/backward
+# kernels (a scalar branch per tile costs nothing in these memory-bound kernels; as a constexpr
+# it doubled their variants).
 @triton.jit(do_not_specialize=("S", "HWD", "sxn", "sxp", "sxc", "ROWS_PER_PROG"))
 def _stats_partial_kernel(x_ptr, pcnt_ptr, pmean_ptr, pm2_ptr, S, HWD, C, sxn, sxp, sxc,
                           ROWS_PER_PROG, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -141,19 +143,22 @@ def merge_stats(pcnt: torch.Tensor, pmean: torch.Tensor, pm2: torch.Tensor) -> t
     return mean, var
 
 
-def _row_tile(C: int, S: int, channels_last: bool) -> tuple[int, int]:
-    """[BLOCK_S, BLOCK_C] of about 2K elements; C-vectors as rows in the channels-last kind.
+def _row_tile(C: int, S: int, channels_last: bool, elems: int = 2048) -> tuple[int, int]:
+    """[BLOCK_S, BLOCK_C] of about ``elems`` elements; C-vectors as rows in the channels-last kind.
     On a GPU the tile never depends on S (a size-dependent tile is one more compile per input
     size; a small tensor just masks rows).  The interpreter pays per element of a tile, so
     there it shrinks to the number of rows."""
     interp = interp_tiles()
-    if channels_last or interp:   # the interpreter pays per program: few, wide tiles
+    if interp:                    # the interpreter pays per program: few, wide tiles
         bc = min(next_pow2(C), 64)
+        return max(min(elems // bc, next_pow2(S)), 16), bc
+    if channels_last:
+        # 64 channels whenever C > 16: the decoder's 20/84/104-channel tensors share the tile
+        # (and the compile) of the wide ones; their masked lanes cost no memory traffic
+        bc = 64 if C > 16 else next_pow2(C)
     else:
         bc = min(next_pow2(C), 4)
-    if interp:
-        return max(min(2048 // bc, next_pow2(S)), 16), bc
-    return 2048 // bc, bc
+    return elems // bc, bc
 
 
 # Upper bound on per-channel partials of a reduction (P x C-blocks programs): about 8 waves of
@@ -200,7 +205,7 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     pcnt, pmean, pm2 = stats_partials(P, C, x.device)
     _stats_partial_kernel[(P, ncb)](x, pcnt, pmean, pm2, S, H * W * D, C, sxn, sxp, sxc, rows,
                                     BLOCK_S=bs, BLOCK_C=bc, I64=needs_i64(x, extra=S + rows),
-                                    XV=vec_align(x), num_warps=4)
+                                    XV=vec_aligns(x)[0], num_warps=4)
     return merge_stats(pcnt, pmean, pm2)
 
 
@@ -213,7 +218,7 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                                "son", "sop", "soc"))
 def _bn_apply_kernel(y_ptr, scale_ptr, shift_ptr, r_ptr, o_ptr, S, HWDo, Dp, D, C,
                      syn, syp, syc, srn, srp, src, son, sop, soc,
-                     POOL: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+                     POOL: tl.constexpr, HAS_RES: tl.constexpr, RELU,
                      BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, I64: tl.constexpr,
                      YV: tl.constexpr, RV: tl.constexpr, OV: tl.constexpr):
     pid_s = tl.program_id(0)
@@ -300,7 +305,7 @@ def bn_act_apply(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, z
 @triton.jit
 def _bn_bwd_tile(g_ptr, y_ptr, o_ptr, beta_ptr, s, c, cc, cm, mean, invstd, gam,
                  S, HWR, R, Dp, D, sgn, sgp, sgc, syn, syp, syc, son, sop, soc,
-                 POOL: tl.constexpr, RELU: tl.constexpr, HAS_OUT: tl.constexpr,
+                 POOL: tl.constexpr, RELU, HAS_OUT: tl.constexpr,
                  GV: tl.constexpr, YV: tl.constexpr, OV: tl.constexpr):
     """Load one tile and route the gradient.
 
@@ -366,7 +371,7 @@ def _bn_bwd_tile(g_ptr, y_ptr, o_ptr, beta_ptr, s, c, cc, cm, mean, invstd, gam,
 def _bn_bwd_reduce_kernel(g_ptr, y_ptr, o_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
                           psg_ptr, psgx_ptr, S, HWR, R, Dp, D, C,
                           sgn, sgp, sgc, syn, syp, syc, son, sop, soc, ROWS_PER_PROG,
-                          POOL: tl.constexpr, RELU: tl.constexpr, HAS_OUT: tl.constexpr,
+                          POOL: tl.constexpr, RELU, HAS_OUT: tl.constexpr,
                           HAS_GAMMA: tl.constexpr,
                           BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, I64: tl.constexpr,
                           GV: tl.constexpr, YV: tl.constexpr, OV: tl.constexpr):
@@ -426,7 +431,7 @@ def _bn_bwd_apply_kernel(g_ptr, y_ptr, o_ptr, mean_ptr, invstd_ptr, gamma_ptr, b
                          sg_ptr, sgx_ptr, gy_ptr, gr_ptr, inv_M, S, HWR, R, Dp, D, C,
                          sgn, sgp, sgc, syn, syp, syc, son, sop, soc,
                          sdn, sdp, sdc, srn, srp, src,
-                         POOL: tl.constexpr, RELU: tl.constexpr, HAS_OUT: tl.constexpr,
+                         POOL: tl.constexpr, RELU, HAS_OUT: tl.constexpr,
                          HAS_GAMMA: tl.constexpr, BATCH_STATS: tl.constexpr, RES_GRAD: tl.constexpr,
                          BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, I64: tl.constexpr,
                          GV: tl.constexpr, YV: tl.constexpr, OV: tl.constexpr, DV: tl.constexpr,
@@ -527,11 +532,13 @@ def bn_act_backward(grad_out: torch.Tensor, y: torch.Tensor, mean: torch.Tensor,
             raise ValueError("bn_act_backward: relu=True without `out` recomputes t > 0 and needs `beta`")
     gy = empty5(y.shape, y)
     gres = empty5(oshape, grad_out) if residual_grad else None
-    sum_g = torch.zeros(C, dtype=torch.float32, device=y.device)
-    sum_gx = torch.zeros(C, dtype=torch.float32, device=y.device)
     M = N * H * W * D
     if M == 0:
-        return gy, (sum_gx if gamma is not None else None), sum_g, gres
+        sum_g = torch.zeros(C, dtype=torch.float32, device=y.device)
+        return gy, (torch.zeros_like(sum_g) if gamma is not None else None), sum_g, gres
+    # written in full by _sum_partials_kernel: no zero-fill launches
+    sum_g = torch.empty(C, dtype=torch.float32, device=y.device)
+    sum_gx = torch.empty(C, dtype=torch.float32, device=y.device)
     y, syn, syp, syc = flat_strides(y)
     grad_out, sgn, sgp, sgc = flat_strides(grad_out)
     if out is not None:
@@ -545,7 +552,9 @@ def bn_act_backward(grad_out: torch.Tensor, y: torch.Tensor, mean: torch.Tensor,
         srn = srp = src = 0
     R = (D + 1) // 2 if pool else D
     S = N * H * W * R
-    bs, bc = _row_tile(C, S, is_channels_last(y))
+    # smaller tiles in the contiguous kind: the pooled kernels spilled on sm_90 at 512x4 (reduce,
+    # 20 B) and 256x4 (apply, 24 B) (bench/static_sm90.py); the channels-last [32, 64] tile does not
+    bs, bc = _row_tile(C, S, is_channels_last(y), 2048 if is_channels_last(y) else 512)
     ncb = cdiv(C, bc)
     i64 = needs_i64(y, grad_out, out, gres, extra=S + bs)
     yv, gv, ov, dv, rv = vec_aligns(y, grad_out, out, gy, gres)

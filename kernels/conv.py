@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 
 from ._common import (cdiv, check_channel_vec, check_tensor5, check_zpool, interp_tiles,
-                      needs_i64, next_pow2, prepare_output, stats_partials, tile_offsets, to_dtype,
-                      vec_align)
+                      needs_i64, next_pow2, pow2_part, prepare_output, stats_partials, tile_offsets,
+                      to_dtype, vec_align)
 from .batchnorm import merge_stats, tile_stats
 from .zpool import pair_take_second
 
@@ -97,6 +97,7 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, isc_ptr, ish_ptr, osc_ptr, osh_ptr, res
                  HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr,
                  UPCAST: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
                  I64: tl.constexpr, XV: tl.constexpr, OV: tl.constexpr, RV: tl.constexpr,
+                 CIN_V: tl.constexpr, COUT_V: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -106,6 +107,9 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, isc_ptr, ish_ptr, osc_ptr, osh_ptr, res
         m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     co_ok = co < Cout
+    if COUT_V > 1:
+        # Triton only knows "Cout % 16 == 0"; Cout = 20 still allows 4-wide channel vectors
+        co_ok = tl.max_constancy(co_ok, [COUT_V])
     row_ok = m < M
     # row -> (n, ho, wo, dr); dr is the output depth, or the pooled depth j (pair 2j, 2j+1)
     dr = m % Dr
@@ -135,14 +139,18 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, isc_ptr, ish_ptr, osc_ptr, osh_ptr, res
         kh = tap // (KD * KW)
         ci = k0 + tl.arange(0, BLOCK_K)
         ci_ok = ci < Cin
+        if CIN_V > 1:
+            ci_ok = tl.max_constancy(ci_ok, [CIN_V])
         if I64:
             cio = ci.to(tl.int64)
         else:
             cio = ci
         hi = hbase + kh
         wi = wbase + kw
-        b = tl.load(w_ptr + ((tap * Cin + ci) * Cout)[:, None] + co[None, :],
-                    mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
+        brow = (tap * Cin + ci) * Cout
+        if COUT_V > 1:
+            brow = tl.multiple_of(brow, COUT_V)
+        b = tl.load(w_ptr + brow[:, None] + co[None, :], mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
         a = _load_a(x_ptr, isc_ptr, ish_ptr, xrow, dbase + kd, row_ok, ci, ci_ok, cio, H, W, D,
                     hi, wi, sxc, sxh, sxw, sxd, HAS_PRO, IN_RELU, XV)
         acc0 = _mma(a, b, acc0, UPCAST, IS_FP32, PRECISION)
@@ -203,22 +211,30 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, isc_ptr, ish_ptr, osc_ptr, osh_ptr, res
 # One fixed config per key, no runtime search: an autotuner keyed on the output size compiled
 # ~116 kernels and benchmarked 152 configs for one AH-Net forward, and again for every new input
 # size.  The tile is decided by what the GEMM looks like, never by the spatial size:
-#   BLOCK_N  follows Cout (16..128; tl.dot needs >= 16),
-#   BLOCK_K  follows Cin: the largest of 64/32/16 (32/16 in fp32) that pads Cin by <= 25 %
-#            (80 -> 32: 3 chunks, 96 rows; 20 -> 32: one chunk),
-#   BLOCK_M  128 rows, 64 with a z-pool (two fp32 accumulators share each weight tile),
-#   warps    8 for 128-wide N (keeps the fp32 accumulators at <= 64 registers per thread), else 4,
-#   stages   3 always (a K loop shorter than that just leaves buffers unused; a second stage
-#            count for short loops would be a second compile of the same tile).
-# The numbers were checked statically for sm_90 and sm_80 (bench/static_sm90.py, committed report
-# in bench/results/): no spill at any key, shared memory within the sm_90 limit, wgmma in the
-# 16-bit main loops.  They are starting points from the static evidence, not measured optima.
+#   BLOCK_N  follows Cout: 16..128 for bf16/fp16 (tl.dot needs >= 16), 16..64 for fp32,
+#   BLOCK_K  bf16/fp16: 64 from 64 input channels up (one variant for all the dense-block widths
+#            84..1084), below that the largest of 64/32/16 that pads Cin by <= 25 % (20 -> 32,
+#            one chunk); fp32: 16,
+#   BLOCK_M  64, warps 8, stages 3, for every key.
+# Why so uniform: the static report (bench/static_sm90.py, bench/results/static_sm90.md) showed
+# that every 128-row tile spills on sm_90 whatever the warps (128x64x64/w4: 2.6 KB, 128x128x64/w8:
+# 1.3 KB, 128x32x32/w4: 1 KB; sm_80 likewise): the per-row index and address arithmetic of the
+# implicit GEMM, held for every row a thread loads, costs more registers than the accumulators.
+# 64 rows over 8 warps is the largest tile without a spill for every AH-Net key in both layouts
+# (bf16/fp16 up to 255 registers at 64x128x64 with a z-pool and a residual); fp32 (FMA, or wgmma
+# with TF32) spills at 64x128 and at BLOCK_K 32, and fits at 64x64x16.  A K loop shorter than 3 steps just leaves
+# buffers unused (a second stage count would be a second compile of the same tile).  These are
+# the largest spill-free tiles, not measured optima: nothing here has run on a GPU.
 
 SM90_SMEM_LIMIT = 232448   # bytes of shared memory one block may use on sm_90 (227 KB)
 
 
 def _pick_bk(Cin: int, is_fp32: bool) -> int:
-    options = (32, 16) if is_fp32 else (64, 32, 16)
+    if is_fp32:
+        return 16   # fp32 at BLOCK_K 32 spilled (12-36 B on sm_90/sm_80, 64x32 and 64x64 tiles)
+    if Cin >= 64:
+        return 64   # one K tile for every wide layer: the decoder's 84..1084-channel inputs share it
+    options = (64, 32, 16)
     for bk in options:
         if cdiv(Cin, bk) * bk * 4 <= Cin * 5:
             return bk
@@ -235,21 +251,18 @@ def conv_configs(Cin: int, Cout: int, KH: int, KW: int, KD: int,
     Key: taps (KH, KW, KD), stride, channel counts, dtype, layout (channel stride 1 or not),
     fusion (pool: 0/1/2 or "none"/"before_affine"/"after_affine"; has_pro: BN+ReLU prologue;
     stats: BN statistics epilogue; has_res: residual).  Never the spatial size.  Returns a list
-    of one config today (the launcher has no runtime search).  ``stride``, ``channels_last``,
-    ``has_pro``, ``stats`` and ``has_res`` do not change today's choice; they are in the key so
-    that a table that does distinguish them needs no new call sites.
+    of one config today (the launcher has no runtime search).  Today only the channel counts
+    and the dtype change the choice (see the table notes above); the rest is in the key so that
+    a table measured on a GPU can distinguish them without new call sites.
     """
     if isinstance(pool, str):
         pool = _POOL_CODES[pool]
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"conv_configs: unsupported dtype {dtype}")
     is_fp32 = dtype == torch.float32
-    bn = min(max(next_pow2(Cout), 16), 128)
+    bn = min(max(next_pow2(Cout), 16), 64 if is_fp32 else 128)
     bk = _pick_bk(Cin, is_fp32)
-    bm = 64 if pool else 128
-    warps = 8 if bn == 128 else 4
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
-                          num_warps=warps, num_stages=3)]
+    return [triton.Config({"BLOCK_M": 64, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=8, num_stages=3)]
 
 
 def _interp_blocks(M: int, Cin: int, Cout: int) -> tuple[int, int, int]:
@@ -400,6 +413,19 @@ def conv3d_fused(x: torch.Tensor, weight: torch.Tensor, *,
                  POOL=pool, HAS_RES=residual is not None, RELU=bool(relu), STATS=bool(compute_stats),
                  UPCAST=upcast, IS_FP32=is_fp32, PRECISION=precision, I64=i64,
                  XV=vec_align(x), OV=vec_align(o), RV=vec_align(residual) if residual is not None else 0)
+    # channel-count alignment hints: the channel masks of A (only useful when x's channels are
+    # contiguous) and of B / the output.  A full 16-byte vector only when Triton itself knows the
+    # count is a multiple of 16, else at most 4 elements: one variant per class, not per count
+    vmax = 16 // x.element_size()
+
+    def cvec(c: int) -> int:
+        return vmax if c % 16 == 0 else min(pow2_part(c), 4, vmax)
+
+    cin_v = cvec(Cin) if flags["XV"] > 0 else 1
+    cout_v = cvec(Cout)
+    # a vector is as wide as both the buffer alignment and the channel mask allow: one value
+    flags.update(CIN_V=cin_v, COUT_V=cout_v, XV=min(flags["XV"], cin_v),
+                 OV=min(flags["OV"], cout_v), RV=min(flags["RV"], cout_v))
     scalars = [M, Cin, Cout, H, W, D, Ho, Wo, Dr,
                x.stride(0), x.stride(1), x.stride(2), x.stride(3), x.stride(4),
                o.stride(0), o.stride(1), o.stride(2), o.stride(3), o.stride(4),

@@ -65,6 +65,7 @@ def _compile_all() -> None:
               dict(KH=3, KW=3, KD=1, HAS_BIAS=True, HAS_PRO=True, IN_RELU=True, HAS_OSC=not stats,
                    HAS_OSH=not stats, POOL=pool, HAS_RES=True, RELU=True, STATS=stats, UPCAST=False,
                    IS_FP32=False, PRECISION="ieee", I64=stats, XV=8, OV=0 if stats else 8, RV=8,
+                   CIN_V=8, COUT_V=4 if stats else 8,
                    BLOCK_M=64, BLOCK_N=16, BLOCK_K=16),
               num_warps=2, num_stages=2)
 
