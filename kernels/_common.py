@@ -263,8 +263,24 @@ def tile_offsets(rows, cols, cstride, V: tl.constexpr):
 
     V > 0: the channel stride is 1 and every row offset is a multiple of V (the launcher passes
     vec_align(tensor), which guarantees it) -> contiguous, aligned channel vectors that the
-    compiler turns into wide loads/stores even though no stride is specialised.  V == 0: any
-    channel stride (the contiguous kind)."""
+    compiler turns into wide loads/stores even though no stride is specialised.  The multiple
+    is written as (rows // V) * V (exact, since V divides rows) rather than tl.multiple_of: the
+    hint attribute does not survive the layout conversions before a store or an elementwise
+    load (the static report showed 16-bit accesses), the arithmetic does.  V == 0: any channel
+    stride (the contiguous kind)."""
+    if V > 0:
+        if V > 1:
+            rows = (rows // V) * V
+        return rows[:, None] + cols[None, :]
+    else:
+        return rows[:, None] + (cols * cstride)[None, :]
+
+
+@triton.jit
+def tile_offsets_hint(rows, cols, cstride, V: tl.constexpr):
+    """tile_offsets with a tl.multiple_of hint instead of the arithmetic: no extra instructions,
+    and enough where the offsets feed a load directly (the conv main loop, 128-bit loads in the
+    static report)."""
     if V > 0:
         if V > 1:
             rows = tl.multiple_of(rows, V)

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ._common import (cdiv, check_channel_vec, check_tensor5, check_zpool, interp_tiles,
                       needs_i64, next_pow2, pow2_part, prepare_output, stats_partials, tile_offsets,
-                      to_dtype, vec_align)
+                      tile_offsets_hint, to_dtype, vec_align)
 from .batchnorm import merge_stats, tile_stats
 from .zpool import pair_take_second
 
@@ -47,7 +47,7 @@ def _load_a(x_ptr, isc_ptr, ish_ptr, xrow, d_in, row_ok, ci, ci_ok, cio, H, W, D
     ok = row_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W) & (d_in >= 0) & (d_in < D)
     base = xrow + hi * sxh + wi * sxw + d_in * sxd
     am = ok[:, None] & ci_ok[None, :]
-    a = tl.load(x_ptr + tile_offsets(base, cio, sxc, XV), mask=am, other=0.0)
+    a = tl.load(x_ptr + tile_offsets_hint(base, cio, sxc, XV), mask=am, other=0.0)
     if HAS_PRO:
         sc = tl.load(isc_ptr + ci, mask=ci_ok, other=0.0)
         sh = tl.load(ish_ptr + ci, mask=ci_ok, other=0.0)
