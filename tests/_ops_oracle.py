@@ -157,12 +157,13 @@ def torch_conv_bn_act(t: dict, spec: ConvSpec, residual: Optional[torch.Tensor])
     return torch.relu(y) if spec.relu else y
 
 
-def torch_bn_act_conv(t: dict, spec: ConvSpec) -> torch.Tensor:
+def torch_bn_act_conv(t: dict, spec: ConvSpec, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     z = F.batch_norm(t["x"], t["running_mean"], t["running_var"], t["bn_weight"], t["bn_bias"], spec.training,
                      0.1, 1e-5)
     if spec.relu:
         z = torch.relu(z)
-    return F.conv3d(z, t["weight"], t["conv_bias"], spec.stride, spec.padding)
+    o = F.conv3d(z, t["weight"], t["conv_bias"], spec.stride, spec.padding)
+    return o if residual is None else o + residual
 
 
 def _out_shape(spec: ConvSpec) -> list[int]:
@@ -205,7 +206,7 @@ def _run(kind: str, t: dict, spec: ConvSpec, dtype, device, fmt, backend: Option
 
 def _run_forward(kind: str, tt: dict, spec: ConvSpec, res, backend: Optional[str], device):
     if backend is None:
-        out = torch_conv_bn_act(tt, spec, res) if kind == "conv_bn_act" else torch_bn_act_conv(tt, spec)
+        out = torch_conv_bn_act(tt, spec, res) if kind == "conv_bn_act" else torch_bn_act_conv(tt, spec, res)
     else:
         poison_allocator(device)
         with use_backend(backend):
@@ -217,7 +218,7 @@ def _run_forward(kind: str, tt: dict, spec: ConvSpec, res, backend: Optional[str
             else:
                 out = bn_act_conv(tt["x"], tt["bn_weight"], tt["bn_bias"], tt["running_mean"], tt["running_var"],
                                   tt["weight"], conv_bias=tt["conv_bias"], stride=spec.stride, padding=spec.padding,
-                                  training=spec.training, momentum=0.1, eps=1e-5, relu=spec.relu)
+                                  training=spec.training, momentum=0.1, eps=1e-5, relu=spec.relu, residual=res)
     tt["residual"] = res
     return out, tt, tt["running_mean"], tt["running_var"]
 
@@ -228,7 +229,7 @@ def check_conv_op(kind: str, spec: ConvSpec, dtype: torch.dtype, layout: str, ba
     gen = torch.Generator().manual_seed(seed)
     t = _draw(spec, dtype, kind == "bn_act_conv", gen)
     oshape = _out_shape(spec) if kind == "conv_bn_act" else _out_shape(dataclasses.replace(spec, zpool="none"))
-    if kind == "conv_bn_act" and spec.residual:
+    if spec.residual:
         t["residual"] = (torch.randn(*oshape, generator=gen, dtype=torch.float64)).to(dtype).double()
     grad_out = torch.randn(*oshape, generator=gen, dtype=torch.float64).to(dtype).double()
     fmt = LAYOUTS[layout]

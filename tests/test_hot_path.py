@@ -21,12 +21,14 @@ SHAPE = (1, 1, 64, 64, 32)  # the smallest input AHNet(psp 3, trilinear) accepts
 # Launch budgets (AHNet(psp_block_num=3, upsample_mode="trilinear"), one forward; counts do not
 # depend on the spatial size). MONAI eager issues 429 launches in eval and 985 in a training
 # forward+backward here (measured in test_launch_budget, printed on failure). These are the
-# counts reached so far, held as regression budgets: eval 157 (was 1233 before the per-layer
-# plans), train 2125 including the weight repack after an optimizer step (was 3562). The goals are 1.15 per conv in eval (fusing the Pseudo3D sum
-# and the stem) and at most MONAI's count in training (BN finalize and the normalize+ReLU in the
-# consumer's prologue): not reached yet.
-EVAL_LAUNCHES_PER_CONV = 1.3
-TRAIN_LAUNCHES_MAX = 2150
+# counts reached so far: eval 140 (was 1233 before the per-layer plans, the Pseudo3D sum and the
+# stem in the conv epilogue, the skip sums written into the dense buffers, the final conv writing
+# the output's layout); train 2180 (was 3562), which includes the weight repack after an optimizer
+# step (119) and 69 restrides of gradients that torch's CPU conv backward returns in the other
+# layout. The training goal, at most MONAI's count, is not reached yet (BN finalize in the
+# statistics merge, normalize+ReLU in the consumer's prologue): the budget holds what was reached.
+EVAL_LAUNCHES_PER_CONV = 1.15
+TRAIN_LAUNCHES_MAX = 2180
 
 
 def _convs(model: torch.nn.Module) -> int:
@@ -38,9 +40,9 @@ def _fake_cuda(mode: FakeTensorMode, t: torch.Tensor) -> torch.Tensor:
 
 
 def test_one_channel_input_is_laid_out_channels_last_on_cuda():
-    """A 1-channel tensor is both contiguous and channels-last; on CUDA the fused ops lay their
-    outputs out channels-last (the kernels' layout) instead of "following" it into NCDHW.
-    Checked through the ops' fake implementations on fake CUDA tensors (no GPU needed)."""
+    """A 1-channel tensor is both contiguous and channels-last; the fused ops lay their outputs
+    out channels-last (the kernels' layout) instead of "following" it into NCDHW. Checked on
+    CUDA through the ops' fake implementations on fake CUDA tensors (no GPU needed)."""
     mode = FakeTensorMode()
     w = torch.randn(64, 1, 7, 7, 3)
     g, b, rm, rv = torch.ones(64), torch.zeros(64), torch.zeros(64), torch.ones(64)
@@ -50,11 +52,11 @@ def test_one_channel_input_is_laid_out_channels_last_on_cuda():
         y = conv_bn_act(x, *args, stride=(2, 2, 1), padding=(3, 3, 1), zpool="before_bn")
         assert y.device.type == "cuda" and y.stride(1) == 1, y.stride()
         assert y.is_contiguous(memory_format=torch.channels_last_3d)
-    # on the CPU the ambiguous input keeps the contiguous layout (the CPU paths' own)
-    for backend in ("reference",):
+    # the same rule on the CPU, on every backend (oneDNN's convs are fastest channels-last too)
+    for backend in ("reference", "auto"):
         with use_backend(backend):
             y_cpu = conv_bn_act(torch.randn(1, 1, 32, 32, 8), w, g, b, rm, rv, stride=(2, 2, 1), padding=(3, 3, 1))
-        assert y_cpu.is_contiguous(), (backend, y_cpu.stride())
+        assert y_cpu.stride(1) == 1 and not y_cpu.is_contiguous(), (backend, y_cpu.stride())
 
 
 def test_network_stays_channels_last():

@@ -106,20 +106,27 @@ def test_opcheck_conv_bn_act():
 def test_opcheck_bn_act_conv_and_zmaxpool():
     x, w = _p(2, 3, 3, 3, 4, dtype=torch.float32), _p(5, 3, 1, 1, 3, dtype=torch.float32)
     g, b, cb = _p(3, dtype=torch.float32), _p(3, dtype=torch.float32), _p(5, dtype=torch.float32)
-    _opcheck(OPS.bn_act_conv.default, (x, g, b, None, None, w, cb, [1, 1, 1], [0, 0, 1], True, 1e-5, True,
+    _opcheck(OPS.bn_act_conv.default, (x, g, b, None, None, w, cb, None, [1, 1, 1], [0, 0, 1], True, 1e-5, True,
+                                       "reference"))
+    res = _p(2, 5, 3, 3, 4, dtype=torch.float32)  # the residual added in the epilogue
+    _opcheck(OPS.bn_act_conv.default, (x, g, b, None, None, w, None, res, [1, 1, 1], [0, 0, 1], True, 1e-5, True,
                                        "reference"))
     buf = torch.randn(2, 9, 3, 3, 4)
     with torch.no_grad():
         _opcheck(OPS.bn_act_conv_into.default, (x.detach(), g.detach(), b.detach(), torch.zeros(3), torch.ones(3),
-                                                w.detach(), None, [1, 1, 1], [0, 0, 1], False, 1e-5, True, buf, 2,
-                                                "reference"))
+                                                w.detach(), None, res.detach(), [1, 1, 1], [0, 0, 1], False, 1e-5,
+                                                True, buf, 2, "reference"))
     _opcheck(OPS.zmaxpool.default, (_p(2, 3, 3, 3, 5, dtype=torch.float32), "reference"))
     _opcheck(OPS.bn_update_running_stats.default, (torch.zeros(3), torch.ones(3), torch.randn(3), torch.rand(3),
                                                    10, 0.1))
 
 
-def test_torch_compile_fullgraph_training_matches_eager():
-    """One compiled training step (forward + backward + running stats) equals eager."""
+def test_torch_compile_fullgraph_training_matches_eager(monkeypatch):
+    """One compiled training step (forward + backward + running stats) equals eager, through the
+    custom ops. (Under torch.compile a use_backend context cannot be read while tracing: the
+    environment variable keeps the compiled CPU calls on the custom ops instead of the
+    composite path; tests/test_cpu_path.py compiles that one.)"""
+    monkeypatch.setenv("AHNET_FAST_BACKEND", "reference")
     torch.manual_seed(0)
 
     class Net(torch.nn.Module):

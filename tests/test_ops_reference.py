@@ -28,6 +28,8 @@ BAC_CASES = [
     ConvSpec(1, 5, 7, (3, 5, 1), **K111, relu=False, bias=True),
     ConvSpec(2, 5, 7, (5, 5, 2), **K331S2, training=False, bias=True),
     ConvSpec(2, 16, 16, (2, 1, 3), **K331),
+    # the Pseudo3D layer's sum x + conv1x1x3(relu(bn(x))) in the epilogue
+    ConvSpec(2, 20, 20, (3, 3, 3), **K113, residual=True),
 ]
 
 

@@ -29,6 +29,7 @@ BAC_CASES = [
     ConvSpec(1, 20, 20, (3, 3, 3), **K113, training=False, bias=True),
     ConvSpec(2, 5, 7, (5, 3, 1), **K111, relu=False),
     ConvSpec(1, 5, 7, (5, 5, 2), **K331S2, training=False),
+    ConvSpec(1, 20, 20, (3, 3, 3), **K113, residual=True),  # the Pseudo3D sum in the epilogue
 ]
 
 

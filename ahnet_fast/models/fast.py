@@ -51,7 +51,8 @@ from ahnet_fast.models.ahnet import (
     Pseudo3DLayer,
     UpTransition,
 )
-from ahnet_fast.nn.functional import bn_act_conv_modules, conv_bn_act_modules, recomputing
+from ahnet_fast.models.validation import check_input
+from ahnet_fast.nn.functional import bn_act_conv_modules, conv_args, conv_bn_act_modules, recomputing
 from ahnet_fast.nn.sync import convert_sync_batchnorm
 
 __all__ = [
@@ -112,8 +113,19 @@ class FusedUpTransition(UpTransition):
 class FusedFinal(Final):
     """``bn_act_conv`` (3x3x1) then the upsampling."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.up(bn_act_conv_modules(x, self.norm, self.conv))
+    def forward(self, x: Tensor, out_format: torch.memory_format | None = None) -> Tensor:
+        """``out_format``: the memory format the network's output must have. In inference the
+        conv writes its (few-channel) output straight in that layout, so the upsampling that
+        follows produces it too and no conversion pass over the full-size output is needed."""
+        if out_format is None or torch.is_grad_enabled() or x.dim() != 5 or _layout_of(x) == out_format:
+            return self.up(bn_act_conv_modules(x, self.norm, self.conv))
+        stride, padding = conv_args(self.conv)
+        n, _, *spatial = x.shape
+        k = self.conv.kernel_size
+        shape = (n, self.conv.out_channels, *((s + 2 * p - kk) // st + 1 for s, p, kk, st in zip(spatial, padding, k,
+                                                                                                 stride)))
+        buf = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=out_format)
+        return self.up(bn_act_conv_modules(x, self.norm, self.conv, out=buf))
 
 
 class FusedPseudo3DLayer(Pseudo3DLayer):
@@ -124,10 +136,9 @@ class FusedPseudo3DLayer(Pseudo3DLayer):
         ``out[:, out_channel_offset:out_channel_offset + 20]`` (inference only)."""
         a = bn_act_conv_modules(x, self.bn1, self.conv1)
         x3x3x1 = bn_act_conv_modules(a, self.bn2, self.conv2)
-        x1x1x3 = bn_act_conv_modules(x3x3x1, self.bn3, self.conv3)
-        return bn_act_conv_modules(
-            x3x3x1 + x1x1x3, self.bn4, self.conv4, out=out, out_channel_offset=out_channel_offset
-        )
+        # x3x3x1 + conv1x1x3(...): the sum is the 1x1x3 conv's epilogue, not a pass of its own
+        summed = bn_act_conv_modules(x3x3x1, self.bn3, self.conv3, residual=x3x3x1)
+        return bn_act_conv_modules(summed, self.bn4, self.conv4, out=out, out_channel_offset=out_channel_offset)
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.cat([x, self.new_features(x)], 1)
@@ -273,17 +284,17 @@ class FastAHNet(ReferenceAHNet):
         d3 = self.dense3.forward_sum(self.trans1(d2), pool_x)
         return self.dense4.forward_sum(self.up3(d3), conv_x)
 
-    def _head(self, d4: Tensor) -> Tensor:
+    def _head(self, d4: Tensor, out_format: torch.memory_format | None = None) -> Tensor:
         if self.psp_block_num == 0:
-            return self.final(d4)
+            return self.final(d4, out_format)
         parts = [*self.psp.maps(d4), d4]
         if torch.is_grad_enabled() or d4.dim() != 5:
-            return self.final(torch.cat(parts, dim=1))
+            return self.final(torch.cat(parts, dim=1), out_format)
         # inference: one concatenation (not PSP's own plus this one), laid out like d4: torch.cat
         # would pick NCDHW for 1-channel maps followed by a channels-last d4
         buf = torch.empty((d4.shape[0], sum(p.shape[1] for p in parts), *d4.shape[2:]), dtype=d4.dtype,
                           device=d4.device, memory_format=_layout_of(d4))
-        return self.final(torch.cat(parts, dim=1, out=buf))
+        return self.final(torch.cat(parts, dim=1, out=buf), out_format)
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, in_channels, *spatial)`` -> ``(B, out_channels, *spatial)``, in ``x``'s memory
@@ -301,7 +312,11 @@ class FastAHNet(ReferenceAHNet):
             with torch.autocast(x.device.type, enabled=False):
                 out = _cast_run(self, x, dtype)
         else:
-            out = super().forward(x)
+            check_input(self.input_spec, x, training=self.training)
+            conv_x, pool_x = self._stem(x)
+            fms = self._encode(pool_x)
+            out = self._head(self._decode(conv_x, pool_x, fms), out_format)
+        # a no-op in inference, where the final conv already wrote the output's layout
         return out if out_format is None else out.contiguous(memory_format=out_format)
 
 

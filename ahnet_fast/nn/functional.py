@@ -143,21 +143,27 @@ def conv_bn_act_modules(x: Tensor, conv: nn.Module, bn: nn.Module, *, zpool: str
 
 
 def bn_act_conv_modules(x: Tensor, bn: nn.Module, conv: nn.Module, *, relu: bool = True,
-                        out: Optional[Tensor] = None, out_channel_offset: int = 0) -> Tensor:
-    """``conv(relu(bn(x)))`` fused (pre-activation), with ``bn``'s and ``conv``'s tensors.
+                        out: Optional[Tensor] = None, out_channel_offset: int = 0,
+                        residual: Optional[Tensor] = None) -> Tensor:
+    """``conv(relu(bn(x))) [+ residual]`` fused (pre-activation), with ``bn``'s and ``conv``'s tensors.
 
     Args: x (N, Cin, H, W, D) [or 4-D with 2D modules]; bn over Cin; conv as in
     conv_bn_act_modules. ``out``/``out_channel_offset`` write into a channel slice of a
-    preallocated buffer (no autograd), see ahnet_fast.ops.bn_act_conv.
+    preallocated buffer (no autograd), see ahnet_fast.ops.bn_act_conv; ``residual`` (the
+    output's shape) is added in the conv's epilogue.
     """
     w = _weight5d(conv, x)
     stride, padding = conv_args(conv)
     four = x.dim() == 4
     use_batch, factor, rm, rv = bn_running_args(bn)
     sync, group = bn_sync_group(bn)
-    kw = {"process_group": group} if sync else {}
+    res5 = None if residual is None else _as5d(residual, "residual")
+    # the synchronised op has no residual epilogue: the sum is a separate pass there
+    kw = {"process_group": group} if sync else {"residual": res5}
     res = (sync_bn_act_conv if sync else bn_act_conv)(
         _as5d(x, "x"), bn.weight, bn.bias, rm, rv, w, conv_bias=conv.bias, stride=stride, padding=padding,
         training=use_batch, momentum=factor, eps=bn.eps, relu=relu,
         out=None if out is None else _as5d(out, "out"), out_channel_offset=out_channel_offset, **kw)
+    if sync and res5 is not None:
+        res = res + res5 if out is None else res.add_(res5)
     return res.squeeze(-1) if four else res

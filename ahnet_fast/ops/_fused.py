@@ -19,9 +19,10 @@ Pipelines (scale/shift = the BN affine folded per channel, fp32):
 * bn_act_conv backward: z = ``bn_act_apply`` (transient) -> ``aten.convolution_backward`` ->
   ``bn_act_backward`` with the ReLU mask z > 0.
 
-Convs the fused conv kernel does not cover (e.g. the stem's 7x7x3, or a build where
-``conv3d_fused`` is not available yet) run through torch's conv (cuDNN on a GPU) while the BN,
-ReLU, pool and residual work around them stays fused, as the issue allows for the stem.
+Convs the fused conv kernel does not cover (kernel shapes outside ``fused_kernels``: the stem's
+7x7x3 on the CUDA extension, or a build where ``conv3d_fused`` is not available yet) run
+through torch's conv (cuDNN on a GPU) while the BN, ReLU, pool and residual work around them
+stays fused. The Triton pipeline also serves the 7x7x3 stem (triton_backend.STEM_KERNEL).
 """
 from __future__ import annotations
 
@@ -84,9 +85,12 @@ class FusedPipeline:
     becomes the refusal reason.
     """
 
-    def __init__(self, name: str, loader: Callable[[], dict[str, Callable]]):
+    def __init__(self, name: str, loader: Callable[[], dict[str, Callable]],
+                 extra_kernels: tuple[tuple[int, int, int], ...] = ()):
         self.name = name
         self._loader = loader
+        # kernel shapes beyond FUSED_KERNELS that this backend's conv3d_fused serves
+        self.fused_kernels = FUSED_KERNELS + tuple(extra_kernels)
         self._launchers: Optional[SimpleNamespace] = None
         self._error: Optional[str] = None
 
@@ -138,7 +142,7 @@ class FusedPipeline:
 
     def conv_fused_ok(self, weight: Tensor, stride: Sequence[int], padding: Sequence[int]) -> bool:
         k = tuple(weight.shape[2:])
-        return (self.has_conv() and k in FUSED_KERNELS and tuple(stride) in FUSED_STRIDES
+        return (self.has_conv() and k in self.fused_kernels and tuple(stride) in FUSED_STRIDES
                 and all(p in (0, kk // 2) for p, kk in zip(padding, k)))
 
     # -- zmaxpool --------------------------------------------------------------------------------
@@ -214,7 +218,7 @@ class FusedPipeline:
 
     # -- BN -> act -> conv -------------------------------------------------------------------------
     def bn_act_conv_forward(self, x, bn_weight, bn_bias, running_mean, running_var, weight, conv_bias, stride,
-                            padding, training, eps, relu, out=None, out_channel_offset=0):
+                            padding, training, eps, relu, out=None, out_channel_offset=0, residual=None):
         L = self.launchers()
         if training:
             mean, var = L.channel_stats(x)
@@ -225,10 +229,12 @@ class FusedPipeline:
             mean, invstd, var, scale, shift = _eval_affine(running_mean, running_var, bn_weight, bn_bias, eps)
         if self.conv_fused_ok(weight, stride, padding):
             o = self._conv(x, weight, conv_bias, stride, padding, True, in_scale=scale, in_shift=shift,
-                           in_relu=relu, out=out, out_channel_offset=out_channel_offset)
+                           in_relu=relu, residual=residual, out=out, out_channel_offset=out_channel_offset)
             return o, mean, invstd, var
         z = L.bn_act_apply(x, scale, shift, relu=relu)
         o = F.conv3d(z, weight, conv_bias, list(stride), list(padding))
+        if residual is not None:
+            o = o.add_(residual)
         if out is not None:
             out.narrow(1, out_channel_offset, o.shape[1]).copy_(o)
             return out, mean, invstd, var

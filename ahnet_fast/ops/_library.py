@@ -17,7 +17,8 @@ Ops (all tensors (N, C, H, W, D); "marker" = a 0-element tensor for a result not
 * ``conv_bn_act_backward(...) -> (grad_x, grad_weight, grad_conv_bias, grad_bn_weight,
   grad_bn_bias, grad_residual)`` (markers where output_mask is False or the input is absent)
 * ``bn_act_conv(x, bn_weight?, bn_bias?, running_mean?, running_var?, weight, conv_bias?,
-  stride, padding, training, eps, relu, backend) -> (out, mean, invstd, var)``
+  residual?, stride, padding, training, eps, relu, backend) -> (out, mean, invstd, var)``;
+  ``out = conv(relu(bn(x))) + residual`` (the residual added in the conv's epilogue)
 * ``bn_act_conv_into(..., out!, out_channel_offset, backend) -> (mean, invstd, var)``: writes
   into ``out[:, off:off+Cout]`` (mutates ``out``; no autograd).
 * ``bn_act_conv_backward(...) -> (grad_x, grad_bn_weight, grad_bn_bias, grad_weight, grad_conv_bias)``
@@ -72,6 +73,13 @@ def _unalias(outs: tuple, inputs: Sequence[Optional[Tensor]]) -> tuple:
             seen.add(ptr)
         res.append(t)
     return tuple(res)
+
+
+def _weight_format(w: Tensor) -> torch.memory_format:
+    """The layout of a weight's gradient: the weight's own. A weight that is both contiguous and
+    channels-last (every 1x1x1 conv) keeps the strides parameters are created with, so its
+    gradient is never restrided (activations follow ``memory_format``'s channels-last rule)."""
+    return torch.contiguous_format if w.is_contiguous() else memory_format(w)
 
 
 def _grad_in(g: Tensor, ref: Tensor) -> Tensor:
@@ -178,7 +186,7 @@ def _cba_grad_specs(x, weight, bn_weight, bn_bias, has_residual, has_conv_bias, 
     present = [True, True, has_conv_bias, bn_weight is not None, bn_bias is not None, has_residual]
     return [
         (tuple(x.shape), fmt, x.dtype),
-        (tuple(weight.shape), memory_format(weight), weight.dtype),
+        (tuple(weight.shape), _weight_format(weight), weight.dtype),
         ((co,), None, weight.dtype),
         ((co,), None, bn_weight.dtype if bn_weight is not None else x.dtype),
         ((co,), None, bn_bias.dtype if bn_bias is not None else x.dtype),
@@ -250,21 +258,22 @@ conv_bn_act_op.register_autograd(_cba_backward, setup_context=_cba_setup)
 @torch.library.custom_op(f"{NS}::bn_act_conv", mutates_args=())
 def bn_act_conv_op(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
                    running_mean: Optional[Tensor], running_var: Optional[Tensor], weight: Tensor,
-                   conv_bias: Optional[Tensor], stride: list[int], padding: list[int], training: bool,
-                   eps: float, relu: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                   conv_bias: Optional[Tensor], residual: Optional[Tensor], stride: list[int], padding: list[int],
+                   training: bool, eps: float, relu: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     impl = _backend.select("bn_act_conv", backend, [x, weight, conv_bias, bn_weight, bn_bias,
-                                                    running_mean, running_var])
+                                                    running_mean, running_var, residual])
     out, mean, invstd, var = impl.bn_act_conv_forward(x, bn_weight, bn_bias, running_mean, running_var, weight,
-                                                      conv_bias, stride, padding, training, eps, relu)
+                                                      conv_bias, stride, padding, training, eps, relu,
+                                                      residual=residual)
     sdt = stat_dtype(x.dtype)
     return _unalias((_conform(out, x, memory_format(x), x.dtype), _conform(mean, x, dtype=sdt),
                      _conform(invstd, x, dtype=sdt), _conform(var, x, dtype=sdt)),
-                    [x, bn_weight, bn_bias, running_mean, running_var, weight, conv_bias])
+                    [x, bn_weight, bn_bias, running_mean, running_var, weight, conv_bias, residual])
 
 
 @bn_act_conv_op.register_fake
-def _bn_act_conv_fake(x, bn_weight, bn_bias, running_mean, running_var, weight, conv_bias, stride, padding,
-                      training, eps, relu, backend):
+def _bn_act_conv_fake(x, bn_weight, bn_bias, running_mean, running_var, weight, conv_bias, residual, stride,
+                      padding, training, eps, relu, backend):
     shape = conv_out_shape(x.shape, weight.shape, stride, padding)
     return empty5(shape, x, memory_format(x)), _stat_empty(x, x.shape[1]), _stat_empty(x, x.shape[1]), \
         _stat_empty(x, x.shape[1])
@@ -273,21 +282,21 @@ def _bn_act_conv_fake(x, bn_weight, bn_bias, running_mean, running_var, weight, 
 @torch.library.custom_op(f"{NS}::bn_act_conv_into", mutates_args=("out",))
 def bn_act_conv_into_op(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
                         running_mean: Optional[Tensor], running_var: Optional[Tensor], weight: Tensor,
-                        conv_bias: Optional[Tensor], stride: list[int], padding: list[int], training: bool,
-                        eps: float, relu: bool, out: Tensor, out_channel_offset: int, backend: str
-                        ) -> tuple[Tensor, Tensor, Tensor]:
+                        conv_bias: Optional[Tensor], residual: Optional[Tensor], stride: list[int],
+                        padding: list[int], training: bool, eps: float, relu: bool, out: Tensor,
+                        out_channel_offset: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     impl = _backend.select("bn_act_conv", backend, [x, weight, conv_bias, bn_weight, bn_bias,
-                                                    running_mean, running_var, out])
+                                                    running_mean, running_var, out, residual])
     _, mean, invstd, var = impl.bn_act_conv_forward(x, bn_weight, bn_bias, running_mean, running_var, weight,
                                                     conv_bias, stride, padding, training, eps, relu,
-                                                    out, out_channel_offset)
+                                                    out, out_channel_offset, residual=residual)
     sdt = stat_dtype(x.dtype)
     return _unalias((_conform(mean, x, dtype=sdt), _conform(invstd, x, dtype=sdt), _conform(var, x, dtype=sdt)),
-                    [x, bn_weight, bn_bias, running_mean, running_var, weight, conv_bias, out])
+                    [x, bn_weight, bn_bias, running_mean, running_var, weight, conv_bias, residual, out])
 
 
 @bn_act_conv_into_op.register_fake
-def _bn_act_conv_into_fake(x, bn_weight, bn_bias, running_mean, running_var, weight, conv_bias, stride,
+def _bn_act_conv_into_fake(x, bn_weight, bn_bias, running_mean, running_var, weight, conv_bias, residual, stride,
                            padding, training, eps, relu, out, out_channel_offset, backend):
     return _stat_empty(x, x.shape[1]), _stat_empty(x, x.shape[1]), _stat_empty(x, x.shape[1])
 
@@ -311,7 +320,7 @@ def _bac_grad_specs(x, weight, bn_weight, bn_bias, has_conv_bias, output_mask):
         (tuple(x.shape), memory_format(x), x.dtype),
         ((ci,), None, bn_weight.dtype if bn_weight is not None else x.dtype),
         ((ci,), None, bn_bias.dtype if bn_bias is not None else x.dtype),
-        (tuple(weight.shape), memory_format(weight), weight.dtype),
+        (tuple(weight.shape), _weight_format(weight), weight.dtype),
         ((co,), None, weight.dtype),
     ]
     present = [True, bn_weight is not None, bn_bias is not None, True, has_conv_bias]
@@ -334,7 +343,8 @@ def _bn_act_conv_backward_fake(grad_out, x, bn_weight, bn_bias, mean, invstd, we
 
 
 def _bac_setup(ctx, inputs, output) -> None:
-    (x, bn_weight, bn_bias, _rm, _rv, weight, conv_bias, stride, padding, training, _eps, relu, backend) = inputs
+    (x, bn_weight, bn_bias, _rm, _rv, weight, conv_bias, _res, stride, padding, training, _eps, relu,
+     backend) = inputs
     out, mean, invstd, var = output
     ctx.mark_non_differentiable(mean, invstd, var)
     ctx.set_materialize_grads(False)
@@ -345,19 +355,20 @@ def _bac_setup(ctx, inputs, output) -> None:
 
 
 def _bac_backward(ctx, grad_out: Optional[Tensor], *_unused):
-    none13 = (None,) * 13
+    none14 = (None,) * 14
     if grad_out is None:
-        return none13
+        return none14
     x, bn_weight, bn_bias, mean, invstd, weight = ctx.saved_tensors
     stride, padding, training, relu, has_bias, backend = ctx.params
     nig = ctx.needs_input_grad
+    g_res = grad_out if nig[7] else None  # out = conv(...) + residual
     mask = [nig[0], nig[1], nig[2], nig[5], nig[6]]
     if not any(mask):
-        return none13
+        return (None,) * 7 + (g_res,) + (None,) * 6
     grads = bn_act_conv_backward_op(_grad_in(grad_out, x), x, bn_weight, bn_bias, mean, invstd, weight, stride,
                                     padding, training, relu, has_bias, mask, backend)
     gx, gg, gbeta, gw, gb = (g if m else None for g, m in zip(grads, mask))
-    return (gx, gg, gbeta, None, None, gw, gb) + (None,) * 6
+    return (gx, gg, gbeta, None, None, gw, gb, g_res) + (None,) * 6
 
 
 bn_act_conv_op.register_autograd(_bac_backward, setup_context=_bac_setup)

@@ -19,8 +19,9 @@ def bn_act_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor
                 running_mean: Optional[Tensor], running_var: Optional[Tensor], weight: Tensor, *,
                 conv_bias: Optional[Tensor] = None, stride: IntOr3 = (1, 1, 1), padding: IntOr3 = (0, 0, 0),
                 training: bool = False, momentum: float = 0.1, eps: float = 1e-5, relu: bool = True,
-                out: Optional[Tensor] = None, out_channel_offset: int = 0) -> Tensor:
-    """Fused ``conv3d(relu(BN(x)))``: nn.BatchNorm3d -> [nn.ReLU] -> nn.Conv3d, exactly.
+                out: Optional[Tensor] = None, out_channel_offset: int = 0,
+                residual: Optional[Tensor] = None) -> Tensor:
+    """Fused ``conv3d(relu(BN(x))) [+ residual]``: nn.BatchNorm3d -> [nn.ReLU] -> nn.Conv3d, exactly.
 
     BN+ReLU is applied to the input as the conv loads it, and the conv's zero padding is
     applied after that transform (a padded tap contributes 0, not relu(shift)).
@@ -38,6 +39,8 @@ def bn_act_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor
            (N, Ctot, Ho, Wo, Do) buffer (same dtype/device) and return that slice view, so dense
            blocks need no torch.cat. Not differentiable: only allowed when autograd is not
            recording (torch.no_grad / inference_mode, or no input requiring grad).
+        residual: a tensor of the conv output's shape and x's dtype, added in the conv's
+           epilogue (the Pseudo3D layer's ``x3x3x1 + conv1x1x3(x3x3x1)`` without its own pass).
     Returns:
         (N, Cout, Ho, Wo, Do), or the slice of ``out``.
 
@@ -48,6 +51,12 @@ def bn_act_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor
     _checks.tensor5("x", x)
     stride_, padding_ = triple(stride, "stride"), triple(padding, "padding")
     o_shape = _checks.conv_args(x, weight, conv_bias, stride_, padding_)
+    if residual is not None:
+        _checks.tensor5("residual", residual)
+        _checks.same("residual", residual, x)
+        if list(residual.shape) != list(o_shape):
+            raise ValueError(f"residual has shape {tuple(residual.shape)}; it must have the output's shape "
+                             f"{tuple(o_shape)}")
     _checks.bn_args(x.shape[1], x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps)
     count = _checks.batch_count(x.shape, training)
     rm = None if training else running_mean
@@ -55,10 +64,11 @@ def bn_act_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor
     use_composite = _backend.composite_path(x)
     backend = _backend.call_arg()
     if out is None and use_composite:
-        return composite.bn_act_conv(x, bn_weight, bn_bias, running_mean, running_var, weight, conv_bias, stride_,
-                                     padding_, bool(training), float(momentum), float(eps), bool(relu))
+        res = composite.bn_act_conv(x, bn_weight, bn_bias, running_mean, running_var, weight, conv_bias, stride_,
+                                    padding_, bool(training), float(momentum), float(eps), bool(relu))
+        return res if residual is None else res.add_(residual)
     if out is None:
-        res, mean, _invstd, var = bn_act_conv_op(x, bn_weight, bn_bias, rm, rv, weight, conv_bias, stride_,
+        res, mean, _invstd, var = bn_act_conv_op(x, bn_weight, bn_bias, rm, rv, weight, conv_bias, residual, stride_,
                                                  padding_, bool(training), float(eps), bool(relu), backend)
     else:
         _checks.tensor5("out", out)
@@ -69,14 +79,15 @@ def bn_act_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor
                 or off + o_shape[1] > out.shape[1]):
             raise ValueError(f"out {tuple(out.shape)} with out_channel_offset={off} cannot hold the result "
                              f"{tuple(o_shape)}: need (N, >= offset + Cout, Ho, Wo, Do)")
-        if _checks.any_requires_grad(x, weight, conv_bias, bn_weight, bn_bias) or (
+        if _checks.any_requires_grad(x, weight, conv_bias, bn_weight, bn_bias, residual) or (
                 torch.is_grad_enabled() and out.requires_grad):
             raise RuntimeError("bn_act_conv(out=...) is not differentiable: call it under torch.no_grad() or "
                                "torch.inference_mode(), or without out= when gradients are needed")
         if use_composite:
-            return composite.bn_act_conv(x, bn_weight, bn_bias, running_mean, running_var, weight, conv_bias, stride_,
-                                         padding_, bool(training), float(momentum), float(eps), bool(relu), out, off)
-        mean, _invstd, var = bn_act_conv_into_op(x, bn_weight, bn_bias, rm, rv, weight, conv_bias, stride_,
+            res = composite.bn_act_conv(x, bn_weight, bn_bias, running_mean, running_var, weight, conv_bias, stride_,
+                                        padding_, bool(training), float(momentum), float(eps), bool(relu), out, off)
+            return res if residual is None else res.add_(residual)
+        mean, _invstd, var = bn_act_conv_into_op(x, bn_weight, bn_bias, rm, rv, weight, conv_bias, residual, stride_,
                                                  padding_, bool(training), float(eps), bool(relu), out, off, backend)
         res = out.narrow(1, off, o_shape[1])
     if training and running_mean is not None:

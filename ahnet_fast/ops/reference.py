@@ -226,12 +226,15 @@ def bn_act_conv_forward(x: torch.Tensor, bn_weight: Optional[torch.Tensor], bn_b
                         running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                         weight: torch.Tensor, conv_bias: Optional[torch.Tensor], stride: Sequence[int],
                         padding: Sequence[int], training: bool, eps: float, relu: bool,
-                        out: Optional[torch.Tensor] = None, out_channel_offset: int = 0
+                        out: Optional[torch.Tensor] = None, out_channel_offset: int = 0,
+                        residual: Optional[torch.Tensor] = None
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     mean, invstd, var = _stats(x, running_mean, running_var, training, eps)
     z = _pre_activation(x, mean, invstd, bn_weight, bn_bias, relu)
     # zero padding is applied by the conv to z, i.e. after the BN+ReLU transform
     o = F.conv3d(z, weight, conv_bias, list(stride), list(padding))
+    if residual is not None:
+        o = o.add_(residual)
     if out is not None:
         out.narrow(1, out_channel_offset, o.shape[1]).copy_(o)
         return out, mean, invstd, var

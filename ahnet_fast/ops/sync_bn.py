@@ -186,8 +186,8 @@ class _SyncBNActConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gamma, beta, weight, conv_bias, mean, var, total, stride, padding, eps, relu, group,
                 backend):
-        out, m, invstd, _v = bn_act_conv_op(x, gamma, beta, mean, var, weight, conv_bias, stride, padding, False,
-                                            eps, relu, backend)
+        out, m, invstd, _v = bn_act_conv_op(x, gamma, beta, mean, var, weight, conv_bias, None, stride, padding,
+                                            False, eps, relu, backend)
         ctx.save_for_backward(x, gamma, beta, m, invstd, weight, total)
         ctx.params = (list(stride), list(padding), relu, conv_bias is not None, group, backend)
         return out
@@ -295,7 +295,7 @@ def sync_bn_act_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[T
         if _checks.any_requires_grad(x, weight, conv_bias, bn_weight, bn_bias):
             raise RuntimeError("bn_act_conv(out=...) is not differentiable: call it under torch.no_grad() or "
                                "torch.inference_mode(), or without out= when gradients are needed")
-        bn_act_conv_into_op(x, bn_weight, bn_bias, mean, var, weight, conv_bias, stride_, padding_, False,
+        bn_act_conv_into_op(x, bn_weight, bn_bias, mean, var, weight, conv_bias, None, stride_, padding_, False,
                             float(eps), bool(relu), out, off, backend)
         res = out.narrow(1, off, o_shape[1])
     _update_running(running_mean, running_var, mean, var, total, float(momentum))

@@ -45,7 +45,11 @@ def _load() -> dict[str, Callable]:
     return found
 
 
-_pipe = FusedPipeline(NAME, _load)
+# The Triton conv is a generic implicit GEMM (taps are constexprs), so it also serves the stem's
+# 7x7x3 /(2,2,1): conv, z-pool, BN affine and ReLU become one launch in inference instead of
+# a torch conv plus two passes over its (unpooled) 64-channel output.
+STEM_KERNEL = (7, 7, 3)
+_pipe = FusedPipeline(NAME, _load, extra_kernels=(STEM_KERNEL,))
 
 
 def interpreting() -> bool:
