@@ -42,3 +42,16 @@ def test_replay_equals_eager_and_follows_weight_updates(layout):
     torch.testing.assert_close(f(x), want, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="captured for"):
         f(torch.randn(1, 1, 64, 64, 64, device="cuda"))
+
+
+@pytest.mark.gpu
+def test_sliding_window_replays_one_graph_per_window_shape():
+    from ahnet_fast.infer import sliding_window_inference
+
+    torch.manual_seed(0)
+    net = AHNet(**CFG).cuda().eval()
+    x = torch.randn(1, 1, 150, 90, 70, device="cuda")
+    kw = dict(window=(64, 64, 32), overlap=0.25, sw_batch_size=2)
+    plain = sliding_window_inference(x, net, cuda_graph=False, **kw)
+    replayed = sliding_window_inference(x, net, cuda_graph=True, **kw)
+    torch.testing.assert_close(replayed, plain, rtol=1e-5, atol=1e-5)

@@ -15,7 +15,6 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-from torch import nn
 
 __all__ = ["GraphedForward", "graphed"]
 
@@ -25,9 +24,9 @@ Tensor = torch.Tensor
 class GraphedForward:
     """Callable replaying a captured inference forward; see :func:`graphed`."""
 
-    def __init__(self, model: nn.Module, example: Tensor, *, warmup: int = 3, clone: bool = True,
+    def __init__(self, model: Callable[[Tensor], Tensor], example: Tensor, *, warmup: int = 3, clone: bool = True,
                  pool: Optional[tuple] = None) -> None:
-        if model.training:
+        if getattr(model, "training", False):
             raise ValueError("graphed: the model is in training mode; call model.eval() first (a captured "
                              "training forward would replay the same batch statistics update every time)")
         if example.device.type != "cuda":
@@ -66,11 +65,13 @@ class GraphedForward:
         return self.static_output.clone() if self.clone else self.static_output
 
 
-def graphed(model: nn.Module, example: Tensor, *, warmup: int = 3, clone: bool = True) -> Callable[[Tensor], Tensor]:
+def graphed(model: Callable[[Tensor], Tensor], example: Tensor, *, warmup: int = 3,
+            clone: bool = True) -> Callable[[Tensor], Tensor]:
     """Capture one inference forward of ``model`` for inputs like ``example`` as a CUDA graph.
 
     Args:
-        model: an eval-mode model on the GPU (any nn.Module; the fast AH-Net is what it is for).
+        model: an eval-mode model on the GPU (any nn.Module, or a function of one tensor; the
+            fast AH-Net is what it is for).
         example: an input of the shape, dtype, layout and device to capture (its values are
             copied, not kept).
         warmup: forwards run before the capture, on a side stream (kernel compiles, per-layer

@@ -133,6 +133,39 @@ def _pad_amounts(size: Sequence[int], target: Sequence[int]) -> list[int]:
     return pads
 
 
+def _window_runner(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], amp: contextlib.AbstractContextManager,
+                   use_graph: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``chunk -> model(chunk)`` under ``amp``; with ``use_graph`` the first full-size chunk is
+    captured as a CUDA graph and replayed for every chunk of that shape (others run plainly)."""
+    def plain(chunk: torch.Tensor) -> torch.Tensor:
+        with amp:
+            return model(chunk)
+
+    if not use_graph:
+        return plain
+    state: dict = {"graph": None, "shape": None, "failed": False}
+
+    def run(chunk: torch.Tensor) -> torch.Tensor:
+        if state["failed"]:
+            return plain(chunk)
+        if state["graph"] is None:
+            from .graphed import graphed
+
+            try:
+                # the output is consumed before the next replay: no copy of it needed
+                state["graph"] = graphed(plain, chunk, clone=False)
+                state["shape"] = chunk.shape
+            except Exception as exc:  # an op that cannot be captured: keep going without graphs
+                log.warning("CUDA graph capture failed (%s: %s); windows run without graphs", type(exc).__name__, exc)
+                state["failed"] = True
+                return plain(chunk)
+        if chunk.shape != state["shape"]:
+            return plain(chunk)  # the last, smaller batch of windows
+        return state["graph"](chunk)
+
+    return run
+
+
 def sliding_window_inference(
     inputs: torch.Tensor,
     model: nn.Module | Callable[[torch.Tensor], torch.Tensor],
@@ -148,6 +181,7 @@ def sliding_window_inference(
     pad_mode: Literal["constant", "replicate"] = "constant",
     pad_value: float = 0.0,
     rules: tuple[Sequence[int], Sequence[int]] | None | Literal["auto"] = "auto",
+    cuda_graph: bool = True,
 ) -> torch.Tensor:
     """Run ``model`` over ``inputs`` window by window and blend the outputs.
 
@@ -169,6 +203,9 @@ def sliding_window_inference(
         pad_mode, pad_value: how a volume smaller than a window is padded.
         rules: ``(multiples, minimums)`` for the window, None for any size,
             "auto" = :func:`window_rules` of ``model``.
+        cuda_graph: on a CUDA ``sw_device``, capture the forward once as a CUDA graph
+            (:func:`ahnet_fast.infer.graphed`) and replay it for every full batch of windows
+            (they all have one shape); a capture that fails falls back to plain calls.
 
     Returns:
         ``(B, K, H, W, D)`` float32 on ``device``.
@@ -229,6 +266,7 @@ def sliding_window_inference(
     else:
         amp = contextlib.nullcontext()
     groups = [slices[n:n + sw_batch_size] for n in range(0, len(slices), sw_batch_size)]
+    run = _window_runner(model, amp, cuda_graph and sw_device.type == "cuda" and len(groups) > 1)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -240,8 +278,7 @@ def sliding_window_inference(
                 chunk = torch.cat(
                     [x[b:b + 1, :, i:i + win[0], j:j + win[1], k:k + win[2]] for b, i, j, k in group]
                 ).to(sw_device, non_blocking=True)
-                with amp:
-                    y = model(chunk)
+                y = run(chunk)
                 if not isinstance(y, torch.Tensor) or y.ndim != 5 or y.shape[0] != len(group) \
                         or tuple(y.shape[2:]) != tuple(win):
                     raise ValueError(
