@@ -215,14 +215,15 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, isc_ptr, ish_ptr, osc_ptr, osh_ptr, res
 #   BLOCK_K  bf16/fp16: 64 from 64 input channels up (one variant for all the dense-block widths
 #            84..1084), below that the largest of 64/32/16 that pads Cin by <= 25 % (20 -> 32,
 #            one chunk); fp32: 16,
-#   BLOCK_M  64, warps 8, stages 3, for every key.
+#   BLOCK_M  64, warps 8 (fp32: 32 rows, 4 warps), stages 3, for every key.
 # Why so uniform: the static report (bench/static_sm90.py, bench/results/static_sm90.md) showed
 # that every 128-row tile spills on sm_90 whatever the warps (128x64x64/w4: 2.6 KB, 128x128x64/w8:
 # 1.3 KB, 128x32x32/w4: 1 KB; sm_80 likewise): the per-row index and address arithmetic of the
 # implicit GEMM, held for every row a thread loads, costs more registers than the accumulators.
 # 64 rows over 8 warps is the largest tile without a spill for every AH-Net key in both layouts
-# (bf16/fp16 up to 255 registers at 64x128x64 with a z-pool and a residual); fp32 (FMA, or wgmma
-# with TF32) spills at 64x128 and at BLOCK_K 32, and fits at 64x64x16.  A K loop shorter than 3 steps just leaves
+# (bf16/fp16 up to 255 registers at 64x128x64 with a z-pool and a residual); fp32 (FMA, or TF32
+# MMA) spilled at 64x128, at BLOCK_K 32 and, by 4-8 B, at 64x64x16 with 8 warps; 32x64x16 with 4
+# warps needs ~100 registers.  A K loop shorter than 3 steps just leaves
 # buffers unused (a second stage count would be a second compile of the same tile).  These are
 # the largest spill-free tiles, not measured optima: nothing here has run on a GPU.
 
@@ -262,6 +263,8 @@ def conv_configs(Cin: int, Cout: int, KH: int, KW: int, KD: int,
     is_fp32 = dtype == torch.float32
     bn = min(max(next_pow2(Cout), 16), 64 if is_fp32 else 128)
     bk = _pick_bk(Cin, is_fp32)
+    if is_fp32:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=3)]
     return [triton.Config({"BLOCK_M": 64, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=8, num_stages=3)]
 
 
