@@ -117,7 +117,7 @@ class FusedFinal(Final):
         """``out_format``: the memory format the network's output must have. In inference the
         conv writes its (few-channel) output straight in that layout, so the upsampling that
         follows produces it too and no conversion pass over the full-size output is needed."""
-        if out_format is None or torch.is_grad_enabled() or x.dim() != 5 or _layout_of(x) == out_format:
+        if out_format is None or _plain_path() or x.dim() != 5 or _layout_of(x) == out_format:
             return self.up(bn_act_conv_modules(x, self.norm, self.conv))
         stride, padding = conv_args(self.conv)
         n, _, *spatial = x.shape
@@ -156,7 +156,7 @@ class FusedDenseBlock(DenseBlock):
         layer writes its new features into its own channel slice: no copy of the growing
         feature map, no separate copy of the input."""
         layers = list(self.children())
-        if torch.is_grad_enabled() or not layers:
+        if _plain_path() or not layers:
             return super().forward(a if b is None else a + b)
         growth = layers[0].conv4.out_channels
         c0 = a.shape[1]
@@ -170,6 +170,13 @@ class FusedDenseBlock(DenseBlock):
             c = c0 + i * growth
             layer.new_features(buf[:, :c], out=buf, out_channel_offset=c)
         return buf
+
+
+def _plain_path() -> bool:
+    """True where the buffer-writing inference forms (``out=`` into preallocated buffers) must not
+    be used: under autograd (they are not differentiable) and under torch.compile (``out=``
+    into a slice breaks dynamo's graph; inductor plans those buffers itself)."""
+    return torch.is_grad_enabled() or torch.compiler.is_compiling()
 
 
 def _layout_of(x: Tensor) -> torch.memory_format:
@@ -288,7 +295,7 @@ class FastAHNet(ReferenceAHNet):
         if self.psp_block_num == 0:
             return self.final(d4, out_format)
         parts = [*self.psp.maps(d4), d4]
-        if torch.is_grad_enabled() or d4.dim() != 5:
+        if _plain_path() or d4.dim() != 5:
             return self.final(torch.cat(parts, dim=1), out_format)
         # inference: one concatenation (not PSP's own plus this one), laid out like d4: torch.cat
         # would pick NCDHW for 1-channel maps followed by a channels-last d4
