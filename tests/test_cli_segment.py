@@ -395,3 +395,41 @@ def test_any_unexpected_failure_is_one_line_unless_debug(tmp_path, capsys, monke
         for cmd in (["train", str(tmp_path / "none"), "--out", str(tmp_path / "o")], ["demo"]):
             assert main([*cmd, "--device", "cuda"]) == 2
             assert "--device cuda: CUDA is not available on this machine" in capsys.readouterr().err
+
+
+def test_compiled_inference_is_built_once_and_reused(monkeypatch, capsys):
+    """--compile: the model is compiled once per process and model and reused for every volume
+    (torch.compile replaced by a counting stand-in: a real inductor build takes minutes here);
+    --no-compile and the default never compile; the two flags exclude each other."""
+    import ahnet_fast.infer.compiled as compiled
+    from ahnet_fast.infer.segment import SegmentOptions, predict_volume
+
+    calls = []
+
+    def fake_compile(model, **kw):
+        calls.append(kw)
+        return model
+
+    monkeypatch.setattr(compiled.torch, "compile", fake_compile)
+    monkeypatch.setattr(compiled, "compile_available", lambda: (True, ""))
+
+    class Net(torch.nn.Module):
+        def forward(self, x):
+            return torch.cat([x, -x], 1)
+
+    net = Net().eval()
+    image = np.random.default_rng(0).normal(size=(8, 8, 4)).astype(np.float32)
+    plain = predict_volume(image, net, SegmentOptions(window=(8, 8, 4)))
+    assert calls == [] and "compile_seconds" not in plain.stats
+    predict_volume(image, net, SegmentOptions(window=(8, 8, 4), compile=False))
+    assert calls == []
+    for _ in range(2):
+        res = predict_volume(image, net, SegmentOptions(window=(8, 8, 4), compile=True))
+        np.testing.assert_array_equal(res.labels, plain.labels)
+        assert "compile_seconds" in res.stats
+    assert len(calls) == 1 and calls[0]["options"] == {"freezing": True}
+    compiled.forget(net)
+
+    with pytest.raises(SystemExit):
+        _main(cli_segment, ["segment", "in.nii.gz", "out.nii.gz", "--checkpoint", "m.pt", "--compile", "--no-compile"])
+    assert "not allowed with argument" in capsys.readouterr().err

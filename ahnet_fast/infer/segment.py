@@ -28,6 +28,7 @@ from torch import nn
 from ahnet_fast.data.nifti import Volume, VolumeError, is_nifti_path, load_volume, save_all_like
 
 from .cascade import cascade_inference
+from .compiled import compile_seconds, maybe_compiled
 from .sliding_window import sliding_window_inference
 
 __all__ = [
@@ -76,6 +77,9 @@ class SegmentOptions:
     cascade_factor: int = 2
     cascade_margin: Sequence[int] = (16, 16, 4)
     nonfinite: str = "raise"
+    # compiled CPU inference (ahnet_fast.infer.compiled): True forces it, False refuses it,
+    # None (auto) uses it where it measured faster, which today is nowhere (see should_compile)
+    compile: bool | None = None
 
 
 @dataclass
@@ -123,14 +127,18 @@ def predict_volume(image: np.ndarray, model: nn.Module, opts: SegmentOptions) ->
         sw_device=opts.device, device=opts.stitch_device,
         autocast_dtype=torch.bfloat16 if opts.bf16 else None, progress=opts.progress,
     )
+    # compiled once per process and model, then reused for every window and volume
+    net = maybe_compiled(model, opts.device, enabled=opts.compile, autocast_dtype=kw["autocast_dtype"])
     t0 = time.perf_counter()
     stats: dict[str, Any] = {}
     if opts.cascade:
-        logits, cs = cascade_inference(x, model, factor=opts.cascade_factor, margin=opts.cascade_margin, **kw)
+        logits, cs = cascade_inference(x, net, factor=opts.cascade_factor, margin=opts.cascade_margin, **kw)
         stats = {"roi": cs.roi, "pass2_fraction": cs.pass2_fraction,
                  "time_pass1": cs.time_pass1, "time_pass2": cs.time_pass2}
     else:
-        logits = sliding_window_inference(x, model, **kw)
+        logits = sliding_window_inference(x, net, **kw)
+    if net is not model:
+        stats["compile_seconds"] = compile_seconds(model)  # reported apart from inference time
     logits = logits[0].float().cpu()
     bad = int((~torch.isfinite(logits)).sum())
     if bad:
