@@ -49,6 +49,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional
 
+from ahnet_fast._atomic import atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 SM90_SMEM_LIMIT = 232448        # bytes of shared memory per block on sm_90 (227 KB opt-in)
 SM80_SMEM_LIMIT = 166912        # sm_80: 163 KB opt-in
@@ -533,8 +535,10 @@ def build(out_dir: Path, archs: list[int], jobs: int, nvcc: Optional[str]) -> di
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "static_sm90.json").write_text(json.dumps(report, indent=1, sort_keys=False) + "\n")
-    (out_dir / "static_sm90.md").write_text(markdown(report))
+    # compact JSON (the markdown is the readable form): the report stays under 2 MB; written
+    # atomically so an interrupted run never leaves half a report beside the previous one
+    atomic_write_text(out_dir / "static_sm90.json", json.dumps(report, separators=(",", ":")) + "\n")
+    atomic_write_text(out_dir / "static_sm90.md", markdown(report))
     return report
 
 
