@@ -143,6 +143,48 @@ def merge_stats(pcnt: torch.Tensor, pmean: torch.Tensor, pm2: torch.Tensor) -> t
     return mean, var
 
 
+@triton.jit(do_not_specialize=("C",))
+def _bn_finalize_kernel(mean_ptr, var_ptr, gamma_ptr, beta_ptr, invstd_ptr, scale_ptr, shift_ptr, C, eps,
+                        HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, BLOCK_C: tl.constexpr):
+    """invstd = 1/sqrt(var + eps); scale = gamma*invstd; shift = beta - mean*scale (fp32)."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = c < C
+    mean = tl.load(mean_ptr + c, mask=cm, other=0.0)
+    var = tl.load(var_ptr + c, mask=cm, other=1.0)
+    invstd = 1.0 / tl.sqrt(var + eps)
+    scale = invstd
+    if HAS_GAMMA:
+        scale = scale * tl.load(gamma_ptr + c, mask=cm, other=0.0)
+    shift = -mean * scale
+    if HAS_BETA:
+        shift = shift + tl.load(beta_ptr + c, mask=cm, other=0.0)
+    tl.store(invstd_ptr + c, invstd, mask=cm)
+    tl.store(scale_ptr + c, scale, mask=cm)
+    tl.store(shift_ptr + c, shift, mask=cm)
+
+
+def bn_finalize(mean: torch.Tensor, var: torch.Tensor, gamma: Optional[torch.Tensor],
+                beta: Optional[torch.Tensor], eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Batch statistics -> (invstd, scale, shift), fp32 (C,), in ONE launch: the training-mode
+    BN affine (scale = gamma*invstd, shift = beta - mean*scale) that otherwise takes four
+    elementwise launches per layer. mean/var (the statistics merge's output), gamma/beta: fp32 (C,)
+    or None (affine=False)."""
+    C = mean.shape[0]
+    mean = check_channel_vec("mean", mean, C, mean.device, required=True)
+    var = check_channel_vec("var", var, C, mean.device, required=True)
+    gamma = check_channel_vec("gamma", gamma, C, mean.device)
+    beta = check_channel_vec("beta", beta, C, mean.device)
+    invstd, scale, shift = (torch.empty(C, dtype=torch.float32, device=mean.device) for _ in range(3))
+    if C == 0:
+        return invstd, scale, shift
+    bc = _merge_block_c(C)
+    _bn_finalize_kernel[(cdiv(C, bc),)](mean, var, gamma if gamma is not None else mean,
+                                        beta if beta is not None else mean, invstd, scale, shift, C, float(eps),
+                                        HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
+                                        BLOCK_C=bc, num_warps=4)
+    return invstd, scale, shift
+
+
 def _row_tile(C: int, S: int, channels_last: bool, elems: int = 2048) -> tuple[int, int]:
     """[BLOCK_S, BLOCK_C] of about ``elems`` elements; C-vectors as rows in the channels-last kind.
     On a GPU the tile never depends on S (a size-dependent tile is one more compile per input

@@ -243,3 +243,22 @@ def test_bn_gpu_large(dtype):
     invstd = torch.rsqrt(var + EPS)
     gy, gg, gb, _ = bn_act_backward(go, x, mean, invstd, scale, out=o, zpool="after_affine")
     assert not torch.isnan(gy).any() and torch.isfinite(gg).all() and torch.isfinite(gb).all()
+
+
+@pytest.mark.parametrize("C", [1, 20, 130])
+@pytest.mark.parametrize("affine", [True, False])
+def test_bn_finalize_matches_the_float64_affine(C, affine):
+    """bn_finalize: invstd = 1/sqrt(var + eps), scale = gamma*invstd, shift = beta - mean*scale."""
+    gen = torch.Generator().manual_seed(C)
+    mean = torch.randn(C, generator=gen, dtype=torch.float64)
+    var = torch.rand(C, generator=gen, dtype=torch.float64) * 3
+    gamma = torch.randn(C, generator=gen, dtype=torch.float64) if affine else None  # negative gammas too
+    beta = torch.randn(C, generator=gen, dtype=torch.float64) if affine else None
+    f32 = (lambda t: None if t is None else t.float().to(DEV))
+    invstd, scale, shift = bnk.bn_finalize(f32(mean), f32(var), f32(gamma), f32(beta), 1e-5)
+    want_inv = 1.0 / torch.sqrt(var.float().double() + 1e-5)
+    want_scale = want_inv * (gamma.float().double() if affine else 1.0)
+    want_shift = -mean.float().double() * want_scale + (beta.float().double() if affine else 0.0)
+    for got, want in ((invstd, want_inv), (scale, want_scale), (shift, want_shift)):
+        assert got.dtype == torch.float32 and got.shape == (C,)
+        assert torch.allclose(got.double().cpu(), want, rtol=1e-6, atol=1e-6), (got, want)

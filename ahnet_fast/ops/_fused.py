@@ -41,8 +41,9 @@ Tensor = torch.Tensor
 LAUNCHERS = ("conv3d_fused", "channel_stats", "bn_act_apply", "bn_act_backward",
              "zmaxpool_forward", "zmaxpool_backward")
 # helpers a backend may offer: ``pack_conv_weight(weight)`` gives the layout its conv3d_fused
-# reads weights in (then passed as ``packed_weight=`` and cached per layer, see _conv)
-OPTIONAL_LAUNCHERS = ("pack_conv_weight",)
+# reads weights in (then passed as ``packed_weight=`` and cached per layer, see _conv);
+# ``bn_finalize(mean, var, gamma, beta, eps)`` the training BN affine in one launch
+OPTIONAL_LAUNCHERS = ("pack_conv_weight", "bn_finalize")
 # launchers an op cannot do without (conv3d_fused is optional: torch's conv stands in)
 REQUIRED = {
     "zmaxpool": ("zmaxpool_forward", "zmaxpool_backward"),
@@ -140,6 +141,17 @@ class FusedPipeline:
                 break
         return out
 
+    def _batch_affine(self, mean: Tensor, var: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                      eps: float) -> tuple[Tensor, Tensor, Tensor]:
+        """(invstd, scale, shift), fp32, from batch statistics: one launch where the backend has
+        ``bn_finalize``, four elementwise torch ops otherwise."""
+        L = self.launchers()
+        if L.bn_finalize is not None:
+            return L.bn_finalize(mean, var, _f32(bn_weight), _f32(bn_bias), eps)
+        invstd = torch.rsqrt(var + eps)
+        scale, shift = bn_affine(mean, invstd, _f32(bn_weight), _f32(bn_bias))
+        return invstd, scale.contiguous(), shift.contiguous()
+
     def conv_fused_ok(self, weight: Tensor, stride: Sequence[int], padding: Sequence[int]) -> bool:
         k = tuple(weight.shape[2:])
         return (self.has_conv() and k in self.fused_kernels and tuple(stride) in FUSED_STRIDES
@@ -183,9 +195,7 @@ class FusedPipeline:
                 c = self._conv(x, weight, conv_bias, stride, padding, fused)
                 y = L.zmaxpool_forward(c) if before else c
                 mean, var = L.channel_stats(y)
-            invstd = torch.rsqrt(var + eps)
-            scale, shift = bn_affine(mean, invstd, _f32(bn_weight), _f32(bn_bias))
-            scale, shift = scale.contiguous(), shift.contiguous()
+            invstd, scale, shift = self._batch_affine(mean, var, bn_weight, bn_bias, eps)
         else:
             mean, invstd, var, scale, shift = _eval_affine(running_mean, running_var, bn_weight, bn_bias, eps)
         if not training and not save and fused:
@@ -222,9 +232,7 @@ class FusedPipeline:
         L = self.launchers()
         if training:
             mean, var = L.channel_stats(x)
-            invstd = torch.rsqrt(var + eps)
-            scale, shift = bn_affine(mean, invstd, _f32(bn_weight), _f32(bn_bias))
-            scale, shift = scale.contiguous(), shift.contiguous()
+            invstd, scale, shift = self._batch_affine(mean, var, bn_weight, bn_bias, eps)
         else:
             mean, invstd, var, scale, shift = _eval_affine(running_mean, running_var, bn_weight, bn_bias, eps)
         if self.conv_fused_ok(weight, stride, padding):

@@ -25,6 +25,7 @@ _MODULES = {  # launcher -> module of ahnet_fast.kernels that defines it (OPS_CO
     "zmaxpool_forward": "zpool",
     "zmaxpool_backward": "zpool",
     "pack_conv_weight": "conv",
+    "bn_finalize": "batchnorm",
 }
 assert set(_MODULES) == set(LAUNCHERS + OPTIONAL_LAUNCHERS)
 
