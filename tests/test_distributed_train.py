@@ -224,8 +224,12 @@ def test_rank_missing_file_ends_the_job_with_a_clear_error(tmp_path):
 
 def _timeout_worker(rank: int, store: str, q) -> None:
     torch.set_num_threads(1)
+    # start-up with a generous timeout: on a loaded machine spawning and importing a rank can
+    # take longer than the 2 s under test (gloo then aborts the process during rendezvous)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=2))
+                            timeout=datetime.timedelta(seconds=60))
+    dist.barrier()
+    group = dist.new_group(timeout=datetime.timedelta(seconds=2))  # the collective timeout under test
     from ahnet_fast.train.distributed import describe_failure
 
     if rank == 1:
@@ -234,7 +238,7 @@ def _timeout_worker(rank: int, store: str, q) -> None:
         return
     t0 = time.time()
     try:
-        dist.all_reduce(torch.ones(3))
+        dist.all_reduce(torch.ones(3), group=group)
         q.put((0, "no error"))
     except Exception as exc:  # the collective's timeout fires
         q.put((0, f"{time.time() - t0:.1f}|{describe_failure(exc)}"))
