@@ -216,6 +216,7 @@ def _worker_reference(rank: int, store_file: str) -> None:
                 _case_module(rank, dtype, tol)
         # inference (no grad, eval) is untouched: identical to the plain op
         _case_eval_unchanged(rank)
+        _done()
     finally:
         dist.destroy_process_group()
 
@@ -240,8 +241,16 @@ def _worker_triton(rank: int, store_file: str) -> None:
         with use_backend("triton"):
             _case_conv_bn_act(rank, torch.float32, 2e-5, "before_bn", True, True, shape=(4, 3, 4, 4))
             _case_bn_act_conv(rank, torch.float32, 2e-5, relu=True, cl=True, shape=(4, 3, 3, 3))
+        _done()
     finally:
         dist.destroy_process_group()
+
+
+def _done() -> None:
+    """Both ranks finished before either tears its process group down: a rank whose peer
+    destroyed the group first was seen to abort in gloo's teardown ("terminate called without
+    an active exception"). Only on success: after a failure the peer may never arrive."""
+    dist.barrier()
 
 
 def _spawn(fn, tmp_path) -> None:

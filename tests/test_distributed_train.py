@@ -99,6 +99,7 @@ def _train_worker(rank: int, store: str, out: str) -> None:
         tr2 = _trainer(out, batch=2, steps=3)
         res = tr2.fit(resume=True)
         assert res["steps"] == 3 and res["finished"]
+        dist.barrier()  # both ranks done before either tears down (gloo aborted a rank otherwise)
     finally:
         dist.destroy_process_group()
 
