@@ -43,4 +43,7 @@ def test_cpu_suite_runs_on_a_tiny_shape(tmp_path):
 def test_peak_rss_child_process():
     mem = cpu.measure_rss("eval", "ours_eager", cpu.TINY["eval"][0], 1, timeout=300)
     assert "error" not in mem, mem
-    assert mem["peak_rss_over_base_bytes"] > 0
+    assert mem["peak_rss_method"].startswith("VmHWM")
+    # >= 0, not > 0: at this tiny shape a warm forward may run entirely in memory the allocator
+    # kept from the warm-up call (seen on a fresh clone: 0 bytes over the base)
+    assert isinstance(mem["peak_rss_over_base_bytes"], int) and mem["peak_rss_over_base_bytes"] >= 0
