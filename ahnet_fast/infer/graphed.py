@@ -37,7 +37,7 @@ class GraphedForward:
                              f"outside the capture), got {warmup}")
         self.model = model
         self.clone = clone
-        self.static_input = example.detach().clone(memory_format=_layout(example))
+        self.static_input = example.detach().clone(memory_format=torch.preserve_format)
         stream = torch.cuda.Stream(device=example.device)
         stream.wait_stream(torch.cuda.current_stream(example.device))
         with torch.cuda.stream(stream), torch.no_grad():
@@ -83,8 +83,3 @@ def graphed(model: Callable[[Tensor], Tensor], example: Tensor, *, warmup: int =
     """
     return GraphedForward(model, example, warmup=warmup, clone=clone)
 
-
-def _layout(x: Tensor) -> torch.memory_format:
-    if x.dim() == 5 and x.stride(1) == 1 and not x.is_contiguous():
-        return torch.channels_last_3d
-    return torch.contiguous_format

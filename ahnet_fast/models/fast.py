@@ -54,6 +54,7 @@ from ahnet_fast.models.ahnet import (
 from ahnet_fast.models.validation import check_input
 from ahnet_fast.nn.functional import bn_act_conv_modules, conv_args, conv_bn_act_modules, recomputing
 from ahnet_fast.nn.sync import convert_sync_batchnorm
+from ahnet_fast.ops._util import memory_format
 
 __all__ = [
     "AHNet",
@@ -117,7 +118,7 @@ class FusedFinal(Final):
         """``out_format``: the memory format the network's output must have. In inference the
         conv writes its (few-channel) output straight in that layout, so the upsampling that
         follows produces it too and no conversion pass over the full-size output is needed."""
-        if out_format is None or _plain_path() or x.dim() != 5 or _layout_of(x) == out_format:
+        if out_format is None or _plain_path() or x.dim() != 5 or memory_format(x) == out_format:
             return self.up(bn_act_conv_modules(x, self.norm, self.conv))
         stride, padding = conv_args(self.conv)
         n, _, *spatial = x.shape
@@ -161,7 +162,7 @@ class FusedDenseBlock(DenseBlock):
         growth = layers[0].conv4.out_channels
         c0 = a.shape[1]
         buf = torch.empty((a.shape[0], c0 + growth * len(layers), *a.shape[2:]), dtype=a.dtype, device=a.device,
-                          memory_format=_layout_of(a))
+                          memory_format=memory_format(a))
         if b is None:
             buf[:, :c0].copy_(a)
         else:
@@ -177,13 +178,6 @@ def _plain_path() -> bool:
     be used: under autograd (they are not differentiable) and under torch.compile (``out=``
     into a slice breaks dynamo's graph; inductor plans those buffers itself)."""
     return torch.is_grad_enabled() or torch.compiler.is_compiling()
-
-
-def _layout_of(x: Tensor) -> torch.memory_format:
-    """channels_last_3d for a channels-last 5-D tensor (channel stride 1), else contiguous."""
-    if x.dim() == 5 and x.stride(1) == 1 and not x.is_contiguous():
-        return torch.channels_last_3d
-    return torch.contiguous_format
 
 
 FAST_BLOCKS = BlockSet(
@@ -300,7 +294,7 @@ class FastAHNet(ReferenceAHNet):
         # inference: one concatenation (not PSP's own plus this one), laid out like d4: torch.cat
         # would pick NCDHW for 1-channel maps followed by a channels-last d4
         buf = torch.empty((d4.shape[0], sum(p.shape[1] for p in parts), *d4.shape[2:]), dtype=d4.dtype,
-                          device=d4.device, memory_format=_layout_of(d4))
+                          device=d4.device, memory_format=memory_format(d4))
         return self.final(torch.cat(parts, dim=1, out=buf), out_format)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -52,15 +52,6 @@ def _needs_grad(*ts: Optional[Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
 
 
-def _out_format(x: Tensor) -> torch.memory_format:
-    """The format the output follows: the input's, and channels_last_3d where the input is both
-    (one channel, e.g. the stem's input): a 1-channel input must not drag the network into
-    NCDHW, where torch's CPU convs are several times slower (see :func:`_conv`)."""
-    if x.dim() == 5 and x.is_contiguous(memory_format=CL):
-        return CL
-    return memory_format(x)
-
-
 def _follow(t: Tensor, fmt: torch.memory_format) -> Tensor:
     """``t`` in the memory format ``fmt`` (a copy only where it is not already)."""
     if t.dim() != 5 or t.is_contiguous(memory_format=fmt):
@@ -180,7 +171,7 @@ def zmax(t: Tensor) -> Tensor:
 
 
 def zmaxpool(x: Tensor) -> Tensor:
-    return _follow(zmax(x), _out_format(x))
+    return _follow(zmax(x), memory_format(x))
 
 
 # ----------------------------------------------------------------------------- eval folding
@@ -238,7 +229,7 @@ def conv_bn_act(x: Tensor, weight: Tensor, conv_bias: Optional[Tensor], bn_weigh
                 residual: Optional[Tensor], stride: Sequence[int], padding: Sequence[int], training: bool,
                 momentum: float, eps: float, zpool: str, relu: bool) -> Tensor:
     """Same contract as :func:`ahnet_fast.ops.conv_bn_act` (arguments already validated)."""
-    fmt = _out_format(x)
+    fmt = memory_format(x)
     grad = _needs_grad(x, weight, conv_bias, bn_weight, bn_bias, residual)
     if (not training and not grad and not torch.compiler.is_compiling() and x.dtype in _FOLD_DTYPES):
         assert running_mean is not None and running_var is not None
@@ -277,7 +268,7 @@ def bn_act_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor
 
     The BN cannot fold into the conv that follows it: the ReLU sits between them and the conv's
     zero padding is applied after BN+ReLU."""
-    fmt = _out_format(x)
+    fmt = memory_format(x)
     z = _batch_norm(x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps)
     if relu:
         z = z.relu_()  # BN's backward reads its input, never its output
