@@ -137,6 +137,28 @@ def test_layer_plans_are_built_once_and_follow_every_change():
     both()
 
 
+def test_plan_follows_a_new_storage_at_a_reused_address():
+    """``param.data = new`` with a new storage the allocator placed at the old one's address (as
+    ``model.double().float()`` does when the allocator reuses the block; seen on a CI machine)
+    leaves data_ptr and ``_version`` unchanged: the cache must compare storages by identity."""
+    import numpy as np
+
+    buf = np.random.default_rng(0).standard_normal(16).astype(np.float32)
+    p = torch.nn.Parameter(torch.from_numpy(buf))
+    builds = []
+
+    def plan():
+        return _plan.cached("test_reused_address", (p,), lambda: builds.append(1) or p.detach().clone())
+
+    first = plan()
+    assert torch.equal(plan(), first) and len(builds) == 1  # a hit while nothing changed
+    address, version = p.data_ptr(), p._version
+    buf *= -2.0  # new content behind the allocator's back (no version bump anywhere)
+    p.data = torch.from_numpy(buf)  # a new storage at the very same address
+    assert (p.data_ptr(), p._version) == (address, version)
+    assert torch.equal(plan(), torch.from_numpy(buf)) and len(builds) == 2
+
+
 def test_launch_budget():
     """One eval forward at most EVAL_LAUNCHES_PER_CONV launches per conv; one training
     forward+backward at most TRAIN_LAUNCHES_MAX; MONAI eager's counts measured beside."""
