@@ -6,9 +6,13 @@ Both map the useful intensity range to [0, 1] (float32):
   ``[-125, 225]`` HU, a soft-tissue/liver window) and scale linearly.
 * ``"percentile"``: clip to the ``[lower, upper]`` percentiles of the image
   (default 0.5 and 99.5) and scale linearly. With ``nonzero=True`` (default)
-  the percentiles are taken over voxels above the image minimum only, so the
-  large zero background of a skull-stripped MRI does not pull the lower
-  percentile to 0.
+  the percentiles are taken over a foreground mask only, so the large
+  background of a skull-stripped MRI does not pull the lower percentile down.
+  The mask does not depend on exact zeros or on the storage type: a voxel is
+  foreground when it lies above ``min + fg_threshold * (p99.9 - min)`` (default
+  1% of the image's robust range). So the same scan stored as float32 with a
+  background of tiny non-zero values (0 .. 0.001 after resampling) and as int16
+  with a scale slope (background exactly 0) gets the same statistics.
 * ``"none"``: leave values as they are (must already be finite).
 """
 from __future__ import annotations
@@ -20,7 +24,8 @@ import numpy as np
 
 from ahnet_fast.data.errors import DataError
 
-__all__ = ["IntensityConfig", "normalise", "ct_window", "percentile_normalise"]
+__all__ = ["IntensityConfig", "normalise", "normalise_with_stats", "ct_window", "percentile_normalise",
+           "foreground_mask", "describe_stats"]
 
 _MODES = ("ct", "percentile", "none")
 
@@ -33,13 +38,16 @@ class IntensityConfig:
         mode: ``"ct"``, ``"percentile"`` or ``"none"``.
         window: ``(lo, hi)`` for ``"ct"``, lo < hi.
         percentiles: ``(lower, upper)`` in [0, 100] for ``"percentile"``, lower < upper.
-        nonzero: percentiles over voxels above the minimum only.
+        nonzero: percentiles over the foreground mask only (:func:`foreground_mask`).
+        fg_threshold: the mask's threshold as a fraction of the image's robust range
+            (``min`` to the 99.9th percentile), in [0, 0.5).
     """
 
     mode: str = "ct"
     window: tuple[float, float] = (-125.0, 225.0)
     percentiles: tuple[float, float] = (0.5, 99.5)
     nonzero: bool = True
+    fg_threshold: float = 0.01
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
@@ -50,6 +58,8 @@ class IntensityConfig:
         plo, phi = self.percentiles
         if not (0 <= plo < phi <= 100):
             raise ValueError(f"percentiles must satisfy 0 <= lower < upper <= 100, got {self.percentiles}")
+        if not 0 <= self.fg_threshold < 0.5:
+            raise ValueError(f"fg_threshold must be in [0, 0.5), got {self.fg_threshold}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -64,6 +74,7 @@ class IntensityConfig:
             window=tuple(d.get("window", (-125.0, 225.0))),  # type: ignore[arg-type]
             percentiles=tuple(d.get("percentiles", (0.5, 99.5))),  # type: ignore[arg-type]
             nonzero=bool(d.get("nonzero", True)),
+            fg_threshold=float(d.get("fg_threshold", 0.01)),
         )
 
     @classmethod
@@ -80,33 +91,95 @@ def ct_window(x: np.ndarray, lo: float = -125.0, hi: float = 225.0) -> np.ndarra
     return ((np.clip(x, lo, hi) - lo) / (hi - lo)).astype(np.float32, copy=False)
 
 
+def foreground_mask(x: np.ndarray, fg_threshold: float = 0.01) -> tuple[np.ndarray, float]:
+    """Voxels above ``min + fg_threshold * (p99.9 - min)``, and that threshold.
+
+    Independent of exact zeros and of the storage type: a near-zero float background and an
+    exactly-zero integer background fall below it alike. ``fg_threshold = 0`` is the old rule
+    (every voxel above the minimum). Falls back to ``x > min`` when the robust range is empty
+    (a few bright voxels on a constant background).
+    """
+    x = np.asarray(x, dtype=np.float32)
+    lo = float(x.min())
+    top = float(np.percentile(x, 99.9))
+    if not top > lo:
+        top = float(x.max())
+    thr = lo + fg_threshold * (top - lo)
+    fg = x > thr
+    if not fg.any():
+        thr = lo
+        fg = x > lo
+    return fg, thr
+
+
+def _percentile_stats(x: np.ndarray, lower: float, upper: float, nonzero: bool,
+                      fg_threshold: float) -> dict[str, Any]:
+    vals = x
+    stats: dict[str, Any] = {"mode": "percentile", "percentiles": [lower, upper]}
+    if nonzero:
+        fg, thr = foreground_mask(x, fg_threshold)
+        if fg.any():
+            vals = x[fg]
+        stats.update(mask=f"voxels > {thr:.6g} (min + {fg_threshold:g} x robust range)",
+                     threshold=thr, foreground_fraction=float(fg.mean()))
+    else:
+        stats.update(mask="all voxels", foreground_fraction=1.0)
+    plo, phi = (float(v) for v in np.percentile(vals, [lower, upper]))
+    stats.update(lo=plo, hi=phi)
+    return stats
+
+
 def percentile_normalise(
-    x: np.ndarray, lower: float = 0.5, upper: float = 99.5, nonzero: bool = True
+    x: np.ndarray, lower: float = 0.5, upper: float = 99.5, nonzero: bool = True, fg_threshold: float = 0.01
 ) -> np.ndarray:
-    """Clip to the ``[lower, upper]`` percentiles and scale to [0, 1]. Returns float32.
+    """Clip to the ``[lower, upper]`` percentiles (of the foreground, :func:`foreground_mask`, when
+    ``nonzero``) and scale to [0, 1]. Returns float32.
 
     A constant image (or constant foreground) maps to all zeros.
     """
     x = np.asarray(x, dtype=np.float32)
-    vals = x
-    if nonzero:
-        fg = x > x.min()
-        if fg.any():
-            vals = x[fg]
-    plo, phi = np.percentile(vals, [lower, upper])
-    if not phi > plo:
+    st = _percentile_stats(x, lower, upper, nonzero, fg_threshold)
+    return _scale(x, st["lo"], st["hi"])
+
+
+def _scale(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    if not hi > lo:
         return np.zeros_like(x, dtype=np.float32)
-    return ((np.clip(x, plo, phi) - plo) / (phi - plo)).astype(np.float32, copy=False)
+    return ((np.clip(x, lo, hi) - lo) / (hi - lo)).astype(np.float32, copy=False)
 
 
-def normalise(x: np.ndarray, cfg: IntensityConfig, where: str | None = None) -> np.ndarray:
-    """Apply ``cfg`` to image ``x``; refuses NaN/Inf (naming ``where``)."""
+def normalise_with_stats(
+    x: np.ndarray, cfg: IntensityConfig, where: str | None = None
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """:func:`normalise`, plus what was done: ``{"mode", "lo", "hi", ...}`` (the values mapped to 0
+    and 1; for percentile mode also the foreground mask rule, its threshold and the foreground
+    fraction). :func:`describe_stats` turns it into one line for a log."""
     x = np.asarray(x, dtype=np.float32)
     if not np.all(np.isfinite(x)):
         n = int((~np.isfinite(x)).sum())
         raise DataError(where, f"{n} NaN/Inf voxels in the image")
     if cfg.mode == "ct":
-        return ct_window(x, *cfg.window)
+        lo, hi = cfg.window
+        return ct_window(x, lo, hi), {"mode": "ct", "lo": float(lo), "hi": float(hi)}
     if cfg.mode == "percentile":
-        return percentile_normalise(x, *cfg.percentiles, nonzero=cfg.nonzero)
-    return x
+        st = _percentile_stats(x, *cfg.percentiles, nonzero=cfg.nonzero, fg_threshold=cfg.fg_threshold)
+        return _scale(x, st["lo"], st["hi"]), st
+    return x, {"mode": "none", "lo": float(x.min()), "hi": float(x.max())}
+
+
+def describe_stats(stats: dict[str, Any]) -> str:
+    """One line for a log: the mode and the statistics :func:`normalise_with_stats` used."""
+    mode = stats.get("mode")
+    if mode == "ct":
+        return f"intensity: CT window [{stats['lo']:g}, {stats['hi']:g}] HU -> [0, 1]"
+    if mode == "percentile":
+        plo, phi = stats["percentiles"]
+        line = (f"intensity: percentiles {plo:g}-{phi:g} of {stats['mask']}: [{stats['lo']:.6g}, {stats['hi']:.6g}] "
+                f"-> [0, 1]")
+        return line + f", foreground {100 * stats['foreground_fraction']:.1f}% of the voxels"
+    return f"intensity: not normalised (values {stats.get('lo', 0):.6g} .. {stats.get('hi', 0):.6g})"
+
+
+def normalise(x: np.ndarray, cfg: IntensityConfig, where: str | None = None) -> np.ndarray:
+    """Apply ``cfg`` to image ``x``; refuses NaN/Inf (naming ``where``)."""
+    return normalise_with_stats(x, cfg, where)[0]
