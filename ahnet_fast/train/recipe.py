@@ -41,6 +41,7 @@ from torch import nn
 from ahnet_fast._atomic import atomic_path
 from ahnet_fast.data.dataset import Case, DatasetSpec, check_headers, load_case, read_dataset, require_labels
 from ahnet_fast.data.intensity import IntensityConfig
+from ahnet_fast.data.spacing import describe_preprocessing
 from ahnet_fast.data.loader import PatchDataset
 from ahnet_fast.data.sampling import AugmentConfig
 from ahnet_fast.train import distributed as ddp_util
@@ -238,8 +239,8 @@ class _Recipe:
         self._val_cases: list[Case] | None = None
         self.model_config = {"spatial_dims": 3, "in_channels": 1, "out_channels": self.k,
                              **{k_: (tuple(v) if isinstance(v, list) else v) for k_, v in cfg.model_config.items()}}
-        self.preprocessing = {"intensity": self.intensity.to_dict(), "num_classes": self.k,
-                              "class_names": self.spec.class_names}
+        # intensity, classes and the training spacing (+ its axis convention) for inference
+        self.preprocessing = describe_preprocessing(self.spec, self.intensity, self.k)
 
     # data is loaded once and shared by the stages
     def train_cases(self) -> list[Case]:

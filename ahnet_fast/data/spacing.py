@@ -1,0 +1,245 @@
+"""Voxel spacing: what a model was trained at, and resampling inputs to it.
+
+A network learns structures in voxel units, so a model trained on 1 x 1 x 4 mm volumes that is
+shown a 2 x 2 x 5 mm volume sees every structure at the wrong size. Training therefore records
+its spacing in the checkpoint (:func:`describe_preprocessing`, the checkpoint's
+``"preprocessing"`` entry), and inference resamples each input to it and the result back onto the
+input's grid (:func:`plan_resampling`, :func:`resample_image`, :func:`resample_probabilities`).
+
+Every spacing here is in the network layout of :mod:`ahnet_fast.data.nifti`: closest canonical
+(RAS+) orientation, coarsest axis last, in mm along ``(H, W, D)``. That convention is recorded
+beside the spacing (:data:`LAYOUT`) so a checkpoint says which axis is which.
+
+Interpolation (all in torch, on the CPU): the image is resampled trilinearly, after a Gaussian
+blur along any axis that gets coarser (anti-aliasing, sigma = (factor - 1) / 2 voxels); class
+probabilities are resampled trilinearly back to the input's grid and the labels are their
+argmax there (never nearest-neighbour labels). Both directions map the same field of view
+(voxel centres, ``align_corners=False``), so the result lies exactly on the input.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from ahnet_fast.data.errors import DataError
+
+__all__ = [
+    "LAYOUT",
+    "FAR_FACTOR",
+    "MISMATCH_TOLERANCE",
+    "ResamplePlan",
+    "case_spacing",
+    "describe_preprocessing",
+    "plan_resampling",
+    "resample_image",
+    "resample_probabilities",
+    "training_spacing_from_meta",
+]
+
+#: the orientation convention of every recorded spacing
+LAYOUT = "closest canonical (RAS+) orientation, coarsest axis last; spacing in mm along (H, W, D)"
+
+#: an input whose spacing differs from the training spacing by this factor or more on some axis
+#: is "far" from it: resampling cannot restore detail the scan never had (or drops detail it had)
+FAR_FACTOR = 2.0
+
+#: relative spacing difference below which no resampling is done (header rounding, 0.98 vs 1 mm)
+MISMATCH_TOLERANCE = 0.05
+
+
+def case_spacing(path: str | os.PathLike) -> tuple[float, float, float]:
+    """Voxel spacing of a NIfTI file in network layout, from its header alone (no voxels read)."""
+    import nibabel as nib
+
+    from ahnet_fast.data.nifti import _layout
+
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types
+        raise DataError(path, f"cannot read as NIfTI ({type(exc).__name__}: {exc})") from exc
+    shape = tuple(int(s) for s in img.shape[:3])
+    _, _, _, spacing = _layout(np.asarray(img.affine, dtype=np.float64), shape)  # type: ignore[arg-type]
+    return tuple(round(float(s), 6) for s in spacing)  # type: ignore[return-value]
+
+
+def describe_preprocessing(spec: Any, intensity: Any, num_classes: int) -> dict[str, Any]:
+    """The checkpoint's ``"preprocessing"`` entry for a training run on ``spec``.
+
+    Args:
+        spec: the :class:`~ahnet_fast.data.dataset.DatasetSpec` trained on.
+        intensity: the :class:`~ahnet_fast.data.intensity.IntensityConfig` used.
+        num_classes: number of classes (background included).
+
+    Returns:
+        ``{"intensity", "num_classes", "class_names", "spacing", "spacing_min", "spacing_max",
+        "layout"}``: ``spacing`` is the per-axis median of the training cases' spacings
+        (headers only), ``spacing_min``/``spacing_max`` their range, ``layout`` :data:`LAYOUT`.
+    """
+    spacings = np.array([case_spacing(r.image) for r in spec.training], dtype=np.float64)
+    out: dict[str, Any] = {
+        "intensity": intensity.to_dict(),
+        "num_classes": int(num_classes),
+        "class_names": spec.class_names,
+    }
+    if len(spacings):
+        out["spacing"] = [round(float(v), 6) for v in np.median(spacings, axis=0)]
+        out["spacing_min"] = [round(float(v), 6) for v in spacings.min(axis=0)]
+        out["spacing_max"] = [round(float(v), 6) for v in spacings.max(axis=0)]
+        out["layout"] = LAYOUT
+    return out
+
+
+def training_spacing_from_meta(meta: dict[str, Any]) -> tuple[float, float, float] | None:
+    """The training spacing a checkpoint records (``meta["preprocessing"]["spacing"]``), or None.
+
+    Raises:
+        ValueError: the entry exists but is not 3 positive finite numbers.
+    """
+    holder = meta.get("preprocessing") if isinstance(meta, dict) else None
+    sp = holder.get("spacing") if isinstance(holder, dict) else None
+    if sp is None:
+        return None
+    try:
+        vals = tuple(float(v) for v in sp)
+    except (TypeError, ValueError):
+        vals = ()
+    if len(vals) != 3 or not all(math.isfinite(v) and v > 0 for v in vals):
+        raise ValueError(f"the checkpoint's preprocessing spacing {sp!r} is not 3 positive numbers (mm)")
+    return vals  # type: ignore[return-value]
+
+
+def _fmt(sp: Sequence[float]) -> str:
+    return " x ".join(f"{v:.3g}" for v in sp) + " mm"
+
+
+@dataclass
+class ResamplePlan:
+    """What inference does about spacing for one input.
+
+    Attributes:
+        active: resample to ``target_shape`` and back.
+        input_spacing / input_shape: the input in network layout.
+        training_spacing: what the model was trained at (None: not recorded).
+        target_shape: the grid the model runs on (``input_shape`` when not active).
+        target_spacing: the exact spacing of that grid (same field of view as the input).
+        message: one line saying what is done and why.
+        warnings: lines for spacings far from the training spacing, or a missing record.
+    """
+
+    active: bool
+    input_spacing: tuple[float, float, float]
+    input_shape: tuple[int, int, int]
+    training_spacing: tuple[float, float, float] | None
+    target_shape: tuple[int, int, int]
+    target_spacing: tuple[float, float, float]
+    message: str
+    warnings: list[str] = field(default_factory=list)
+
+
+def plan_resampling(
+    input_spacing: Sequence[float],
+    input_shape: Sequence[int],
+    training_spacing: Sequence[float] | None,
+    resample: bool = True,
+) -> ResamplePlan:
+    """Decide whether (and to which grid) an input is resampled before inference.
+
+    No resampling when ``resample`` is False, when the training spacing is unknown, or when every
+    axis is within :data:`MISMATCH_TOLERANCE` of it. A factor of :data:`FAR_FACTOR` or more on
+    some axis adds a warning (with resampling: detail is lost or invented; without: the model sees
+    structures at the wrong size).
+    """
+    sp = tuple(float(v) for v in input_spacing)
+    shape = tuple(int(v) for v in input_shape)
+    if training_spacing is None:
+        warn = ("the checkpoint records no training spacing (trained before spacing was recorded); the input "
+                f"({_fmt(sp)}) is segmented on its own grid; pass --train-spacing H W D to resample it")
+        return ResamplePlan(False, sp, shape, None, shape, sp,  # type: ignore[arg-type]
+                            f"spacing {_fmt(sp)}; training spacing unknown: not resampled", [warn])
+    tr = tuple(float(v) for v in training_spacing)
+    ratios = [a / b for a, b in zip(sp, tr)]
+    far = [i for i, r in enumerate(ratios) if max(r, 1 / r) >= FAR_FACTOR - 1e-9]
+    close = all(abs(r - 1.0) <= MISMATCH_TOLERANCE for r in ratios)
+    warns = []
+    axes = "HWD"
+    if far:
+        which = ", ".join(f"{axes[i]} {sp[i]:.3g} vs {tr[i]:.3g} mm" for i in far)
+        if resample:
+            warns.append(f"input spacing {_fmt(sp)} is far from the training spacing {_fmt(tr)} ({which}): it is "
+                         "resampled, but detail the scan does not hold cannot be restored; expect lower accuracy "
+                         "than on scans near the training spacing")
+        else:
+            warns.append(f"input spacing {_fmt(sp)} is far from the training spacing {_fmt(tr)} ({which}) and "
+                         "--no-resample is set: the model sees structures at the wrong size; expect much lower "
+                         "accuracy")
+    elif not resample and not close:
+        warns.append(f"input spacing {_fmt(sp)} differs from the training spacing {_fmt(tr)} and --no-resample is "
+                     "set: the model sees structures at a different size than in training")
+    if not resample:
+        return ResamplePlan(False, sp, shape, tr, shape, sp,  # type: ignore[arg-type]
+                            f"spacing {_fmt(sp)} (training {_fmt(tr)}): not resampled (--no-resample)", warns)
+    if close:
+        return ResamplePlan(False, sp, shape, tr, shape, sp,  # type: ignore[arg-type]
+                            f"spacing {_fmt(sp)} matches the training spacing {_fmt(tr)}: not resampled", warns)
+    target = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, sp, tr))
+    exact = tuple(n * s / m for n, s, m in zip(shape, sp, target))
+    msg = (f"resampled {'x'.join(map(str, shape))} at {_fmt(sp)} to {'x'.join(map(str, target))} at "
+           f"{_fmt(exact)} (training spacing {_fmt(tr)}), labels and probabilities back onto the input grid")
+    return ResamplePlan(True, sp, shape, tr, target, exact, msg, warns)  # type: ignore[arg-type]
+
+
+def _gaussian_blur(x: Any, sigmas: Sequence[float]) -> Any:
+    """Separable Gaussian blur of a ``(1, C, H, W, D)`` tensor; sigma in voxels per axis (0: none)."""
+    import torch
+    import torch.nn.functional as F
+
+    for axis, s in enumerate(sigmas):
+        if s <= 0.05:
+            continue
+        r = max(1, int(math.ceil(3 * s)))
+        t = torch.arange(-r, r + 1, dtype=torch.float32)
+        k = torch.exp(-0.5 * (t / s) ** 2)
+        k = (k / k.sum()).to(x.dtype)
+        shape = [1, 1, 1, 1, 1]
+        shape[2 + axis] = 2 * r + 1
+        c = x.shape[1]
+        pad = [0, 0, 0, 0, 0, 0]
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r
+        xp = F.pad(x, pad, mode="replicate")
+        x = F.conv3d(xp, k.view(shape).expand(c, 1, *shape[2:]).contiguous(), groups=c)
+    return x
+
+
+def resample_image(image: np.ndarray, plan: ResamplePlan) -> np.ndarray:
+    """The ``(H, W, D)`` image on ``plan.target_shape``: trilinear, Gaussian anti-aliasing on axes that
+    get coarser. Returns ``image`` itself when the plan is not active."""
+    import torch
+    import torch.nn.functional as F
+
+    if not plan.active:
+        return image
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    factors = [t / s for s, t in zip(plan.input_spacing, plan.target_spacing)]  # > 1: coarser
+    x = _gaussian_blur(x, [(f - 1) / 2 if f > 1 + MISMATCH_TOLERANCE else 0.0 for f in factors])
+    y = F.interpolate(x, size=plan.target_shape, mode="trilinear", align_corners=False)
+    return y[0, 0].numpy()
+
+
+def resample_probabilities(prob: np.ndarray, plan: ResamplePlan) -> np.ndarray:
+    """Class probabilities ``(h, w, d, K)`` on the model's grid -> ``plan.input_shape + (K,)`` (trilinear;
+    each voxel's probabilities still sum to 1). Returns ``prob`` itself when the plan is not active."""
+    import torch
+    import torch.nn.functional as F
+
+    if not plan.active:
+        return prob
+    if tuple(prob.shape[:3]) != tuple(plan.target_shape):
+        raise ValueError(f"probabilities of shape {tuple(prob.shape)} do not lie on the planned grid "
+                         f"{plan.target_shape}")
+    x = torch.from_numpy(np.ascontiguousarray(prob, dtype=np.float32)).permute(3, 0, 1, 2)[None]
+    y = F.interpolate(x, size=plan.input_shape, mode="trilinear", align_corners=False)
+    return y[0].permute(1, 2, 3, 0).contiguous().numpy()
