@@ -10,7 +10,13 @@ Accepted sources (:func:`read_dataset`):
   ``labelsTr/`` is paired by file name. Our demo also writes ``"validation"``
   and ``"test"`` lists of the same form (MSD's own ``"test"`` list holds image
   paths only; those are accepted too, with no label).
-* the ``dataset.json`` file itself;
+* an nnU-Net v2 raw dataset (``DatasetXXX_Name/``): ``dataset.json`` with
+  ``"channel_names"`` (``{"0": "T1"}``; one channel), ``"labels"``
+  (``{"background": 0, "tumour": 1}``) and ``"file_ending"`` (``".nii.gz"``),
+  images ``imagesTr/<case>_0000.nii.gz``, labels ``labelsTr/<case>.nii.gz``,
+  and optionally ``imagesTs/<case>_0000.nii.gz`` (the test list, unlabelled
+  unless ``labelsTs/<case>`` exists);
+* the ``dataset.json`` file itself (of either kind);
 * a CSV file with a header row naming the columns ``image`` and ``label``
   (paths relative to the CSV's folder; ``label`` may be empty for unlabelled cases).
 
@@ -141,7 +147,10 @@ def _read_json(path: Path) -> DatasetSpec:
         raise DataError(path, "expected a JSON object with a \"training\" list")
     root = path.parent
     if "training" not in meta:
-        raise DataError(path, 'no "training" list (Medical Segmentation Decathlon format expected)')
+        if "channel_names" in meta or "file_ending" in meta:
+            return _read_nnunet(path, meta)
+        raise DataError(path, 'no "training" list (Medical Segmentation Decathlon) and no "channel_names"/'
+                              '"file_ending" (nnU-Net v2): expected the dataset.json of one of those formats')
     training = _refs_from_json_list(meta["training"], root, str(path), "training")
     validation = _refs_from_json_list(meta.get("validation"), root, str(path), "validation")
     test = _refs_from_json_list(meta.get("test"), root, str(path), "test")
@@ -164,6 +173,75 @@ def _read_json(path: Path) -> DatasetSpec:
     elif isinstance(mod, str):
         modality = mod
     return DatasetSpec(str(path), training, validation, test, class_names, modality)
+
+
+#: nnU-Net's channel suffix of single-channel image files (``case_0000.nii.gz``)
+NNUNET_CHANNEL = "_0000"
+
+
+def _nnunet_cases(images: Path, labels: Path | None, ending: str, where: Path, need_labels: bool) -> list[CaseRef]:
+    refs = []
+    if not images.is_dir():
+        return refs
+    for img in sorted(p for p in images.iterdir() if p.name.endswith(ending) and not p.name.startswith(".")):
+        stem = img.name[: -len(ending)]
+        if not stem.endswith(NNUNET_CHANNEL):
+            if stem[-5:-4] == "_" and stem[-4:].isdigit():  # another channel (case_0001): refused below
+                continue
+            raise DataError(img, f"nnU-Net image names end in {NNUNET_CHANNEL}{ending} (channel 0000), got {img.name}")
+        case = stem[: -len(NNUNET_CHANNEL)]
+        lab = labels / (case + ending) if labels is not None else None
+        if lab is not None and not lab.is_file():
+            if need_labels:
+                raise DataError(img, f"no label file {lab} (nnU-Net: labelsTr/<case>{ending})")
+            lab = None
+        refs.append(CaseRef(str(img), str(lab) if lab is not None else None, case))
+    return refs
+
+
+def _read_nnunet(path: Path, meta: dict[str, Any]) -> DatasetSpec:
+    """An nnU-Net v2 raw dataset (see the module docstring) from its ``dataset.json``."""
+    root = path.parent
+    chans = meta.get("channel_names", meta.get("modality"))
+    if not isinstance(chans, dict) or not chans:
+        raise DataError(path, '"channel_names" must be a non-empty object like {"0": "T1"} (nnU-Net v2)')
+    if len(chans) != 1:
+        raise DataError(path, f"{len(chans)} input channels {dict(chans)}; only single-channel datasets are "
+                              "supported (one image per case, <case>_0000)")
+    modality = str(next(iter(chans.values())))
+    ending = meta.get("file_ending", ".nii.gz")
+    if not isinstance(ending, str) or not is_nifti_path("x" + ending):
+        raise DataError(path, f'"file_ending" {ending!r} is not supported; expected ".nii.gz" or ".nii" (NIfTI)')
+    labels = meta.get("labels")
+    if not isinstance(labels, dict) or not labels:
+        raise DataError(path, '"labels" must be a non-empty object {"background": 0, "name": 1, ...} (nnU-Net v2)')
+    by_value: dict[int, str] = {}
+    for name, value in labels.items():
+        if isinstance(value, (list, tuple)):
+            raise DataError(path, f'label "{name}" is a region {value} (region-based training); only plain '
+                                  "classes (one integer each) are supported")
+        if isinstance(value, bool) or not isinstance(value, int) and not (isinstance(value, str) and value.isdigit()):
+            raise DataError(path, f'label "{name}" has value {value!r}; expected an integer')
+        if int(value) in by_value:
+            raise DataError(path, f'labels "{by_value[int(value)]}" and "{name}" share the value {int(value)}')
+        by_value[int(value)] = str(name)
+    idx = sorted(by_value)
+    if idx != list(range(len(idx))):
+        raise DataError(path, f'"labels" values must be 0, 1, ..., n-1 without gaps, got {idx}')
+    class_names = [by_value[i] for i in idx]
+    training = _nnunet_cases(root / "imagesTr", root / "labelsTr", ending, path, need_labels=True)
+    if not (root / "imagesTr").is_dir():
+        raise DataError(path, f"no imagesTr/ folder beside it (nnU-Net v2: imagesTr/<case>_0000{ending})")
+    extra = sorted({p.name for p in (root / "imagesTr").iterdir() if p.name.endswith(ending)}
+                   - {Path(r.image).name for r in training})
+    if extra:
+        raise DataError(root / "imagesTr" / extra[0], f"a second input channel ({len(extra)} file(s) like it); "
+                                                      "only single-channel datasets are supported")
+    n = meta.get("numTraining")
+    if isinstance(n, int) and n != len(training):
+        raise DataError(path, f'"numTraining" is {n} but imagesTr/ holds {len(training)} case(s)')
+    test = _nnunet_cases(root / "imagesTs", root / "labelsTs", ending, path, need_labels=False)
+    return DatasetSpec(str(path), training, [], test, class_names, modality)
 
 
 def _read_csv(path: Path) -> DatasetSpec:
@@ -200,18 +278,23 @@ def _read_folder(path: Path) -> DatasetSpec:
         return _read_json(js)
     images, labels = path / "imagesTr", path / "labelsTr"
     if not images.is_dir():
-        raise DataError(path, "folder has neither dataset.json nor imagesTr/ (Medical Segmentation Decathlon layout)")
+        raise DataError(path, "folder has neither dataset.json nor imagesTr/ (expected a Medical Segmentation "
+                              "Decathlon or nnU-Net v2 dataset folder)")
     refs = []
     for img in sorted(p for p in images.iterdir() if is_nifti_path(p) and not p.name.startswith(".")):
         lab = labels / img.name
+        name = _case_name(str(img))
+        if not lab.is_file() and name.endswith(NNUNET_CHANNEL):  # nnU-Net naming without a dataset.json
+            name = name[: -len(NNUNET_CHANNEL)]
+            lab = labels / (name + img.name[len(name) + len(NNUNET_CHANNEL):])
         if not lab.is_file():
             raise DataError(img, f"no label file {lab} with the same name")
-        refs.append(CaseRef(str(img), str(lab), _case_name(str(img))))
+        refs.append(CaseRef(str(img), str(lab), name))
     return DatasetSpec(str(path), refs)
 
 
 def read_dataset(source: str | os.PathLike) -> DatasetSpec:
-    """Read the case list from a MSD folder, a ``dataset.json`` or a CSV file.
+    """Read the case list from a MSD or nnU-Net v2 folder, a ``dataset.json`` or a CSV file.
 
     Raises:
         FileNotFoundError: ``source`` does not exist.

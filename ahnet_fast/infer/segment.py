@@ -251,6 +251,18 @@ def check_writable(folder: str | os.PathLike) -> None:
         raise OutputError(f"{folder}: output folder is not writable ({exc.strerror or exc})") from exc
 
 
+def _nnunet_stem(name: str) -> str | None:
+    """``case_0000.nii.gz`` -> ``case.nii.gz``; None for a name without nnU-Net's channel suffix."""
+    from ahnet_fast.data.dataset import NNUNET_CHANNEL
+
+    for suffix in (".nii.gz", ".nii"):
+        if name.lower().endswith(suffix):
+            stem = name[: -len(suffix)]
+            if stem.endswith(NNUNET_CHANNEL) and len(stem) > len(NNUNET_CHANNEL):
+                return stem[: -len(NNUNET_CHANNEL)] + name[len(stem):]
+    return None
+
+
 def collect_inputs(
     source: str | os.PathLike, out: str | os.PathLike, split: str = "test", probabilities: bool = False
 ) -> list[tuple[str, Path]]:
@@ -259,7 +271,9 @@ def collect_inputs(
     * file: ``out`` is the output file (must end in .nii/.nii.gz);
     * folder: every ``*.nii``/``*.nii.gz`` in it (not recursive) -> ``out/<same name>``;
     * ``*.json``: the ``split`` list (``test``, ``validation`` or ``training``) of a
-      Medical Segmentation Decathlon dataset.json -> ``out/<image name>``.
+      Medical Segmentation Decathlon or nnU-Net v2 dataset.json -> ``out/<image name>``.
+    When every input is named like nnU-Net's images (``<case>_0000.nii.gz``) the outputs are
+    named like its labels (``out/<case>.nii.gz``).
     Output folders are created. Lists that would overwrite an input or write two cases to
     one file are refused (:func:`check_outputs`; ``probabilities``: the
     ``*_probabilities`` outputs are checked too).
@@ -295,10 +309,15 @@ def collect_inputs(
     if out.exists() and not out.is_dir():
         raise VolumeError(f"{out}: must be a folder when the input is a folder or a dataset.json")
     pairs = []
+    # nnU-Net's single-channel images are named <case>_0000.nii.gz and its labels <case>.nii.gz:
+    # when every input is so named, the outputs take the label names (as nnU-Net's own predictions do)
+    strip = all(_nnunet_stem(Path(f).name) is not None for f in files)
     for f in files:
         name = Path(f).name
         if not is_nifti_path(name):
             name = name.rsplit(".", 1)[0] + ".nii.gz"
+        if strip:
+            name = str(_nnunet_stem(name))
         pairs.append((f, out / name))
     check_outputs(pairs, probabilities)  # before the folder is created: a refused run changes nothing
     out.mkdir(parents=True, exist_ok=True)
