@@ -383,6 +383,7 @@ def test_any_unexpected_failure_is_one_line_unless_debug(tmp_path, capsys, monke
         raise KeyError("boom")
 
     monkeypatch.setattr(seg_mod, "collect_inputs", broken)
+    (tmp_path / "a.nii.gz").write_bytes(b"")  # paths are checked before anything else: let it pass
     argv = ["segment", str(tmp_path / "a.nii.gz"), str(tmp_path / "b.nii.gz"), "--checkpoint", "c.pt"]
     assert main(argv) == 1
     err = capsys.readouterr().err
@@ -433,3 +434,20 @@ def test_compiled_inference_is_built_once_and_reused(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         _main(cli_segment, ["segment", "in.nii.gz", "out.nii.gz", "--checkpoint", "m.pt", "--compile", "--no-compile"])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_paths_are_checked_first_and_a_missing_output_folder_is_created(data, tmp_path, capsys):
+    root, img, _, aff, ckpt = data
+    src = str(root / "images" / "brain.nii.gz")
+    (tmp_path / "afile").write_text("")
+    for args, msg in (([src, str(tmp_path / "afile" / "x.nii.gz")], "is a file, not a folder"),
+                      ([src, str(tmp_path / "x.png")], "must end in .nii or .nii.gz"),
+                      ([str(tmp_path / "nothing.nii.gz"), str(tmp_path / "x.nii.gz")], "no such file or folder")):
+        assert _main(cli_segment, ["segment", *args, "--checkpoint", str(ckpt)]) == 1
+        assert msg in capsys.readouterr().err
+    assert _main(cli_segment, ["segment", src, str(tmp_path / "y.nii.gz"), "--checkpoint", str(tmp_path)]) == 1
+    assert "--checkpoint must be a file" in capsys.readouterr().err and not (tmp_path / "y.nii.gz").exists()
+    out = tmp_path / "new" / "deeper" / "seg.nii.gz"
+    assert _main(cli_segment, ["segment", src, str(out), "--checkpoint", str(ckpt)]) == 0
+    written = nib.load(str(out))
+    assert written.shape == img.shape and np.allclose(written.affine, aff)

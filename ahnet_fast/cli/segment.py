@@ -91,6 +91,42 @@ def check_options(args: argparse.Namespace) -> str | None:
     return None
 
 
+def check_paths(args: argparse.Namespace) -> str | None:
+    """The first input/output/checkpoint path that cannot work, as an error line.
+
+    Uses the file system only (no torch import), so a wrong path is reported at once: the input
+    exists, a single-file input has a .nii/.nii.gz output whose folder is a folder (or can be
+    created), and the checkpoint is a file. Outputs over inputs are refused later, before the model
+    loads (:func:`ahnet_fast.infer.segment.check_outputs`).
+    """
+    from pathlib import Path
+
+    src, out = Path(args.input), Path(args.output)
+    if not src.exists():
+        return f"{src}: no such file or folder (expected a .nii/.nii.gz file, a folder of them or a dataset.json)"
+    if src.is_file() and src.suffix.lower() != ".json":
+        name = out.name.lower()
+        if not (name.endswith(".nii") or name.endswith(".nii.gz")):
+            return f"{out}: output for a single input file must end in .nii or .nii.gz"
+        parent = next((q for q in [out.parent, *out.parent.parents] if q.exists()), None)
+        if parent is not None and not parent.is_dir():
+            return f"{out}: {parent} is a file, not a folder"
+    elif out.exists() and not out.is_dir():
+        return f"{out}: must be a folder when the input is a folder or a dataset.json"
+    return None
+
+
+def _checkpoint_problem(path: str) -> str | None:
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.exists():
+        return f"{p}: checkpoint file not found (--checkpoint; training writes RUN/model.pt)"
+    if not p.is_file():
+        return f"{p}: --checkpoint must be a file (e.g. RUN/model.pt), got a folder"
+    return None
+
+
 def shard(pairs: list, rank: int, world: int) -> list:
     """Rank ``rank``'s share of the (input, output) pairs: round-robin, so each output has one owner."""
     return pairs[rank::world]
@@ -110,6 +146,10 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    problem = check_paths(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     if getattr(args, "nproc", 1) > 1 and "LOCAL_RANK" not in os.environ:
         res = D.launch(args.nproc, _worker, (args,))
         return max(int(v or 0) for v in res.values())
@@ -159,6 +199,9 @@ def _segment(args: argparse.Namespace, ctx) -> int:
                 clean_stale_temps(folder)  # left by an earlier run killed with SIGKILL
         if ctx is not None:
             pairs = shard(pairs, ctx.rank, ctx.world_size)
+        problem = _checkpoint_problem(args.checkpoint)
+        if problem:
+            raise FileNotFoundError(problem)
         model, meta = load_model(args.checkpoint, map_location=device, allow_pickle=args.allow_pickle)
         override = None
         if args.intensity is not None:

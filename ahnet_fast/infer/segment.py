@@ -268,7 +268,7 @@ def collect_inputs(
 ) -> list[tuple[str, Path]]:
     """Pairs ``(input file, output file)`` for a file, a folder of NIfTI files, or a dataset.json.
 
-    * file: ``out`` is the output file (must end in .nii/.nii.gz);
+    * file: ``out`` is the output file (must end in .nii/.nii.gz; its folder is created);
     * folder: every ``*.nii``/``*.nii.gz`` in it (not recursive) -> ``out/<same name>``;
     * ``*.json``: the ``split`` list (``test``, ``validation`` or ``training``) of a
       Medical Segmentation Decathlon or nnU-Net v2 dataset.json -> ``out/<image name>``.
@@ -301,10 +301,11 @@ def collect_inputs(
     else:
         if not is_nifti_path(out):
             raise VolumeError(f"{out}: output for a single input file must end in .nii or .nii.gz")
-        if not out.parent.is_dir():
-            raise FileNotFoundError(f"{out}: output folder {out.parent} does not exist")
+        if out.parent.exists() and not out.parent.is_dir():
+            raise VolumeError(f"{out}: {out.parent} is a file, not a folder")
         pairs = [(str(src), out)]
         check_outputs(pairs, probabilities)
+        out.parent.mkdir(parents=True, exist_ok=True)  # as for folder outputs
         return pairs
     if out.exists() and not out.is_dir():
         raise VolumeError(f"{out}: must be a folder when the input is a folder or a dataset.json")
