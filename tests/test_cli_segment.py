@@ -451,3 +451,44 @@ def test_paths_are_checked_first_and_a_missing_output_folder_is_created(data, tm
     assert _main(cli_segment, ["segment", src, str(out), "--checkpoint", str(ckpt)]) == 0
     written = nib.load(str(out))
     assert written.shape == img.shape and np.allclose(written.affine, aff)
+
+
+def test_segment_resamples_to_the_training_spacing_and_says_what_it_did(data, tmp_path, capsys):
+    """The checkpoint's training spacing (2 x 2 x 8 mm) against a 4 x 4 x 8 mm input: resampled there and
+    back, said on stdout with the normalisation's statistics, warned as far; --no-resample and
+    --train-spacing (for checkpoints that record none) work."""
+    from ahnet_fast.data.spacing import LAYOUT
+    from ahnet_fast.infer.model_io import save_model_checkpoint
+    from ahnet_fast.reference import AHNet
+
+    root, img, _, aff, old_ckpt = data
+    torch.manual_seed(2)
+    ckpt = save_model_checkpoint(tmp_path / "sp.pt", AHNet(**CONFIG).eval(), CONFIG, preprocessing={
+        "intensity": {"mode": "percentile"}, "spacing": [2.0, 2.0, 8.0], "layout": LAYOUT})
+    src = str(root / "images" / "brain.nii.gz")
+    out = tmp_path / "seg.nii.gz"
+    assert _main(cli_segment, ["segment", src, str(out), "--checkpoint", str(ckpt)]) == 0
+    cap = capsys.readouterr()
+    assert "resampled 28x32x12 at 4 x 4 x 8 mm to 56x64x12 at 2 x 2 x 8 mm (training spacing 2 x 2 x 8 mm)" \
+        in cap.out
+    assert "intensity: percentiles 0.5-99.5 of voxels > " in cap.out and "foreground" in cap.out
+    assert "far from the training spacing 2 x 2 x 8 mm (H 4 vs 2 mm, W 4 vs 2 mm)" in cap.err
+    written = nib.load(str(out))
+    assert written.shape == img.shape and np.allclose(written.affine, aff)
+
+    assert _main(cli_segment, ["segment", src, str(tmp_path / "n.nii.gz"), "--checkpoint", str(ckpt),
+                               "--no-resample"]) == 0
+    cap = capsys.readouterr()
+    assert "not resampled (--no-resample)" in cap.out and "the model sees structures at the wrong size" in cap.err
+
+    # a checkpoint from before spacing was recorded (its warning: test_spacing.py): --train-spacing supplies it
+    assert _main(cli_segment, ["segment", src, str(tmp_path / "o2.nii.gz"), "--checkpoint", str(old_ckpt),
+                               "--train-spacing", "4", "4", "8"]) == 0
+    cap = capsys.readouterr()
+    assert "matches the training spacing 4 x 4 x 8 mm: not resampled" in cap.out and cap.err == ""
+    # options and paths are checked before anything loads
+    for opts, msg in ((["--train-spacing", "1", "0", "4"], "--train-spacing 1 0 4: expected 3 positive sizes"),
+                      (["--train-spacing", "1", "1", "4", "--no-resample"], "contradict")):
+        assert _main(cli_segment, ["segment", src, str(tmp_path / "x.nii.gz"), "--checkpoint", str(ckpt),
+                                   *opts]) == 2
+        assert msg in capsys.readouterr().err

@@ -53,6 +53,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="override the checkpoint's intensity normalisation")
     p.add_argument("--ct-window", type=float, nargs=2, metavar=("LO", "HI"), default=None,
                    help="HU window for --intensity ct (default -125 225)")
+    p.add_argument("--no-resample", dest="resample", action="store_false",
+                   help="segment each input on its own grid instead of resampling it to the training spacing "
+                        "the checkpoint records (default: resample to it, and labels/probabilities back)")
+    p.add_argument("--train-spacing", type=float, nargs=3, metavar=("H", "W", "D"), default=None,
+                   help="training spacing in mm (in-plane, in-plane, slice axis) for a checkpoint that does not "
+                        "record it, or to override what it records")
     p.add_argument("--nan-to-zero", action="store_true", help="replace NaN/Inf voxels by 0 instead of failing")
     p.add_argument("--allow-pickle", action="store_true",
                    help="load checkpoints the safe loader refuses (only for files you trust)")
@@ -80,11 +86,19 @@ def check_options(args: argparse.Namespace) -> str | None:
         return f"--cascade-factor {args.cascade_factor}: expected an integer >= 1 (e.g. 2)"
     if args.ct_window is not None and not args.ct_window[0] < args.ct_window[1]:
         return f"--ct-window {args.ct_window[0]:g} {args.ct_window[1]:g}: expected LO < HI (e.g. -125 225)"
+    spacing = getattr(args, "train_spacing", None)
+    if spacing is not None and not all(v > 0 and v == v and v != float("inf") for v in spacing):
+        return (f"--train-spacing {' '.join(f'{v:g}' for v in spacing)}: expected 3 positive sizes in mm "
+                "(e.g. 1 1 4)")
+    if spacing is not None and not getattr(args, "resample", True):
+        return "--train-spacing and --no-resample contradict each other: the spacing is only used to resample"
     if getattr(args, "nproc", 1) < 1:
         return f"--nproc {args.nproc}: expected an integer >= 1"
     if not getattr(args, "dist_timeout", 1.0) > 0:
         return f"--dist-timeout {args.dist_timeout:g}: expected a number of seconds > 0"
     for opt, value in (("--device", args.device), ("--stitch-device", args.stitch_device)):
+        if value in (None, "cpu"):  # always usable; checking it would import torch
+            continue
         problem = device_problem(value)
         if problem:
             return f"{opt} {value}: {problem}"
@@ -140,8 +154,6 @@ def _worker(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     import os
 
-    from ahnet_fast.train import distributed as D
-
     problem = check_options(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
@@ -150,6 +162,8 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 1
+    from ahnet_fast.train import distributed as D  # imports torch: after the cheap checks
+
     if getattr(args, "nproc", 1) > 1 and "LOCAL_RANK" not in os.environ:
         res = D.launch(args.nproc, _worker, (args,))
         return max(int(v or 0) for v in res.values())
@@ -176,7 +190,8 @@ def _segment(args: argparse.Namespace, ctx) -> int:
     import torch
 
     from ahnet_fast._atomic import clean_stale_temps
-    from ahnet_fast.data.intensity import IntensityConfig
+    from ahnet_fast.data.intensity import IntensityConfig, describe_stats
+    from ahnet_fast.data.spacing import training_spacing_from_meta
     from ahnet_fast.infer.model_io import load_model
     from ahnet_fast.infer.segment import (
         SegmentOptions,
@@ -210,6 +225,7 @@ def _segment(args: argparse.Namespace, ctx) -> int:
                 kw["window"] = tuple(args.ct_window)
             override = IntensityConfig(**kw)
         intensity = intensity_from_meta(meta, override)
+        train_spacing = tuple(args.train_spacing) if args.train_spacing else training_spacing_from_meta(meta)
         window = args.window or meta.get("patch_size") or meta.get("window")
         opts = SegmentOptions(
             window=tuple(window) if window else SegmentOptions.window,
@@ -217,6 +233,7 @@ def _segment(args: argparse.Namespace, ctx) -> int:
             device=device, stitch_device=args.stitch_device, bf16=args.bf16, progress=args.progress,
             cascade=args.cascade, cascade_factor=args.cascade_factor,
             nonfinite="zero" if args.nan_to_zero else "raise", compile=args.compile,
+            resample=getattr(args, "resample", True), training_spacing=train_spacing,
         )
     except (OSError, ValueError) as exc:
         if getattr(args, "debug", False):
@@ -224,9 +241,10 @@ def _segment(args: argparse.Namespace, ctx) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     failures = 0
+    warned: set[str] = set()
     for src, dst in pairs:
         try:
-            res = segment_file(src, dst, model, intensity, opts, probabilities=args.probabilities)
+            res = segment_file(src, dst, model, intensity, opts, probabilities=args.probabilities, warn=False)
         except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: e.g. out of memory
             if getattr(args, "debug", False):
                 raise
@@ -244,6 +262,12 @@ def _segment(args: argparse.Namespace, ctx) -> int:
         if res.stats.get("compile_seconds"):
             line += f", of which compiling {res.stats['compile_seconds']:.1f} s"
         print(line + ")")
+        print(f"  {res.stats['spacing']}")
+        print(f"  {describe_stats(res.stats['intensity'])}")
+        for w in res.stats.get("warnings", []):
+            if w not in warned or "training spacing unknown" not in res.stats["spacing"]:
+                print(f"warning: {src}: {w}", file=sys.stderr)
+            warned.add(w)
     if ctx is not None:
         print(f"[rank {ctx.rank}/{ctx.world_size}] segmented {len(pairs) - failures} of its {len(pairs)} case(s) "
               f"({n_all} in all)")

@@ -10,7 +10,16 @@ probabilities of a case published together).
 Intensity normalisation comes from the checkpoint's ``"intensity"`` entry (an
 :class:`ahnet_fast.data.intensity.IntensityConfig` dict, written by training);
 it can be overridden, and without either a percentile normalisation is used
-with a warning.
+with a warning. The mode and the statistics used are returned in
+``SegmentResult.stats["intensity"]``.
+
+Spacing: when the checkpoint records the training spacing
+(:func:`ahnet_fast.data.spacing.training_spacing_from_meta`), each input is
+resampled to it before inference and the probabilities are resampled back onto
+the input's grid, where the labels are their argmax
+(:mod:`ahnet_fast.data.spacing`); ``SegmentOptions.resample = False`` opts out.
+What was done is in ``SegmentResult.stats["spacing"]``; spacings far from the
+training spacing add lines to ``stats["warnings"]``.
 """
 from __future__ import annotations
 
@@ -80,6 +89,10 @@ class SegmentOptions:
     # compiled CPU inference (ahnet_fast.infer.compiled): True forces it, False refuses it,
     # None (auto) uses it where it measured faster, which today is nowhere (see should_compile)
     compile: bool | None = None
+    # spacing (ahnet_fast.data.spacing): resample each input to the training spacing (network layout,
+    # mm along H, W, D) and the result back; None = not known (nothing is resampled, with a warning)
+    resample: bool = True
+    training_spacing: Sequence[float] | None = None
 
 
 @dataclass
@@ -148,14 +161,17 @@ def predict_volume(image: np.ndarray, model: nn.Module, opts: SegmentOptions) ->
             + (" under --bf16 (try without it)" if opts.bf16 else "")
             + "; the checkpoint's weights or the input's intensities are out of range"
         )
-    if logits.shape[0] == 1:
-        prob = torch.sigmoid(logits)
-        labels = (prob[0] > 0.5).to(torch.uint8)
-    else:
-        prob = torch.softmax(logits, dim=0)
-        labels = prob.argmax(dim=0).to(torch.uint8 if logits.shape[0] <= 256 else torch.int16)
+    prob = torch.sigmoid(logits) if logits.shape[0] == 1 else torch.softmax(logits, dim=0)
+    labels = _labels(prob)
     seconds = time.perf_counter() - t0
     return SegmentResult(labels.numpy(), prob.permute(1, 2, 3, 0).contiguous().numpy(), seconds, stats)
+
+
+def _labels(prob: torch.Tensor) -> torch.Tensor:
+    """Labels from ``(K, H, W, D)`` probabilities: ``p > 0.5`` for one channel, else the argmax."""
+    if prob.shape[0] == 1:
+        return (prob[0] > 0.5).to(torch.uint8)
+    return prob.argmax(dim=0).to(torch.uint8 if prob.shape[0] <= 256 else torch.int16)
 
 
 def probabilities_path(label_path: str | os.PathLike) -> Path:
@@ -173,8 +189,16 @@ def segment_file(
     intensity: Any,
     opts: SegmentOptions,
     probabilities: bool = False,
+    warn: bool = True,
 ) -> SegmentResult:
     """Segment one file and write the result(s) on the input's grid (atomically).
+
+    The image is normalised (statistics in ``stats["intensity"]``), resampled to
+    ``opts.training_spacing`` unless ``opts.resample`` is False (what was done in
+    ``stats["spacing"]``), segmented, and labels and probabilities are brought back
+    onto the input's grid. Lines about spacings far from the training spacing (or an
+    unknown one) are in ``stats["warnings"]`` and, with ``warn``, also issued as
+    Python warnings.
 
     Everything is computed before anything is written, so a failure (bad
     input, out of memory) leaves no output behind; labels and probabilities are
@@ -182,11 +206,23 @@ def segment_file(
     existing labels always sit beside their own probabilities). A write failure
     raises :class:`OutputError` naming the output.
     """
-    from ahnet_fast.data.intensity import normalise
+    from ahnet_fast.data.intensity import normalise_with_stats
+    from ahnet_fast.data.spacing import plan_resampling, resample_image, resample_probabilities
 
     vol: Volume = load_volume(in_path, nonfinite=opts.nonfinite)  # type: ignore[arg-type]
-    image = normalise(vol.array, intensity, where=str(in_path))
-    res = predict_volume(image, model, opts)
+    image, norm_stats = normalise_with_stats(vol.array, intensity, where=str(in_path))
+    plan = plan_resampling(vol.spacing, vol.shape, opts.training_spacing, resample=opts.resample)
+    if warn:
+        for line in plan.warnings:
+            warnings.warn(f"{in_path}: {line}", stacklevel=2)
+    t0 = time.perf_counter()
+    res = predict_volume(resample_image(image, plan), model, opts)
+    if plan.active:
+        prob = resample_probabilities(res.probabilities, plan)
+        labels = _labels(torch.from_numpy(prob).permute(3, 0, 1, 2)).numpy()
+        res = SegmentResult(labels, prob, time.perf_counter() - t0, res.stats)
+    res.stats.update(intensity=norm_stats, spacing=plan.message, warnings=list(plan.warnings),
+                     resampled=plan.active, input_spacing=plan.input_spacing, model_grid=plan.target_shape)
     items = [(res.labels, out_path, res.labels.dtype)]
     if probabilities:
         # labels last: they are the marker that the case's pair of files is complete

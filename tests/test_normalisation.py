@@ -1,0 +1,116 @@
+"""Percentile normalisation that does not depend on exact zeros or on how a scan is stored.
+
+The same 2 x 2 x 5 mm MNI152 volume is written twice: as float32 whose background holds tiny
+non-zero values (as resampling leaves them, 0 .. 0.001), and as int16 with a scale slope (background
+exactly 0). Both must normalise alike and give the same labels.
+"""
+from __future__ import annotations
+
+import warnings
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from ahnet_fast.data.intensity import (
+    IntensityConfig,
+    describe_stats,
+    foreground_mask,
+    normalise,
+    normalise_with_stats,
+)
+from ahnet_fast.data.nifti import load_volume
+from ahnet_fast.data.spacing import plan_resampling, resample_image
+from ahnet_fast.infer.segment import SegmentOptions, segment_file
+
+
+class Pointwise(nn.Module):
+    """Tissue classes from the normalised intensity alone (any change of normalisation shows)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centres = torch.tensor([0.0, 0.35, 0.6, 0.85]).view(1, 4, 1, 1, 1)
+        return -200 * (x - centres) ** 2
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    from ahnet_fast.data.mni import template_paths
+
+    root = tmp_path_factory.mktemp("norm")
+    t1 = nib.load(str(template_paths()["t1"]))
+    data = np.asarray(t1.dataobj[20:180, 20:216, 10:170], dtype=np.float32)
+    plan = plan_resampling((1.0, 1.0, 1.0), data.shape, (2.0, 2.0, 5.0))
+    img = resample_image(data, plan)
+    rng = np.random.default_rng(0)
+    bg = img < 1e-3
+    img[bg] = rng.uniform(0, 1e-3, int(bg.sum())).astype(np.float32)  # what resampling leaves behind
+    aff = t1.affine.copy()
+    aff[:3, :3] = aff[:3, :3] @ np.diag(plan.target_spacing)
+    f32 = nib.Nifti1Image(img, aff)
+    f32.set_data_dtype(np.float32)
+    f32.to_filename(str(root / "f32.nii.gz"))
+    i16 = nib.Nifti1Image(img, aff)
+    i16.set_data_dtype(np.int16)  # nibabel stores int16 with a scale slope
+    i16.to_filename(str(root / "i16.nii.gz"))
+    return root, int(bg.sum())
+
+
+def test_float32_and_int16_with_slope_give_the_same_labels(pair, tmp_path):
+    root, n_bg = pair
+    stored = nib.load(str(root / "i16.nii.gz"))
+    assert stored.get_data_dtype() == np.int16 and float(stored.dataobj.slope) != 1.0
+    a, b = load_volume(root / "f32.nii.gz").array, load_volume(root / "i16.nii.gz").array
+    assert int(((a > a.min()) & (a < 1e-3)).sum()) > 10000 and int(((b > b.min()) & (b < 1e-3)).sum()) == 0
+
+    cfg = IntensityConfig(mode="percentile")
+    na, sa = normalise_with_stats(a, cfg)
+    nb, sb = normalise_with_stats(b, cfg)
+    assert abs(sa["lo"] - sb["lo"]) < 0.05 and abs(sa["hi"] - sb["hi"]) < 0.05, (sa, sb)
+    assert abs(sa["foreground_fraction"] - sb["foreground_fraction"]) < 1e-3
+    assert float(np.abs(na - nb).max()) < 2e-3
+
+    # the old rule (every voxel above the minimum) is what made them differ
+    old = IntensityConfig(mode="percentile", fg_threshold=0.0)
+    assert float(np.abs(normalise(a, old) - normalise(b, old)).max()) > 0.005
+
+    opts = SegmentOptions(window=None, resample=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        la = segment_file(root / "f32.nii.gz", tmp_path / "a.nii.gz", Pointwise(), cfg, opts, warn=False)
+        lb = segment_file(root / "i16.nii.gz", tmp_path / "b.nii.gz", Pointwise(), cfg, opts, warn=False)
+        la_old = segment_file(root / "f32.nii.gz", tmp_path / "c.nii.gz", Pointwise(), old, opts, warn=False)
+        lb_old = segment_file(root / "i16.nii.gz", tmp_path / "d.nii.gz", Pointwise(), old, opts, warn=False)
+    same = float((la.labels == lb.labels).mean())
+    same_old = float((la_old.labels == lb_old.labels).mean())
+    print(f"labels equal: robust mask {100 * same:.3f}% of voxels, old rule {100 * same_old:.3f}%")
+    assert same > 0.9999 and same_old < 0.995
+    # what was used is reported
+    line = describe_stats(la.stats["intensity"])
+    assert line.startswith("intensity: percentiles 0.5-99.5 of voxels > ") and "foreground" in line
+
+
+def test_foreground_mask_rule_and_edge_cases():
+    x = np.zeros((20, 20, 20), np.float32)
+    x[5:15, 5:15, 5:15] = 100.0
+    x[0, 0, :] = 0.5  # near-zero, but above the minimum: background all the same
+    fg, thr = foreground_mask(x)
+    assert thr == pytest.approx(1.0) and int(fg.sum()) == 1000
+    # negative backgrounds (CT-like air) and offsets: the rule is relative to the minimum
+    fg2, _ = foreground_mask(x - 1000.0)
+    assert np.array_equal(fg, fg2)
+    # a few bright voxels on a constant background: the robust range is empty, fall back to > min
+    y = np.zeros((10, 10, 10), np.float32)
+    y[0, 0, 0] = 5.0
+    fg3, thr3 = foreground_mask(y)
+    assert int(fg3.sum()) == 1 and thr3 >= 0
+    assert np.all(normalise(np.full((4, 4, 4), 7.0), IntensityConfig(mode="percentile")) == 0)
+    with pytest.raises(ValueError, match="fg_threshold"):
+        IntensityConfig(mode="percentile", fg_threshold=0.7)
+    # old checkpoints (no fg_threshold) get the robust rule; the setting round-trips
+    assert IntensityConfig.from_dict({"mode": "percentile"}).fg_threshold == 0.01
+    cfg = IntensityConfig(mode="percentile", fg_threshold=0.05)
+    assert IntensityConfig.from_dict(cfg.to_dict()) == cfg
+    _, st = normalise_with_stats(x, IntensityConfig(mode="ct"))
+    assert describe_stats(st) == "intensity: CT window [-125, 225] HU -> [0, 1]"
