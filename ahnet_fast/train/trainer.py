@@ -15,7 +15,12 @@ so the stream is independent of the worker count and of interruptions).
   ``ckpt_every`` steps and at each epoch end; ``best.pt`` whenever the
   validation mean foreground Dice improves. ``resume=True`` restores model,
   optimiser, scaler, loss schedule, RNG states and the step, and continues
-  exactly where the checkpoint was taken.
+  exactly where the checkpoint was taken. Only ``last.pt`` of an unfinished
+  stage carries what a resume needs (optimizer moments, scaler, RNG states,
+  the running epoch sums: :data:`RESUME_KEYS`); ``best.pt`` and the ``last.pt``
+  of a finished stage hold the weights and the run's metadata only.
+* Time limits: ``fit(deadline=...)`` ends the stage cleanly when the clock
+  passes the deadline (the partial epoch is closed, validated and saved).
 * Logs: a tqdm bar, one summary line per epoch (loss, Dice per class, speed,
   peak memory) and a JSON-lines file ``log.jsonl`` (one object per epoch and
   per event).
@@ -49,7 +54,17 @@ from ahnet_fast.train import distributed as ddp_util
 from ahnet_fast.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from ahnet_fast.train.models import enable_activation_checkpointing
 
-__all__ = ["TrainConfig", "LossSchedule", "Trainer", "ValidationCase", "dice_from_counts", "peak_memory_bytes"]
+__all__ = ["TrainConfig", "LossSchedule", "Trainer", "ValidationCase", "dice_from_counts", "peak_memory_bytes",
+           "RESUME_KEYS", "weights_only"]
+
+#: checkpoint entries only a resume of an unfinished stage needs (the bulk of a checkpoint: Adam keeps two
+#: moments per parameter)
+RESUME_KEYS = ("optimizer", "scaler", "rng", "epoch_acc")
+
+
+def weights_only(payload: dict[str, Any]) -> dict[str, Any]:
+    """``payload`` without :data:`RESUME_KEYS` (weights, config and metadata only)."""
+    return {k: v for k, v in payload.items() if k not in RESUME_KEYS}
 
 
 @dataclass
@@ -229,6 +244,10 @@ class Trainer:
             resume (the change is logged); any other difference refuses the resume, since
             the continued run would no longer be the one that was started.
         option_names: user-facing names of fields for messages (e.g. ``{"lr": "--lr-3d"}``).
+        on_epoch: called as ``on_epoch(trainer, record)`` after each epoch's checkpoints are on disk
+            (``record``: the epoch's log.jsonl entry; ``record["improved"]`` says whether best.pt was
+            just written). The recipe keeps model.pt, summary.json and progress.png current with it.
+        eta: returns text appended to each epoch line (e.g. the whole run's remaining time).
     """
 
     def __init__(
@@ -248,6 +267,8 @@ class Trainer:
         progress: bool = True,
         overrides: Collection[str] = (),
         option_names: dict[str, str] | None = None,
+        on_epoch: Callable[["Trainer", dict[str, Any]], None] | None = None,
+        eta: Callable[["Trainer"], str] | None = None,
     ) -> None:
         self.cfg = config
         self.overrides = set(overrides)
@@ -266,6 +287,10 @@ class Trainer:
         self.extra = dict(extra or {})
         self.progress = progress
         self._log = log
+        self.on_epoch = on_epoch
+        self.eta = eta
+        self.stopped_by_deadline = False
+        self.last_record: dict[str, Any] | None = None  # the latest epoch's log record
         if config.checkpointing:
             enable_activation_checkpointing(self.model)
         # several processes: `self.net` (what the training forward calls) is the DDP wrapper;
@@ -347,10 +372,17 @@ class Trainer:
         }
 
     def save(self, name: str = "last.pt") -> Path:
-        """Write a checkpoint (rank 0 only with several processes; the path is returned on every rank)."""
+        """Write a checkpoint (rank 0 only with several processes; the path is returned on every rank).
+
+        ``last.pt`` of an unfinished stage is complete (a resume continues exactly from it); ``best.pt``
+        and the ``last.pt`` of a finished stage hold weights and metadata only (:func:`weights_only`).
+        """
         if self.rank != 0:
             return self.out / name
-        return save_checkpoint(self.out / name, self._payload())
+        payload = self._payload()
+        if name != "last.pt" or self.finished:
+            payload = weights_only(payload)
+        return save_checkpoint(self.out / name, payload)
 
     def load(self, path: str | os.PathLike) -> None:
         """Restore everything a resume needs from ``path``."""
@@ -359,14 +391,20 @@ class Trainer:
             raise ValueError(f"{path}: checkpoint of stage {ck.get('stage')!r}, cannot resume stage {self.stage!r}")
         self._check_same_run(path, ck)
         self.model.load_state_dict(ck["model"])
-        self.optimizer.load_state_dict(ck["optimizer"])
-        self.scaler.load_state_dict(ck["scaler"])
-        self.schedule.load_state_dict(ck["schedule"])
-        restore_rng(ck["rng"])
         self.step, self.epoch = int(ck["step"]), int(ck["epoch"])
+        self.schedule.load_state_dict(ck["schedule"])
+        if "optimizer" in ck:
+            self.optimizer.load_state_dict(ck["optimizer"])
+            self.scaler.load_state_dict(ck["scaler"])
+            restore_rng(ck["rng"])
+        elif self.step < self.cfg.steps:
+            # a finished stage keeps weights only; continuing it (--override of its steps) restarts Adam
+            self.log(f"[{self.stage}] {path} is the checkpoint of a finished stage (weights only): continuing it "
+                     "restarts the optimizer's moments")
+            self._jsonl({"event": "optimizer_restarted", "step": self.step})
         self.best_dice = float(ck["best_dice"])
         self.history = list(ck.get("history", []))
-        self.finished = bool(ck.get("finished", False))
+        self.finished = bool(ck.get("finished", False)) and self.step >= self.cfg.steps
         acc = ck.get("epoch_acc")
         if acc is not None:
             self._acc = {"loss": float(acc["loss"]), "n": int(acc["n"]),
@@ -426,13 +464,8 @@ class Trainer:
         # (not by a later mid-epoch ckpt_every save)
         rec = self.history[-1] if self.history else {}
         if rec.get("mean_fg_dice") == self.best_dice and rec.get("step") == self.step:
-            import shutil
-
-            from ahnet_fast._atomic import atomic_path
-
             if self.rank == 0:
-                with atomic_path(best, fsync=True) as tmp:
-                    shutil.copyfile(last, tmp)
+                save_checkpoint(best, weights_only(load_checkpoint(last, map_location="cpu")))
             self.log(f"[{self.stage}] best.pt re-derived from last.pt (mean fg Dice {self.best_dice:.3f}, "
                      f"step {self.step})")
             self._jsonl({"event": "best_rederived", "step": self.step, "best_dice": self.best_dice})
@@ -483,12 +516,20 @@ class Trainer:
             return self.focal(logits, target)
         return F.cross_entropy(logits, target)
 
-    def fit(self, resume: bool = False, stop_at_step: int | None = None) -> dict[str, Any]:
+    def fit(self, resume: bool = False, stop_at_step: int | None = None, deadline: float | None = None,
+            clock: Callable[[], float] = time.monotonic) -> dict[str, Any]:
         """Train until ``config.steps`` (or ``stop_at_step``, which saves and returns early,
         as if the run had been killed right after a checkpoint).
 
+        Args:
+            deadline: a time of ``clock``; once a step ends past it the stage stops cleanly: the
+                partial epoch is closed like any epoch (validation, best.pt, last.pt, log) and
+                ``stopped_by_deadline`` is set (the stage is not finished: ``--resume`` continues it).
+            clock: the clock ``deadline`` refers to (tests inject a fake one).
+
         Returns:
-            ``{"best_dice", "last_dice", "steps", "epochs", "history", "seconds", "finished"}``.
+            ``{"best_dice", "last_dice", "steps", "epochs", "history", "seconds", "finished",
+            "stopped_by_deadline"}``.
         """
         from tqdm.auto import tqdm
 
@@ -565,6 +606,10 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}", fn=self.schedule.current)
                 epoch_end = self.step % cfg.steps_per_epoch == 0 or self.step == cfg.steps
+                if deadline is not None and self.step < end and clock() >= deadline:
+                    # out of time: close this (partial) epoch so its Dice is scored and saved
+                    self.stopped_by_deadline = epoch_end = True
+                    end = self.step
                 if epoch_end:
                     self.epoch += 1
                     ended, acc = acc, self._new_acc()
@@ -583,6 +628,9 @@ class Trainer:
                     self.save()
             if self.step >= cfg.steps:
                 self.finished = True
+            if self.stopped_by_deadline:
+                self.log(f"[{self.stage}] time budget reached: stopped at step {self.step}/{cfg.steps}")
+                self._jsonl({"event": "deadline", "step": self.step, "planned_steps": cfg.steps})
             if not epoch_end:  # an epoch end saves by itself
                 self.save()
             ddp_util.barrier()  # every rank returns once rank 0's checkpoint is on disk
@@ -599,27 +647,35 @@ class Trainer:
         improved = not math.isnan(mean_fg) and mean_fg > self.best_dice
         if improved:
             self.best_dice = mean_fg
-        switched = self.schedule.end_epoch(loss, self.step)
+        trained_with = self.schedule.current  # the loss of this epoch's steps (a switch acts on the next ones)
+        last_epoch = self.step >= self.cfg.steps or self.stopped_by_deadline
+        # a switch at the stage's last step would change nothing that is trained: not made, not claimed
+        switched = False if last_epoch else self.schedule.end_epoch(loss, self.step)
         mem = peak_memory_bytes(self.device)
         patch_vox = int(np.prod(self.dataset.patch_size))
+        steps_done = self.step - (self.history[-1]["step"] if self.history else 0)
         rec = {
             "event": "epoch", "epoch": self.epoch, "step": self.step, "loss": loss,
-            "loss_fn": self.schedule.current, "train_dice": train_dice, "val_dice": val_dice,
-            "mean_fg_dice": mean_fg, "best_dice": self.best_dice,
+            "loss_fn": trained_with, "train_dice": train_dice, "val_dice": val_dice,
+            "dice_source": "validation" if val_dice is not None else "training batches",
+            "mean_fg_dice": mean_fg, "best_dice": self.best_dice, "improved": improved,
             "samples_per_s": samples / max(seconds, 1e-9), "voxels_per_s": samples * patch_vox / max(seconds, 1e-9),
-            "epoch_seconds": seconds, "peak_memory_bytes": mem, "lr": self.optimizer.param_groups[0]["lr"],
+            "epoch_seconds": seconds, "seconds_per_step": seconds / max(steps_done, 1), "peak_memory_bytes": mem,
+            "lr": self.optimizer.param_groups[0]["lr"],
         }
         self.history.append({k: rec[k] for k in ("epoch", "step", "loss", "mean_fg_dice")})
         self._jsonl(rec)
-        kind = "val" if val_dice is not None else "train"
+        self.last_record = rec
+        kind = "val" if val_dice is not None else "train-batch"
+        eta = self.eta(self) if self.eta is not None else ""
         self.log(
-            f"[{self.stage}] epoch {self.epoch} step {self.step}/{self.cfg.steps} loss {loss:.4f} ({rec['loss_fn']}) "
+            f"[{self.stage}] epoch {self.epoch} step {self.step}/{self.cfg.steps} loss {loss:.4f} ({trained_with}) "
             f"{kind} Dice {_fmt_dice(score_dice)} mean fg {mean_fg:.3f}{' *' if improved else ''} | "
-            f"{rec['samples_per_s']:.2f} patches/s | peak mem {mem / 2**30:.2f} GiB"
+            f"{rec['samples_per_s']:.2f} patches/s | peak mem {mem / 2**30:.2f} GiB" + (f" | {eta}" if eta else "")
         )
         if switched:
-            self.log(f"[{self.stage}] loss plateaued: switching to focal loss (gamma {self.cfg.focal_gamma}) "
-                     f"at step {self.step}")
+            self.log(f"[{self.stage}] loss plateaued: the next steps use the focal loss (gamma "
+                     f"{self.cfg.focal_gamma}) from step {self.step}")
             self._jsonl({"event": "loss_switch", "step": self.step, "to": "focal"})
         if self.step >= self.cfg.steps:
             self.finished = True
@@ -628,11 +684,14 @@ class Trainer:
         if improved:
             self.save("best.pt")
         self.save("last.pt")
+        if self.on_epoch is not None and self.rank == 0:
+            self.on_epoch(self, rec)
 
     def _result(self, seconds: float) -> dict[str, Any]:
         last = self.history[-1]["mean_fg_dice"] if self.history else float("nan")
         return {"best_dice": self.best_dice, "last_dice": last, "steps": self.step, "epochs": self.epoch,
-                "history": self.history, "seconds": seconds, "finished": self.finished}
+                "history": self.history, "seconds": seconds, "finished": self.finished,
+                "stopped_by_deadline": self.stopped_by_deadline}
 
 
 #: TrainConfig fields that may change on resume without changing the run (placement, loading, how often
