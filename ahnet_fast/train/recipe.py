@@ -11,9 +11,20 @@ Stages (each can run alone, given the previous stage's output in ``out_dir``):
    (FCN/MCFCN or a torchvision ResNet50) to transfer from instead.
 3. ``decoder``: train AH-Net's 3D decoder with the transferred encoder frozen
    (its BatchNorms keep their statistics), Adam lr 1e-3 (``out_dir/decoder``).
-4. ``finetune``: fine-tune the whole AH-Net (``out_dir/finetune``); the best
-   checkpoint by validation Dice is also written to ``out_dir/model.pt``, the
-   file ``ahnet-fast`` inference reads.
+4. ``finetune``: fine-tune the whole AH-Net (``out_dir/finetune``).
+
+``out_dir/model.pt`` (what ``ahnet-fast segment`` reads: weights, model config and
+preprocessing, no optimizer state) is written as soon as a 3D stage ends its first epoch and
+is replaced whenever a 3D epoch beats its Dice (validation Dice, or the Dice of the training
+batches when the dataset has no validation cases), so a run stopped at any point leaves a
+usable model.
+
+Budgets: ``time_budget`` (seconds) measures a few steps of each stage on this machine first,
+then scales the configured steps of the trained stages by one factor so that the run fits
+(:mod:`ahnet_fast.train.budget`), re-plans the stages still to run at each stage start, and
+stops each stage at its share of the time. ``step_budget`` scales them to that many optimizer
+steps in all. ``out_dir/summary.json`` and ``out_dir/progress.png`` (loss, Dice per class,
+learning rate and time per epoch, every stage, continued across resumes) are kept current.
 
 Every stage uses cross-entropy first and switches to the focal loss when its
 loss plateaus (``loss="ce_then_focal"``), writes atomic checkpoints, resumes
@@ -28,7 +39,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +48,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from ahnet_fast._atomic import atomic_path
 from ahnet_fast.data.dataset import Case, DatasetSpec, check_headers, load_case, read_dataset, require_labels
 from ahnet_fast.data.intensity import IntensityConfig
 from ahnet_fast.data.spacing import describe_preprocessing
@@ -49,11 +58,20 @@ from ahnet_fast.train.checkpoint import load_checkpoint, save_checkpoint
 from ahnet_fast.train.models import (
     ENCODER_PREFIXES,
     FrozenBNTrainMode,
+    ahnet_class,
     build_2d_model,
     build_ahnet,
+    enable_activation_checkpointing,
     freeze_encoder,
 )
-from ahnet_fast.train.trainer import TrainConfig, Trainer, ValidationCase, _confusion, dice_from_counts
+from ahnet_fast.train.trainer import (
+    TrainConfig,
+    Trainer,
+    ValidationCase,
+    _confusion,
+    dice_from_counts,
+    weights_only,
+)
 
 __all__ = [
     "STAGES",
@@ -106,6 +124,10 @@ class RecipeConfig:
         num_workers, seed, device: as in TrainConfig.
         val_window: sliding-window size for 3D validation (None: the whole volume when it has at most
             2**24 voxels, else windows of twice the training patch).
+        preset: name of the preset these settings came from (:mod:`ahnet_fast.train.presets`;
+            informational).
+        time_budget: wall-time budget of the run in seconds (module docstring), or None.
+        step_budget: optimizer steps of all trained stages together, or None.
     """
 
     data: str
@@ -146,11 +168,20 @@ class RecipeConfig:
     seed: int = 0
     device: str | None = None
     val_window: tuple[int, int, int] | None = None
+    preset: str | None = None
+    time_budget: float | None = None
+    step_budget: int | None = None
 
     def __post_init__(self) -> None:
         bad = [s for s in self.stages if s not in STAGES]
         if bad or not self.stages:
             raise ValueError(f"stages must be a non-empty subset of {STAGES}, got {list(self.stages)}")
+        if self.time_budget is not None and self.step_budget is not None:
+            raise ValueError("--time-budget and --step-budget: give one budget, not both")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise ValueError(f"time budget must be positive, got {self.time_budget} s")
+        if self.step_budget is not None and self.step_budget < 1:
+            raise ValueError(f"step budget must be at least 1, got {self.step_budget}")
         self.stages = tuple(s for s in STAGES if s in self.stages)  # always in recipe order
 
 
@@ -211,8 +242,16 @@ def evaluate(model: nn.Module, cases: Sequence[Case], num_classes: int,
 # --------------------------------------------------------------------------- recipe
 class _Recipe:
     def __init__(self, cfg: RecipeConfig, log: Callable[[str], None], progress: bool,
-                 overrides: Sequence[str] = ()) -> None:
+                 overrides: Sequence[str] = (), clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
+        self.clock = clock
+        self.t_start = clock()
+        self._choices: dict[str, tuple[tuple[int, ...], int, bool]] = {}
+        self.costs: dict[str, Any] = {}  # stage -> budget.StageCost (measured warm-up)
+        self.run_end: float | None = None  # clock time the budget ends
+        self.replan = False  # re-plan the steps of the stages still to run at each stage start
+        self.model_best = -math.inf  # Dice of the weights in model.pt (this run)
+        self.model_source: dict[str, Any] | None = None
         self.overrides = set(overrides)
         self.log = log
         self.progress = progress
@@ -233,6 +272,9 @@ class _Recipe:
         self.k = int(k)
         self.intensity = cfg.intensity or IntensityConfig.for_modality(self.spec.modality)
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {cfg.device}: CUDA is not available on this machine; use --device cpu "
+                             "(a resumed run may be continued on another device)")
         require_labels(self.spec)
         check_headers(self.spec.training + self.spec.validation)
         self._train_cases: list[Case] | None = None
@@ -272,10 +314,19 @@ class _Recipe:
             raise ValueError(f"{init}: stage {stage} starts from a model built with {saved}, but this run asks for "
                              f"{now}; use the model options of that run, or rerun the earlier stages into a new --out")
 
+    def steps_per_epoch(self, steps: int) -> int:
+        """A stage's epoch length: ``steps_per_epoch``, shorter when the stage is shorter; with a budget
+        at least 4 epochs per stage (each epoch validates and can update model.pt)."""
+        c = self.cfg
+        spe = min(c.steps_per_epoch, max(steps, 1))
+        if c.time_budget is not None or c.step_budget is not None:
+            spe = min(spe, max(1, -(-steps // 4)))
+        return spe
+
     def _train_cfg(self, steps: int, batch: int, lr: float, checkpointing: bool, seed_offset: int) -> TrainConfig:
         c = self.cfg
         return TrainConfig(
-            steps=steps, steps_per_epoch=min(c.steps_per_epoch, max(steps, 1)), batch_size=batch,
+            steps=steps, steps_per_epoch=self.steps_per_epoch(steps), batch_size=batch,
             grad_accum=c.grad_accum, lr=lr, amp=c.amp, checkpointing=checkpointing, loss=c.loss,
             focal_gamma=c.focal_gamma, plateau_patience=c.plateau_patience, num_workers=c.num_workers,
             seed=c.seed + seed_offset, device=str(self.device), val_window=c.val_window, lr_schedule=c.lr_schedule,
@@ -287,6 +338,8 @@ class _Recipe:
         c = self.cfg
         if c.max_memory is None:
             return patch, batch, c.checkpointing
+        if stage in self._choices:  # chosen once (the warm-up measurement and the stage share it)
+            return self._choices[stage]
         from ahnet_fast.train.memory import choose_config
 
         cands = []
@@ -298,6 +351,7 @@ class _Recipe:
         choice = choose_config(c.max_memory, factory, in_ch, self.k, cands, batches, c.amp, self.device)
         choice = ddp_util.broadcast_object(choice)  # several processes: rank 0's pick everywhere
         self.log(f"[{stage}] {choice.describe()}")
+        self._choices[stage] = (choice.patch_size, choice.batch_size, choice.checkpointing)
         if not ddp_util.is_main():
             return choice.patch_size, choice.batch_size, choice.checkpointing
         with open(self.out / "memory_choice.jsonl", "a") as fh:
@@ -321,8 +375,8 @@ class _Recipe:
                           self._train_cfg(c.steps_2d, batch, c.lr_2d, ck, 1), self.out / "2d", self.k, vals,
                           predict=lambda m, im: predict_2d(m, im, 3, device=self.device), stage="2d",
                           extra={"preprocessing": self.preprocessing}, log=self.log, progress=self.progress,
-                          **self._resume_args("2d"))
-        return trainer.fit(resume=resume)
+                          on_epoch=self._on_epoch, eta=self._eta, **self._resume_args("2d"))
+        return self._fit(trainer, "2d", resume)
 
     def stage_transfer(self, resume: bool) -> dict[str, Any]:
         from ahnet_fast.transfer import transfer_2d_to_3d
@@ -385,8 +439,9 @@ class _Recipe:
                           self.out / stage, self.k, vals, predict=predict,
                           train_mode=train_mode, stage=stage,
                           extra={"preprocessing": self.preprocessing, "init": str(init)},
-                          log=self.log, progress=self.progress, **self._resume_args(stage))
-        return trainer.fit(resume=resume)
+                          log=self.log, progress=self.progress, on_epoch=self._on_epoch, eta=self._eta,
+                          **self._resume_args(stage))
+        return self._fit(trainer, stage, resume)
 
     def stage_decoder(self, resume: bool) -> dict[str, Any]:
         init = self.out / "transfer" / "init.pt"
@@ -398,13 +453,197 @@ class _Recipe:
         init = _best_or_last(self.out / "decoder", "decoder")
         res = self._stage_3d("finetune", init, self.cfg.steps_finetune, self.cfg.lr_finetune or self.cfg.lr_3d,
                              False, resume)
-        best = _best_or_last(self.out / "finetune", "finetune")
-        if ddp_util.is_main():
-            with atomic_path(self.out / "model.pt", fsync=True) as tmp:
-                shutil.copyfile(best, tmp)
+        model_pt = self.out / "model.pt"
+        if ddp_util.is_main() and (self.model_source is None or not model_pt.is_file()):
+            # no epoch of this run scored (a resumed finished stage, or only NaN Dice): the stage's best
+            best = _best_or_last(self.out / "finetune", "finetune")
+            ck = weights_only(load_checkpoint(best))
+            self.model_source = {"stage": "finetune", "checkpoint": best.name, "step": ck.get("step"),
+                                 "mean_fg_dice": ck.get("best_dice")}
+            save_checkpoint(model_pt, {**ck, "model_source": self.model_source})
         ddp_util.barrier()
-        self.log(f"[finetune] final model: {self.out / 'model.pt'} (from {best.name})")
+        src = self.model_source or {}
+        self.log(f"[finetune] final model: {model_pt} (stage {src.get('stage')}, step {src.get('step')}, mean fg "
+                 f"Dice {_fmt(src.get('mean_fg_dice'))} on {src.get('dice_source', 'validation')})")
         return res
+
+    # ---------------------------------------------------------------- budget, model.pt, progress
+    def measure_costs(self) -> None:
+        """Warm-up: time a few real steps of each trained stage to run, on this machine
+        (:func:`ahnet_fast.train.budget.measure_stage`), with throw-away copies of the networks."""
+        import gc
+
+        from ahnet_fast.data.loader import make_loader
+        from ahnet_fast.infer.sliding_window import window_rules
+        from ahnet_fast.train.budget import StageCost, format_duration, measure_stage
+
+        c = self.cfg
+        t0 = self.clock()
+        val_vox = sum(int(v.image.size) for v in self.val_cases())
+        budget = c.time_budget is not None or c.step_budget is not None
+        for stage in [s for s in c.stages if s in ("2d", "decoder", "finetune")]:
+            train_mode = None
+            if stage == "2d":
+                factory: Callable[[], nn.Module] = lambda: build_2d_model(c.model_2d, 3, self.k)  # noqa: E731
+                patch, batch, ck = self._choose(factory, 3, tuple(c.patch_2d), c.batch_2d, (32, 32), (32, 32), "2d")
+                _check_multiple(patch, (32, 32), "2D patch")
+                model, shape, mode = factory(), (*patch, 3), "2.5d"
+            else:
+                factory = lambda: build_ahnet(self.model_config, fast=c.fast)  # noqa: E731
+                model = factory()
+                rules = window_rules(model) or ((32, 32, 32), (32, 32, 32))
+                patch, batch, ck = self._choose(factory, 1, tuple(c.patch_3d), c.batch_3d, tuple(rules[0]),
+                                                tuple(rules[1]), stage)
+                _check_multiple(patch, tuple(rules[0]), f"3D patch for {type(model).__name__}({self.model_config})",
+                                tuple(rules[1]))
+                shape, mode = tuple(patch), "3d"
+                if stage == "decoder":
+                    freeze_encoder(model, ENCODER_PREFIXES)
+                    train_mode = FrozenBNTrainMode(ENCODER_PREFIXES)
+            if ck:
+                enable_activation_checkpointing(model)
+            ds = PatchDataset([], self.k, self.intensity, shape, fg_ratio=c.fg_ratio, augment=c.augment,
+                              seed=c.seed + 99, mode=mode, class_balanced=c.class_balanced, cases=self.train_cases())
+            batches = iter(make_loader(ds, batch, 4, num_workers=0))
+            per_step, eval_s = measure_stage(model, batches, self.device, c.amp, train_mode, timed_steps=2,
+                                             eval_voxels=val_vox, clock=self.clock)
+            n_params = sum(p.numel() for p in model.parameters())
+            write_s = n_params * 4 * 4 / 200e6  # last.pt (weights + Adam moments) and best.pt at ~200 MB/s
+            self.costs[stage] = StageCost(per_step * c.grad_accum, eval_s + write_s,
+                                          min(c.steps_per_epoch, max(self.planned_steps(stage), 1)),
+                                          4 if budget else 1)
+            del model, batches, ds
+            gc.collect()
+        self.log("[plan] measured on this machine in " + format_duration(self.clock() - t0) + ": " + ", ".join(
+            f"{s} {v.seconds_per_step:.2f} s/step (+{v.seconds_per_epoch:.1f} s per epoch for validation and "
+            f"checkpoints)" for s, v in self.costs.items()))
+
+    def describe(self) -> list[str]:
+        """The start-up summary: model, backend, device, data, validation, intensity."""
+        c = self.cfg
+        from ahnet_fast.reference import AHNet as ReferenceAHNet
+
+        cls = ahnet_class(c.fast)
+        fast = cls is not ReferenceAHNet
+        why = {None: "the default: fast on CUDA, the reference on a CPU", True: "--fast", False: "--reference"}[c.fast]
+        mc = self.model_config
+        lines = [
+            f"model: {'ahnet_fast.AHNet (fused fast AH-Net' if fast else 'ahnet_fast.reference.AHNet (plain PyTorch, the CPU path'}; "
+            f"{why}), layers {','.join(map(str, mc.get('layers', ())))}, psp {mc.get('psp_block_num')}, "
+            f"{mc.get('upsample_mode')} upsampling, {self.k} classes; 2D stage network: {c.model_2d}",
+        ]
+        if fast:
+            from ahnet_fast.ops import get_backend
+
+            lines.append(f"backend: {get_backend()} (AHNET_FAST_BACKEND; auto picks cuda/triton kernels per op and "
+                         "falls back to the reference ops)")
+        else:
+            lines.append("backend: torch ops (the reference model does not use the fused kernels)")
+        threads = f", {torch.get_num_threads()} torch threads" if self.device.type == "cpu" else ""
+        lines.append(f"device: {self.device}{threads}; precision {c.amp if c.amp != 'none' else 'fp32'}; "
+                     f"{c.num_workers} data worker(s)")
+        n_tr, n_val = len(self.spec.training), len([r for r in self.spec.validation if r.label])
+        if n_val:
+            val = (f"{n_val} validation case(s): whole-volume Dice after every epoch chooses best.pt and model.pt")
+        else:
+            val = ("no validation cases: best.pt and model.pt are chosen on the Dice of the training batches "
+                   "(optimistic; says nothing about unseen data; add a \"validation\" list to dataset.json)")
+        lines.append(f"data: {self.spec.source}: {n_tr} training case(s); {val}")
+        lines.append(f"intensity: {self.intensity.to_dict()}" + ("" if c.intensity else
+                     f" (default for modality {self.spec.modality or 'unknown'})"))
+        return lines
+
+    def describe_plan(self) -> str:
+        from ahnet_fast.train.budget import format_duration
+
+        c = self.cfg
+        parts = []
+        for s in c.stages:
+            if s == "transfer":
+                parts.append("transfer")
+                continue
+            n = self.planned_steps(s)
+            cost = self.costs.get(s)
+            parts.append(f"{s} {n} steps" + (f" (~{format_duration(cost.seconds(n))})" if cost else ""))
+        text = "steps: " + ", ".join(parts)
+        if self.costs:
+            left = self.remaining_seconds()
+            text += f"; estimated total {format_duration(left)} (ends about " \
+                    f"{time.strftime('%H:%M', time.localtime(time.time() + left))})"
+        if c.time_budget is not None:
+            text += f"; time budget {format_duration(c.time_budget)}"
+        if c.step_budget is not None:
+            text += f"; step budget {c.step_budget}"
+        return text
+
+    def _fit(self, trainer: Trainer, stage: str, resume: bool) -> dict[str, Any]:
+        return trainer.fit(resume=resume, deadline=self.stage_deadline(stage), clock=self.clock)
+
+    def stage_deadline(self, stage: str) -> float | None:
+        """Clock time stage ``stage`` must end by: the budget's end less the predicted time of later stages."""
+        if self.run_end is None:
+            return None
+        later = [s for s in self.cfg.stages if STAGES.index(s) > STAGES.index(stage) and s in self.costs]
+        return self.run_end - sum(self.costs[s].seconds(self.planned_steps(s)) for s in later)
+
+    def planned_steps(self, stage: str) -> int:
+        return {"2d": self.cfg.steps_2d, "decoder": self.cfg.steps_decoder,
+                "finetune": self.cfg.steps_finetune}.get(stage, 0)
+
+    def set_steps(self, plan: dict[str, int]) -> None:
+        for stage, n in plan.items():
+            setattr(self.cfg, {"2d": "steps_2d", "decoder": "steps_decoder", "finetune": "steps_finetune"}[stage], n)
+
+    def remaining_seconds(self, stage: str | None = None, trainer: Trainer | None = None) -> float:
+        """Predicted seconds to the end of the run (from the measured costs, corrected by the current
+        stage's observed speed); NaN when nothing was measured."""
+        if not self.costs:
+            return float("nan")
+        from ahnet_fast.train.budget import epochs_for
+
+        scale = 1.0
+        total = 0.0
+        later_from = 0
+        if stage is not None and trainer is not None:
+            rec = getattr(trainer, "last_record", None) or {}
+            cost = self.costs.get(stage)
+            rate = rec.get("seconds_per_step")
+            if cost is not None and rate:
+                scale = rate / cost.seconds_per_step if cost.seconds_per_step > 0 else 1.0
+                left = trainer.cfg.steps - trainer.step
+                epochs_left = epochs_for(trainer.cfg.steps, trainer.cfg.steps_per_epoch) - trainer.epoch
+                total += rate * left + max(0, epochs_left) * cost.seconds_per_epoch
+            later_from = STAGES.index(stage) + 1
+        for s in self.cfg.stages:
+            if STAGES.index(s) >= later_from and s in self.costs:
+                total += scale * self.costs[s].seconds(self.planned_steps(s))
+        return total
+
+    def _eta(self, trainer: Trainer) -> str:
+        from ahnet_fast.train.budget import format_duration
+
+        left = self.remaining_seconds(trainer.stage, trainer)
+        if not math.isfinite(left):
+            return ""
+        text = f"run ETA {format_duration(left)}"
+        if self.run_end is not None:
+            text += f" (budget left {format_duration(max(0.0, self.run_end - self.clock()))})"
+        return text
+
+    def _on_epoch(self, trainer: Trainer, rec: dict[str, Any]) -> None:
+        """After each epoch: model.pt follows the best 3D weights so far; progress.png is redrawn."""
+        if trainer.stage in ("decoder", "finetune") and rec.get("improved") and trainer.best_dice > self.model_best:
+            self.model_best = trainer.best_dice
+            self.model_source = {"stage": trainer.stage, "epoch": trainer.epoch, "step": trainer.step,
+                                 "mean_fg_dice": trainer.best_dice, "dice_source": rec.get("dice_source")}
+            save_checkpoint(self.out / "model.pt", {**weights_only(trainer._payload()),
+                                                    "model_source": self.model_source})
+        try:
+            from ahnet_fast.train.report import write_progress_png
+
+            write_progress_png(self.out, self.spec.class_names)
+        except (OSError, ValueError, RuntimeError) as exc:  # a plot never stops training
+            self.log(f"[{trainer.stage}] progress.png not written ({exc})")
 
 
 def _check_multiple(patch: Sequence[int], multiple: Sequence[int], what: str,
@@ -450,7 +689,7 @@ _STAGE_OUTPUTS = {
     "2d": tuple(f"2d/{f}" for f in _TRAINER_FILES),
     "transfer": ("transfer/init.pt",),
     "decoder": tuple(f"decoder/{f}" for f in _TRAINER_FILES),
-    "finetune": (*(f"finetune/{f}" for f in _TRAINER_FILES), "model.pt"),
+    "finetune": tuple(f"finetune/{f}" for f in _TRAINER_FILES),
 }
 
 
@@ -490,8 +729,30 @@ def _recipe_record(cfg: RecipeConfig) -> dict[str, Any]:
     return rec
 
 
+def _model_source(path: Path) -> dict[str, Any] | None:
+    """What model.pt at ``path`` records about itself (stage, step, Dice); None without a readable one."""
+    if not path.is_file():
+        return None
+    try:
+        ck = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception:  # unreadable: replaced by this run's first best; segment would report it
+        return None
+    if not isinstance(ck, dict):
+        return None
+    src = ck.get("model_source")
+    if isinstance(src, dict):
+        return src
+    # a model.pt of an earlier version: a copy of finetune's best.pt
+    return {"stage": ck.get("stage"), "step": ck.get("step"), "mean_fg_dice": ck.get("best_dice")}
+
+
 def _existing_outputs(out: Path, stages: Sequence[str]) -> list[str]:
-    return [name for stage in stages for name in _STAGE_OUTPUTS[stage] if (out / name).exists()]
+    names = [name for stage in stages for name in _STAGE_OUTPUTS[stage] if (out / name).exists()]
+    # model.pt is the result of the 3D stage that wrote it (decoder or finetune)
+    src = _model_source(out / "model.pt")
+    if src is not None and src.get("stage") in stages:
+        names.append("model.pt")
+    return names
 
 
 def _check_resume_settings(out: Path, cfg: RecipeConfig, overrides: set[str]) -> dict[str, list[Any]]:
@@ -518,7 +779,8 @@ def _check_resume_settings(out: Path, cfg: RecipeConfig, overrides: set[str]) ->
 
 
 def run_recipe(cfg: RecipeConfig, resume: bool = False, log: Callable[[str], None] | None = None,
-               progress: bool = True, overwrite: bool = False, overrides: Sequence[str] = ()) -> dict[str, Any]:
+               progress: bool = True, overwrite: bool = False, overrides: Sequence[str] = (),
+               estimate: bool = False, clock: Callable[[], float] = time.monotonic) -> dict[str, Any]:
     """Run ``cfg.stages`` in order (module docstring).
 
     Args:
@@ -528,6 +790,9 @@ def run_recipe(cfg: RecipeConfig, resume: bool = False, log: Callable[[str], Non
             ``out_dir`` (otherwise their presence is an error: nothing is silently replaced and
             logs of two runs are never mixed).
         overrides: :func:`recipe_fields` that may change on resume; changes are logged.
+        estimate: time a few steps of each stage first (as a time budget does) to print the run's
+            estimated duration at the start and its remaining time after every epoch.
+        clock: the clock of budgets and estimates (tests inject a fake one).
 
     Returns:
         ``{"stages": {name: result with "seconds"}, "out_dir": ..., "num_classes": ...}``.
@@ -560,28 +825,184 @@ def run_recipe(cfg: RecipeConfig, resume: bool = False, log: Callable[[str], Non
                 (out / name).unlink()
             log(f"--overwrite: removed the earlier results in {out}: {', '.join(existing)}")
     ddp_util.barrier()  # every rank has checked the folder before rank 0 writes into it
-    r = _Recipe(cfg, log, progress, overrides=overrides)
+    r = _Recipe(cfg, log, progress, overrides=overrides, clock=clock)
+    saved = _read_saved_record(r.out) if resume else {}
+    src = _model_source(r.out / "model.pt")  # a model.pt still here (resumed, or an earlier stage's): the bar
+    if src is not None:
+        r.model_source, r.model_best = src, float(src.get("mean_fg_dice") or -math.inf)
+    for line in r.describe():
+        log("[run] " + line)
+    _plan_budget(r, resume, saved, estimate)
+    log("[run] " + r.describe_plan())
+    history: list[Any] = list(saved.get("overrides", [])) if resume else []
+    if changed:
+        history.append({"time": time.time(), "changes": changed})
+        log("--override: " + ", ".join(f"{f} {a} -> {b}" for f, (a, b) in changed.items()))
     if ddp_util.is_main():
         for folder in [r.out, *(r.out / s for s in STAGES)]:
             clean_stale_temps(folder)  # left by a run killed with SIGKILL
-        record = _recipe_record(cfg)
-        history: list[Any] = []
-        if resume and (r.out / "recipe.json").is_file():
-            history = list(json.loads((r.out / "recipe.json").read_text()).get("overrides", []))
-        if changed:
-            history.append({"time": time.time(), "changes": changed})
-            log("--override: " + ", ".join(f"{f} {a} -> {b}" for f, (a, b) in changed.items()))
-        record["overrides"] = history
-        atomic_write_text(r.out / "recipe.json", json.dumps(record, indent=2))
+    _write_record(r, history)
     results: dict[str, Any] = {}
+    t_run = time.time()
     for stage in cfg.stages:
+        if r.replan and stage in ("decoder", "finetune"):
+            _replan(r, stage)
+            _write_record(r, history)
         t0 = time.time()
         res = getattr(r, f"stage_{stage}")(resume)
         res["seconds"] = time.time() - t0
         results[stage] = res
+        _write_record(r, history)  # the steps a re-plan may have changed
         log(f"[{stage}] done in {res['seconds']:.1f} s" + (
-            f", best mean foreground Dice {res['best_dice']:.3f}" if "best_dice" in res else ""))
+            f", best mean foreground Dice {res['best_dice']:.3f}" if "best_dice" in res else "") + (
+            f" (stopped by the time budget at step {res['steps']})" if res.get("stopped_by_deadline") else ""))
+    if ddp_util.is_main():
+        _write_reports(r, results, time.time() - t_run)
     return {"stages": results, "out_dir": str(r.out), "num_classes": r.k, "intensity": r.intensity}
+
+
+def _read_saved_record(out: Path) -> dict[str, Any]:
+    path = out / "recipe.json"
+    if not path.is_file():
+        return {}
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot read the settings of the run to resume ({exc})") from exc
+    return rec if isinstance(rec, dict) else {}
+
+
+#: seconds kept at the end of a time budget for the transfer stage, model.pt, summary.json and progress.png
+def _reserve(budget: float) -> float:
+    return min(60.0, 5.0 + 0.02 * budget)
+
+
+def _plan_budget(r: _Recipe, resume: bool, saved: dict[str, Any], estimate: bool) -> None:
+    """Measure (or take the resumed run's measurements), then plan steps for a budget (module docstring)."""
+    from ahnet_fast.train.budget import StageCost, format_duration, plan_steps
+
+    c = r.cfg
+    trained = [s for s in c.stages if s in ("2d", "decoder", "finetune")]
+    plan_rec = saved.get("plan") if resume else None
+    if ddp_util.is_main():
+        if isinstance(plan_rec, dict) and plan_rec.get("costs"):
+            r.costs = {s: StageCost(**v) for s, v in plan_rec["costs"].items() if s in trained}
+        if (c.time_budget is not None or estimate) and any(s not in r.costs for s in trained):
+            r.measure_costs()
+    r.costs = ddp_util.broadcast_object(r.costs)
+    r.base_steps = {s: r.planned_steps(s) for s in trained}
+    if isinstance(plan_rec, dict) and isinstance(plan_rec.get("base_steps"), dict):
+        r.base_steps = {s: int(plan_rec["base_steps"].get(s, r.base_steps[s])) for s in trained}
+    if not trained:
+        return
+    if c.time_budget is not None:
+        r.run_end = r.t_start + c.time_budget - _reserve(c.time_budget)
+    if resume:
+        return  # the resumed run's steps (recipe.json) stand; a time budget bounds this invocation
+    if c.step_budget is not None:
+        plan = plan_steps(r.base_steps, steps=c.step_budget)
+        r.set_steps(plan)
+        r.log(f"[plan] step budget {c.step_budget}: " + ", ".join(f"{s} {n}" for s, n in plan.items()) +
+              " steps (the configured steps' proportions)")
+    elif c.time_budget is not None:
+        assert r.run_end is not None
+        available = r.run_end - r.clock()
+        plan = ddp_util.broadcast_object(plan_steps(r.base_steps, r.costs, seconds=available))
+        r.set_steps(plan)
+        r.replan = True
+        r.log(f"[plan] time budget {format_duration(c.time_budget)}, {format_duration(available)} left for "
+              "training: " + ", ".join(f"{s} {n} steps" for s, n in plan.items()) +
+              f" (the configured {', '.join(str(n) for n in r.base_steps.values())} scaled to fit; re-planned at "
+              "each stage start)")
+
+
+def _replan(r: _Recipe, stage: str) -> None:
+    """At a stage start: fit the steps of this and the later stages into the time left."""
+    from ahnet_fast.train.budget import format_duration, plan_steps
+
+    assert r.run_end is not None
+    rest = {s: n for s, n in r.base_steps.items() if STAGES.index(s) >= STAGES.index(stage) and s in r.costs}
+    if not rest:
+        return
+    available = r.run_end - r.clock()
+    plan = ddp_util.broadcast_object(plan_steps(rest, r.costs, seconds=max(available, 0.0)))
+    before = {s: r.planned_steps(s) for s in plan}
+    r.set_steps(plan)
+    if plan != before:
+        r.log(f"[plan] {format_duration(available)} left: " + ", ".join(
+            f"{s} {before[s]} -> {n} steps" for s, n in plan.items()))
+
+
+def _write_record(r: _Recipe, history: list[Any]) -> None:
+    """recipe.json: this run's settings, merged with those of stages run earlier into the folder."""
+    from ahnet_fast._atomic import atomic_write_text
+
+    if not ddp_util.is_main():
+        return
+    record = _merged_record(r.out, r.cfg)
+    record["overrides"] = history
+    record["plan"] = {"costs": {s: v.to_dict() for s, v in r.costs.items()},
+                      "base_steps": getattr(r, "base_steps", {})}
+    atomic_write_text(r.out / "recipe.json", json.dumps(_plain(record), indent=2, default=str))
+
+
+def _merged_record(out: Path, cfg: RecipeConfig) -> dict[str, Any]:
+    """This run's settings; the stage-specific settings of stages not run now stay those recorded
+    for them (a partial re-run such as ``--stages finetune`` keeps what the other stages ran with),
+    and ``stage_settings`` holds, per stage, every setting it last ran with."""
+    now = _recipe_record(cfg)
+    saved = _read_saved_record(out)
+    record = dict(now)
+    mine = {f for st in cfg.stages for f in _STAGE_RECIPE_FIELDS[st]}
+    if saved:
+        for stage in STAGES:
+            if stage in cfg.stages:
+                continue
+            for f in _STAGE_RECIPE_FIELDS[stage]:
+                if f in saved and f not in mine:
+                    record[f] = saved[f]
+        ran = set(saved.get("stages") or []) | set(cfg.stages)
+        record["stages"] = [s for s in STAGES if s in ran]
+    per_stage = dict(saved.get("stage_settings") or {}) if saved else {}
+    for stage in cfg.stages:
+        per_stage[stage] = {f: now.get(f) for f in (*_COMMON_RECIPE_FIELDS, *_STAGE_RECIPE_FIELDS[stage],
+                                                     "preset", "time_budget", "step_budget", "device")}
+        per_stage[stage]["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    record["stage_settings"] = per_stage
+    return record
+
+
+def _write_reports(r: _Recipe, results: dict[str, Any], seconds: float) -> None:
+    from ahnet_fast.train.report import write_progress_png, write_summary
+
+    c = r.cfg
+    stages = {}
+    for s, res in results.items():
+        stages[s] = {k: res.get(k) for k in ("steps", "epochs", "finished", "stopped_by_deadline", "best_dice",
+                                             "seconds") if k in res}
+        if s in r.costs:
+            stages[s]["planned_steps"] = r.planned_steps(s)
+            stages[s]["measured_seconds_per_step"] = r.costs[s].seconds_per_step
+    summary = {
+        "out_dir": str(r.out.resolve()), "preset": c.preset, "device": str(r.device),
+        "time_budget_s": c.time_budget, "step_budget": c.step_budget, "seconds_this_invocation": seconds,
+        "run": r.describe(), "class_names": r.spec.class_names, "num_classes": r.k,
+        "training_cases": len(r.spec.training),
+        "validation_cases": len([v for v in r.spec.validation if v.label]),
+        "model": str(r.out / "model.pt") if (r.out / "model.pt").is_file() else None,
+        "model_source": r.model_source, "stages": stages,
+    }
+    try:
+        write_summary(r.out, summary)
+        write_progress_png(r.out, r.spec.class_names)
+    except (OSError, ValueError, RuntimeError) as exc:
+        r.log(f"[run] summary.json / progress.png not written ({exc})")
+        return
+    r.log(f"[run] summary: {r.out / 'summary.json'}; curves: {r.out / 'progress.png'}")
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) and math.isfinite(v) else "n/a"
 
 
 def _plain(x: Any) -> Any:
