@@ -9,10 +9,17 @@
 3. segments the held-out anterior part, writes ``OUT/test_segmentation.nii.gz``
    and prints the Dice per class and the time per stage.
 
-On a CPU it uses a small configuration (AH-Net with one residual block per
+On a CPU it uses the ``cpu-small`` preset (AH-Net with one residual block per
 layer, one PSP branch, trilinear upsampling, 64 x 64 x 32 patches) sized to
 finish in about ten minutes on two cores; on a GPU the paper's full
-configuration with the fast AH-Net and bf16.
+configuration with the fast AH-Net and bf16, its patches narrowed to the
+demo's volumes.
+
+Output folder (``--out``, default ``./ahnet_demo`` in the current directory):
+``data/`` (the task: NIfTI images, labels, dataset.json), ``run/`` (the training
+run: model.pt, summary.json, progress.png, one folder per stage),
+``test_segmentation.nii.gz`` and ``demo_result.json``. The demo ends by printing
+these paths and the `ahnet-fast show` / `segment` commands to try next.
 """
 from __future__ import annotations
 
@@ -23,28 +30,28 @@ import time
 from pathlib import Path
 
 from ahnet_fast._atomic import atomic_write_text
-from ahnet_fast.cli.train import add_training_arguments, apply_training_arguments, run_guarded
+from ahnet_fast.cli.train import (
+    add_training_arguments,
+    apply_training_arguments,
+    log_line,
+    progress_enabled,
+    run_guarded,
+)
+from ahnet_fast.train.presets import PRESETS
 
-# small configuration for a 2-core CPU (see module docstring)
-CPU_CONFIG = {
-    "model_config": {"layers": (1, 1, 1, 1), "psp_block_num": 1, "upsample_mode": "trilinear"},
-    "model_2d": "fcn",
-    "patch_2d": (64, 64), "batch_2d": 8, "steps_2d": 60,
-    "patch_3d": (64, 64, 32), "batch_3d": 2, "steps_decoder": 40, "steps_finetune": 500,
-    "steps_per_epoch": 50, "lr_2d": 5e-4, "lr_3d": 1e-3, "lr_schedule": "cosine",
-    # patches are drawn in the main process: a worker would take a core from the 2 torch threads
-    "class_balanced": True, "num_workers": 0, "plateau_patience": 2,
-}
-# the paper's configuration for a GPU
-GPU_CONFIG = {
-    # full ResNet50 encoder; 3 PSP branches so that 96-voxel-wide patches are valid (4 would need
-    # 128 in-plane, wider than the 104-voxel training part)
+#: default output folder (relative to the current directory)
+DEFAULT_OUT = "ahnet_demo"
+# small configuration for a 2-core CPU (see module docstring): the cpu-small preset
+CPU_CONFIG = dict(PRESETS["cpu-small"])
+#: the GPU presets, narrowed to the demo's volumes: full ResNet50 encoder; 3 PSP branches so that
+#: 96-voxel-wide patches are valid (4 would need 128 in-plane, wider than the 104-voxel training part)
+DEMO_GPU_CHANGES = {
     "model_config": {"layers": (3, 4, 6, 3), "psp_block_num": 3, "upsample_mode": "trilinear"},
-    "model_2d": "mcfcn",
     "patch_2d": (128, 96), "batch_2d": 16, "steps_2d": 1500,
     "patch_3d": (128, 96, 32), "batch_3d": 4, "steps_decoder": 1000, "steps_finetune": 3000,
     "steps_per_epoch": 100, "amp": "bf16", "class_balanced": True, "num_workers": 4,
 }
+GPU_CONFIG = {**PRESETS["gpu-paper"], **DEMO_GPU_CHANGES}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -54,11 +61,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "anisotropic 1x1x4 mm volumes, 4 tissue classes, train on the posterior part, test on the "
                     "anterior part at a different slice offset. Small configuration on a CPU (about 10 minutes "
                     "on 2 cores), the paper's on a GPU.")
-    p.add_argument("--out", default="ahnet_demo", help="output folder (default ./ahnet_demo)")
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help=f"output folder (default ./{DEFAULT_OUT} in the current directory): data/, run/ (model.pt, "
+                        "summary.json, progress.png), test_segmentation.nii.gz, demo_result.json")
     p.add_argument("--full", action="store_true", default=None,
-                   help="the paper's full configuration (default on a GPU)")
-    p.add_argument("--small", dest="full", action="store_false", help="the small CPU configuration")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
+                   help="the paper's full configuration (default on a GPU; same as --preset gpu-paper)")
+    p.add_argument("--small", dest="full", action="store_false",
+                   help="the small CPU configuration (same as --preset cpu-small)")
     add_training_arguments(p)
     p.set_defaults(func=_run)
 
@@ -87,8 +96,18 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available() and (args.device is None or str(args.device).startswith("cuda"))
-    full = cuda if args.full is None else args.full
-    preset = GPU_CONFIG if full else CPU_CONFIG
+    if args.preset is not None:
+        if args.full is not None and args.full != args.preset.startswith("gpu"):
+            raise ValueError(f"--preset {args.preset} and --{'full' if args.full else 'small'} contradict each "
+                             "other: choose one")
+        full = args.preset.startswith("gpu")
+        name = args.preset
+    else:
+        full = cuda if args.full is None else args.full
+        name = "gpu-paper" if full else "cpu-small"
+    preset = {**PRESETS[name], **(DEMO_GPU_CHANGES if full else {})}
+    if name == "gpu-12gb":
+        preset["max_memory"] = PRESETS[name]["max_memory"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
@@ -97,17 +116,18 @@ def run_demo(args: argparse.Namespace) -> int:
     t0 = time.time()
     js = build_mni_dataset(out / "data")
     times["data"] = time.time() - t0
-    print(f"[data] MNI152 2009a tissue task in {js.parent} ({times['data']:.1f} s)")
+    log_line(f"[data] MNI152 2009a tissue task in {js.parent} ({times['data']:.1f} s)")
 
-    cfg = RecipeConfig(data=str(js), out_dir=str(out / "run"), **{k: v for k, v in preset.items()})
+    cfg = RecipeConfig(data=str(js), out_dir=str(out / "run"), **{k: v for k, v in preset.items()}, preset=name)
     if not cuda:
         cfg.device = "cpu"
     apply_training_arguments(cfg, args)
-    print(f"[demo] {'full' if full else 'small'} configuration: AH-Net {cfg.model_config}, 2D {cfg.model_2d}, "
-          f"patches 2D {cfg.patch_2d} 3D {cfg.patch_3d}, steps 2d/decoder/finetune "
-          f"{cfg.steps_2d}/{cfg.steps_decoder}/{cfg.steps_finetune}, device {cfg.device or ('cuda' if cuda else 'cpu')}")
-    res = run_recipe(cfg, resume=args.resume, progress=not args.no_progress, log=print,
-                     overwrite=args.overwrite, overrides=args.override)
+    log_line(f"[demo] {'full' if full else 'small'} configuration (preset {name}): AH-Net {cfg.model_config}, "
+             f"2D {cfg.model_2d}, patches 2D {cfg.patch_2d} 3D {cfg.patch_3d}, steps 2d/decoder/finetune "
+             f"{cfg.steps_2d}/{cfg.steps_decoder}/{cfg.steps_finetune}, device "
+             f"{cfg.device or ('cuda' if cuda else 'cpu')}")
+    res = run_recipe(cfg, resume=args.resume, progress=progress_enabled(args), log=log_line,
+                     overwrite=args.overwrite, overrides=args.override, estimate=args.estimate)
     for k, v in res["stages"].items():
         times[k] = v["seconds"]
 
@@ -139,4 +159,13 @@ def run_demo(args: argparse.Namespace) -> int:
               "config": "full" if full else "small", "device": str(device),
               "segmentation": str(out / "test_segmentation.nii.gz")}
     atomic_write_text(out / "demo_result.json", json.dumps(result, indent=2))
+    run = out / "run"
+    test_image = Path(spec.test[0].image)
+    print(f"\nResults in {out.resolve()}:")
+    print(f"  model            {run / 'model.pt'}")
+    print(f"  training summary {run / 'summary.json'}, curves {run / 'progress.png'}")
+    print(f"  test segmentation {out / 'test_segmentation.nii.gz'} (Dice in {out / 'demo_result.json'})")
+    print("Try next:")
+    print(f"  ahnet-fast show {test_image} --seg {out / 'test_segmentation.nii.gz'} --out {out / 'test.png'}")
+    print(f"  ahnet-fast segment {test_image} {out / 'my_segmentation.nii.gz'} --checkpoint {run / 'model.pt'}")
     return 0

@@ -13,6 +13,45 @@ from pathlib import Path
 STAGE_HELP = "comma-separated subset of 2d,transfer,decoder,finetune (default: all, in that order)"
 
 
+def _preset_default(field: str) -> str:
+    from ahnet_fast.train.presets import describe_default
+
+    return f"default from --preset: {describe_default(field)}"
+
+
+def _duration(text: str) -> float:
+    from ahnet_fast.train.budget import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {v}")
+    return v
+
+
+def log_line(msg: str) -> None:
+    """Print a line to stdout without breaking the progress bar on stderr (tqdm.write clears it first)."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(msg, file=sys.stdout)
+
+
+def progress_enabled(args: argparse.Namespace) -> bool:
+    """``--progress`` / ``--no-progress`` as given, else bars only when stderr is a terminal."""
+    if getattr(args, "progress", None) is not None:
+        return bool(args.progress)
+    return sys.stderr.isatty()
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.replace("x", ",").split(",") if v)
@@ -26,6 +65,21 @@ def _names(text: str) -> list[str]:
 
 def add_training_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by `train` and `demo` (model, schedule, memory)."""
+    from ahnet_fast.train.presets import PRESET_SUMMARY
+
+    b = p.add_argument_group("preset and budget")
+    b.add_argument("--preset", choices=list(PRESET_SUMMARY),
+                   help="a named configuration; the options below change single settings of it. "
+                        + "; ".join(f"{k}: {v}" for k, v in PRESET_SUMMARY.items())
+                        + " (default: cpu-small on a CPU, gpu-paper on a GPU)")
+    b.add_argument("--time-budget", type=_duration, metavar="DURATION",
+                   help="wall time for the whole run, e.g. 20m, 1h30m, 900 (seconds): a few steps of each stage "
+                        "are timed first, the preset's steps are scaled by one factor to fit, each stage stops "
+                        "at its share, and model.pt is kept current from the first 3D epoch on")
+    b.add_argument("--step-budget", type=_positive_int, metavar="N",
+                   help="optimizer steps of all trained stages together, split in the preset's proportions")
+    b.add_argument("--no-estimate", dest="estimate", action="store_false", default=True,
+                   help="skip timing a few steps of each stage before training (then no run ETA is printed)")
     g = p.add_argument_group("model")
     g.add_argument("--layers", type=_ints, help="AH-Net residual blocks per layer, e.g. 3,4,6,3 (paper)")
     g.add_argument("--psp", type=int, help="PSP pooling branches 0..4 (paper: 4)")
@@ -35,31 +89,38 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
                    help="train the fast AH-Net (default on CUDA)")
     g.add_argument("--reference", dest="fast", action="store_false", help="train the plain-PyTorch reference AH-Net")
     s = p.add_argument_group("schedule")
-    s.add_argument("--steps-2d", type=int, help="optimizer steps of stage 2d")
-    s.add_argument("--steps-decoder", type=int, help="optimizer steps of stage decoder")
-    s.add_argument("--steps-finetune", type=int, help="optimizer steps of stage finetune")
-    s.add_argument("--steps-per-epoch", type=int, help="steps per epoch (summary, validation, checkpoint)")
+    s.add_argument("--steps-2d", type=int, help=f"optimizer steps of stage 2d ({_preset_default('steps_2d')})")
+    s.add_argument("--steps-decoder", type=int,
+                   help=f"optimizer steps of stage decoder ({_preset_default('steps_decoder')})")
+    s.add_argument("--steps-finetune", type=int,
+                   help=f"optimizer steps of stage finetune ({_preset_default('steps_finetune')})")
+    s.add_argument("--steps-per-epoch", type=int, help="steps per epoch (summary, validation, checkpoint; "
+                                                       f"{_preset_default('steps_per_epoch')})")
     s.add_argument("--lr-2d", type=float, help="Adam learning rate of stage 2d (paper 5e-4)")
     s.add_argument("--lr-3d", type=float, help="Adam learning rate of the 3D stages (paper 1e-3)")
     s.add_argument("--lr-schedule", choices=["constant", "cosine"],
-                   help="constant (paper) or cosine decay to 0 within each stage")
+                   help=f"constant (paper) or cosine decay to 0 within each stage ({_preset_default('lr_schedule')})")
     s.add_argument("--loss", choices=["ce_then_focal", "ce", "focal"],
                    help="ce_then_focal (paper): cross-entropy, focal loss once the loss plateaus")
     s.add_argument("--focal-gamma", type=float, help="focal loss gamma (default 2)")
     s.add_argument("--seed", type=int, help="random seed (default 0)")
     m = p.add_argument_group("memory and speed")
-    m.add_argument("--patch-2d", type=_ints, help="2D patch H,W (multiples of 32)")
-    m.add_argument("--patch-3d", type=_ints, help="3D patch H,W,D (D a multiple of 32)")
-    m.add_argument("--batch-2d", type=int, help="2D micro-batch size")
-    m.add_argument("--batch-3d", type=int, help="3D micro-batch size")
-    m.add_argument("--amp", choices=["none", "bf16", "fp16"], help="mixed precision (fp16 uses a GradScaler)")
+    m.add_argument("--patch-2d", type=_ints, help=f"2D patch H,W (multiples of 32; {_preset_default('patch_2d')})")
+    m.add_argument("--patch-3d", type=_ints,
+                   help=f"3D patch H,W,D (D a multiple of 32; {_preset_default('patch_3d')})")
+    m.add_argument("--batch-2d", type=int, help=f"2D micro-batch size ({_preset_default('batch_2d')})")
+    m.add_argument("--batch-3d", type=int, help=f"3D micro-batch size ({_preset_default('batch_3d')})")
+    m.add_argument("--amp", choices=["none", "bf16", "fp16"],
+                   help=f"mixed precision (fp16 uses a GradScaler; {_preset_default('amp')})")
     m.add_argument("--checkpointing", action="store_true", default=None,
                    help="activation checkpointing (recompute block activations in backward)")
     m.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     m.add_argument("--max-memory", type=float, metavar="GB",
                    help="pick the largest patch/batch/checkpointing that fits in GB (measured on a GPU, "
                         "estimated on the CPU) and print the choice")
-    m.add_argument("--workers", type=int, help="DataLoader worker processes (default 2)")
+    m.add_argument("--workers", type=int, help="DataLoader worker processes (0: patches drawn in the training "
+                                                "process; " + _preset_default("num_workers") + ")")
+    m.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's, one per core)")
     m.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out exactly (its settings, from recipe.json, must be given again)")
@@ -68,7 +129,8 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--override", type=_names, action="extend", default=[], metavar="NAME[,NAME]",
                    help="with --resume: settings that may differ from the resumed run, e.g. lr_3d,seed "
                         "(recorded in recipe.json and log.jsonl)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bars on stderr (default: shown when stderr is a terminal)")
     p.add_argument("--debug", action="store_true", help="show full tracebacks")
 
 
@@ -88,6 +150,7 @@ def apply_training_arguments(cfg, args: argparse.Namespace) -> None:
         "lr_3d": "lr_3d", "lr_schedule": "lr_schedule", "loss": "loss", "focal_gamma": "focal_gamma", "seed": "seed", "batch_2d": "batch_2d",
         "batch_3d": "batch_3d", "amp": "amp", "checkpointing": "checkpointing", "grad_accum": "grad_accum",
         "max_memory": "max_memory", "num_workers": "workers", "device": "device",
+        "time_budget": "time_budget", "step_budget": "step_budget",
     }
     for field_, arg in simple.items():
         v = getattr(args, arg, None)
@@ -241,16 +304,38 @@ def _run(args: argparse.Namespace) -> int:
         D.teardown(ctx)
 
 
+def preset_for(args: argparse.Namespace) -> tuple[str, str]:
+    """The preset to start from and why: ``--preset`` as given, else the device's default."""
+    import torch
+
+    from ahnet_fast.train.presets import default_preset
+
+    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.preset is not None:
+        why = "--preset"
+        if args.preset.startswith("gpu") and torch.device(dev).type != "cuda":
+            why += (f"; warning: a GPU schedule on device {dev}: expect it to take very long (see the estimate "
+                    "below; --preset cpu-small or --time-budget bound it)")
+        return args.preset, why
+    name = default_preset(dev)
+    return name, f"the default on device {dev}; --preset to choose another"
+
+
 def _run_one(args: argparse.Namespace, ctx) -> int:
     from ahnet_fast.train import distributed as D
 
     main_rank = ctx is None or ctx.rank == 0
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     def go() -> int:
         import dataclasses
 
         from ahnet_fast.data.intensity import IntensityConfig
         from ahnet_fast.data.sampling import AugmentConfig
+        from ahnet_fast.train.presets import preset_values
         from ahnet_fast.train.recipe import RecipeConfig, recipe_config_from_record, run_recipe
 
         if args.overwrite and args.resume:
@@ -262,8 +347,17 @@ def _run_one(args: argparse.Namespace, ctx) -> int:
         if args.resume and saved.is_file():
             # resuming: the run's own settings, so only options given now can differ from them
             base = recipe_config_from_record(_read_record(saved), data=args.data, out_dir=args.out)
+        if base is None or args.preset is not None:
+            name, why = preset_for(args)
+            values = preset_values(name)
+            if base is not None:
+                base = dataclasses.replace(base, **values, preset=name)
+            else:
+                base = RecipeConfig(data=args.data, out_dir=args.out, **values, preset=name)
+            if main_rank:
+                log_line(f"[run] preset {name} ({why})")
         # replace() runs the checks of RecipeConfig again (stages put in recipe order)
-        cfg = dataclasses.replace(base or RecipeConfig(data=args.data, out_dir=args.out), stages=_stages(args.stages))
+        cfg = dataclasses.replace(base, stages=_stages(args.stages))
         if args.intensity is not None:
             cfg.intensity = IntensityConfig(args.intensity, tuple(args.ct_window or (-125.0, 225.0)),
                                             tuple(args.percentiles or (0.5, 99.5)))
@@ -281,11 +375,14 @@ def _run_one(args: argparse.Namespace, ctx) -> int:
         apply_training_arguments(cfg, args)
         if ctx is not None:  # a rank that cannot see a file stops every rank now, with its error
             D.agree(lambda: _preflight(cfg))
-        res = run_recipe(cfg, resume=args.resume, progress=not args.no_progress and main_rank,
-                         log=print if main_rank else (lambda m: None), overwrite=args.overwrite,
-                         overrides=args.override)
+        res = run_recipe(cfg, resume=args.resume, progress=progress_enabled(args) and main_rank,
+                         log=log_line if main_rank else (lambda m: None), overwrite=args.overwrite,
+                         overrides=args.override, estimate=args.estimate)
         if main_rank:
             print("stage times: " + ", ".join(f"{k} {v['seconds']:.1f} s" for k, v in res["stages"].items()))
+            if "finetune" in res["stages"] or (Path(args.out) / "model.pt").is_file():
+                print(f"model: {Path(args.out) / 'model.pt'}; next: ahnet-fast segment IMAGES OUT_FOLDER "
+                      f"--checkpoint {Path(args.out) / 'model.pt'}")
         return 0
 
     return run_guarded(go, args)
