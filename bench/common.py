@@ -148,11 +148,14 @@ def set_flags(dtype: torch.dtype) -> dict:
     }
 
 
-def short_error(exc: BaseException, limit: int = 300) -> str:
-    """One line 'Type: message' for result records."""
+def short_error(exc: BaseException, limit: int | None = None) -> str:
+    """One line 'Type: message' for result records: the whole message on one line (``limit``, if
+    given, cuts it and says so; no suite does, a cut reason is no reason)."""
     msg = " ".join(str(exc).split())
     text = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    if limit is None or len(text) <= limit:
+        return text
+    return text[: limit] + f"... ({len(text) - limit} more characters)"
 
 
 # ----------------------------------------------------------------------------
@@ -259,9 +262,30 @@ def gpu_slug(env: dict) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")
 
 
+#: default results folder, relative to the working directory (never the source checkout's bench/results/,
+#: which holds only runs committed on purpose: pass --out bench/results/<name> for that)
+RESULTS_DIRNAME = "bench-results"
+
+
 def default_out_dir(env: dict) -> Path:
-    """bench/results/<YYYY-MM-DD>-<gpu>/"""
-    return REPO_ROOT / "bench" / "results" / f"{env['date_utc'][:10]}-{gpu_slug(env)}"
+    """``./bench-results/<YYYY-MM-DD>-<gpu or cpu>/`` in the current working directory."""
+    return Path.cwd() / RESULTS_DIRNAME / f"{env['date_utc'][:10]}-{gpu_slug(env)}"
+
+
+#: what a CPU run times, said before it starts and written into its results
+CPU_NOTE = ("CPU run: ahnet_fast's fused kernels are GPU kernels (Triton, CUDA); on a CPU only the plain-PyTorch "
+            "paths run (ours[reference], eager and compiled torch, MONAI), the Triton/CUDA rows are reported as "
+            "unavailable, and no roofline is computed. CPU timings say nothing about GPU performance; use a GPU "
+            "(bash bench/gpu_check.sh) for that.")
+
+#: defaults of a run on a CPU: short, float32, few repetitions, no torch.compile
+CPU_DEFAULTS = {"dtype": "float32", "reps": 5, "reps_quick": 3, "max_seconds": 2.0, "budget_s": 180.0}
+GPU_DEFAULTS = {"dtype": "bfloat16", "reps": 100, "reps_quick": 30, "max_seconds": 10.0, "budget_s": None}
+
+
+def run_defaults(device: torch.device) -> dict:
+    """The defaults a run on ``device`` uses for options the user did not give."""
+    return dict(GPU_DEFAULTS if device.type == "cuda" else CPU_DEFAULTS)
 
 
 # ----------------------------------------------------------------------------
@@ -378,8 +402,9 @@ def time_fn(
             fn(*arg_sets[i % k])
             est.append(time.perf_counter() - t0)
         n = int(max(1, min(reps, max(min(min_reps, reps), max_seconds / max(statistics.median(est), 1e-9)))))
-        times = []
-        for i in range(n):
+        # the estimate's calls are timed calls like the others: a slow CPU call is not repeated for nothing
+        times = [t * 1e3 for t in est[:n]]
+        for i in range(len(times), n):
             t0 = time.perf_counter()
             fn(*arg_sets[i % k])
             times.append((time.perf_counter() - t0) * 1e3)
@@ -479,17 +504,18 @@ def measure_ceilings(device: torch.device, *, quick: bool = False, dtype: torch.
     """Measured device-copy bandwidth (bytes read + written) and matmul rate.
 
     CUDA: a 1 GiB (quick: 256 MiB) device-to-device copy and an 8192^3 (quick:
-    4096^3) matmul in ``dtype`` on random data. CPU: small float32 versions, recorded
-    only so the report has a scale."""
+    4096^3) matmul in ``dtype`` on random data. CPU: nothing is measured (``{"skipped": why}``):
+    tiny ops run from the CPU caches, faster than any DRAM copy, so a CPU "roofline" read
+    above 100%; no % of a ceiling is reported for a CPU run."""
     rec: dict[str, Any] = {}
-    if device.type == "cuda":
-        n_copy = (128 if quick else 512) * 2**20  # bf16 elements
-        # the matmul in the run's dtype: float32 runs have TF32 off, so their ceiling is plain fp32
-        mm_n, mm_dtype = (4096 if quick else 8192), dtype
-    else:
-        n_copy, mm_n, mm_dtype = (2 * 2**20, 256, torch.float32) if quick else (8 * 2**20, 512, torch.float32)
+    if device.type != "cuda":
+        return {"skipped": "CPU run: no ceiling is measured and no % of roofline is reported (small ops run from "
+                           "the CPU caches, faster than a DRAM copy, so a copy/matmul ceiling is no roof for them)"}
+    n_copy = (128 if quick else 512) * 2**20  # bf16 elements
+    # the matmul in the run's dtype: float32 runs have TF32 off, so their ceiling is plain fp32
+    mm_n, mm_dtype = (4096 if quick else 8192), dtype
     reps = 10 if quick else 30
-    src = torch.randn(n_copy, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    src = torch.randn(n_copy, device=device, dtype=torch.bfloat16)
     dst = torch.empty_like(src)
     t = time_fn(lambda: dst.copy_(src), [()], device, reps=reps, warmup=3, graph=False)
     rec["copy_GBps"] = 2 * src.numel() * src.element_size() / (t.ms * 1e-3) / 1e9
@@ -502,12 +528,19 @@ def measure_ceilings(device: torch.device, *, quick: bool = False, dtype: torch.
     rec["matmul"] = f"{mm_n}x{mm_n}x{mm_n} {dtype_name(mm_dtype)}"
     del a, b
     free_memory(device)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_properties(device).name
-        for key, sheet in DATASHEET.items():
-            if key in name:
-                rec["datasheet"] = sheet
+    name = torch.cuda.get_device_properties(device).name
+    for key, sheet in DATASHEET.items():
+        if key in name:
+            rec["datasheet"] = sheet
     return rec
+
+
+def describe_ceilings(ceilings: dict) -> str:
+    """One line for the log: the measured ceilings, or why there are none."""
+    if ceilings.get("skipped"):
+        return f"ceilings: not measured ({ceilings['skipped']})"
+    return (f"ceilings: device copy {ceilings['copy_GBps']:.0f} GB/s, matmul {ceilings['matmul_TFLOPs']:.1f} "
+            f"TFLOP/s ({ceilings.get('matmul')})")
 
 
 _CUDNN_NAME = re.compile(r"cudnn|xmma|fprop|implicit_convolve|implicit_gemm|conv", re.IGNORECASE)
@@ -610,12 +643,21 @@ def no_tf32():
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by the ops and model suites."""
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
-    parser.add_argument("--out", default=None, help="output folder (default bench/results/<date>-<gpu>/)")
+    parser.add_argument("--out", default=None,
+                        help=f"output folder (default ./{RESULTS_DIRNAME}/<date>-<gpu or cpu>/ in the working directory)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--dtype", default="bfloat16", help="bfloat16 | float16 | float32")
-    parser.add_argument("--reps", type=int, default=None, help="timed calls per contender (default 100; quick 30)")
-    parser.add_argument("--budget-s", type=float, default=None, help="wall-clock budget; the rest is skipped")
-    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile contenders")
+    parser.add_argument("--dtype", default=None,
+                        help="bfloat16 | float16 | float32 (default bfloat16 on a GPU, float32 on a CPU)")
+    parser.add_argument("--reps", type=int, default=None,
+                        help="timed calls per contender (default on a GPU 100, quick 30; on a CPU 5, quick 3)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="wall-clock budget; the rest is recorded as skipped (default: none on a GPU, "
+                             f"{CPU_DEFAULTS['budget_s']:.0f} s on a CPU)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--no-compile", action="store_true", default=None,
+                       help="leave out the torch.compile contenders (the default on a CPU)")
+    group.add_argument("--compile", dest="no_compile", action="store_false", default=None,
+                       help="include the torch.compile contenders (the default on a GPU)")
     parser.add_argument("--compile-mode", default="max-autotune", help="torch.compile mode (default max-autotune)")
 
 
@@ -626,17 +668,33 @@ class RunOptions:
     dtype: torch.dtype
     reps: int
     out: Path
+    compile: bool = True
+    budget_s: float | None = None
+    max_seconds: float = 10.0
 
 
 def run_options(args: argparse.Namespace) -> RunOptions:
-    """Resolve --device/--dtype/--reps/--out (raises ValueError on a bad value)."""
+    """Resolve --device/--dtype/--reps/--out/--budget-s/--compile with the device's defaults
+    (:func:`run_defaults`: a CPU run is short, float32, without torch.compile unless asked);
+    raises ValueError on a bad value."""
     device = resolve_device(args.device)
-    dtype = parse_dtype(args.dtype)
-    reps = args.reps if args.reps is not None else (30 if args.quick else 100)
+    d = run_defaults(device)
+    dtype = parse_dtype(args.dtype or d["dtype"])
+    reps = args.reps if args.reps is not None else (d["reps_quick"] if args.quick else d["reps"])
     if reps < 1:
         raise ValueError(f"--reps must be >= 1, got {reps}")
+    budget = getattr(args, "budget_s", None)
+    if budget is None:
+        budget = d["budget_s"]
+    elif not budget > 0:
+        raise ValueError(f"--budget-s must be > 0 seconds, got {budget:g}")
+    no_compile = getattr(args, "no_compile", None)
+    compile_ = (device.type == "cuda") if no_compile is None else not no_compile
     out = Path(args.out) if args.out else default_out_dir(env_record(device))
-    return RunOptions(device=device, dtype=dtype, reps=reps, out=out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file, expected a folder")
+    return RunOptions(device=device, dtype=dtype, reps=reps, out=out, compile=compile_, budget_s=budget,
+                      max_seconds=d["max_seconds"])
 
 
 def suite_main(argv: Sequence[str] | None, *, prog: str, description: str,

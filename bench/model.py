@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import inspect
 import os
 import re
@@ -51,6 +52,11 @@ from bench.common import Unavailable, short_error
 CL3D = torch.channels_last_3d
 DEFAULT_SHAPES = ["1x1x192x192x64", "2x1x192x192x64", "1x1x384x256x64"]
 QUICK_SHAPES = ["1x1x192x192x64"]
+#: a CPU run's default: the smallest input the paper configuration accepts (H, W >= 2**(psp+3) = 128);
+#: one eval forward takes seconds on a few cores instead of about a minute at 192x192x64
+CPU_SHAPES = ["1x1x128x128x32"]
+#: how to get the MONAI rows (the peer implementation every contender is checked against)
+MONAI_HINT = "pip install monai adds MONAI's AHNet (the reference rows and the correctness gate's peer)"
 CONFIGS = {
     "paper": {"layers": (3, 4, 6, 3), "psp_block_num": 4, "upsample_mode": "trilinear"},
     "transpose-psp3": {"layers": (3, 4, 6, 3), "psp_block_num": 3, "upsample_mode": "transpose"},
@@ -109,7 +115,7 @@ def monai_ahnet(cfg: dict) -> nn.Module:
     try:
         from monai.networks.nets import AHNet
     except ImportError as exc:
-        raise Unavailable(f"MONAI not installed ({short_error(exc)})") from None
+        raise Unavailable(f"MONAI not installed ({short_error(exc)}); {MONAI_HINT}") from None
     return AHNet(spatial_dims=3, **cfg)
 
 
@@ -125,7 +131,8 @@ def monai_unet(cfg: dict) -> nn.Module:
     try:
         from monai.networks.nets import UNet
     except ImportError as exc:
-        raise Unavailable(f"MONAI not installed ({short_error(exc)})") from None
+        raise Unavailable(f"MONAI not installed ({short_error(exc)}); pip install monai adds MONAI's 3D UNet "
+                          "row") from None
     return UNet(spatial_dims=3, in_channels=cfg["in_channels"], out_channels=cfg["out_channels"],
                 channels=(16, 32, 64, 128, 256), strides=(2, 2, 2, 2), num_res_units=2)
 
@@ -410,7 +417,7 @@ def run_model_contender(c: ModelContender, ctx: ModelContext, x: torch.Tensor, t
         with torch.no_grad() if mode == "infer" else contextlib.nullcontext():
             timing = common.time_fn(fn, [(xin, target)], device, reps=reps, warmup=warmup,
                                     graph=bool(c.graph and device.type == "cuda"), max_seconds=max_seconds,
-                                    min_reps=10)
+                                    min_reps=min(10, reps))
             rec["timing"] = timing.as_dict()
             if c.graph and timing.method != "graph":
                 return {**rec, "status": f"failed: CUDA graph capture: {timing.graph_error}"}
@@ -430,7 +437,7 @@ def _master(network: Callable[[dict], nn.Module], cfg: dict, shape: ModelShape, 
     torch.manual_seed(seed)
     model = network(cfg).to(device)
     source = type(model).__module__
-    calibrate(model, shape, device, seed=seed)
+    calibrate(model, shape, device, batches=2 if device.type == "cuda" else 1, seed=seed)  # a CPU run is short
     return {k: v.detach().float() if v.is_floating_point() else v for k, v in model.state_dict().items()}, source
 
 
@@ -485,13 +492,20 @@ def run_model(
     deadline = common.Deadline(budget_s)
     flags = common.set_flags(dtype)
     env = common.env_record(device)
-    log(f"[model] device {env.get('gpu') or env['device']}, torch {env['torch']}, config {cfg}")
+    log(f"[model] device {env.get('gpu') or env['device']}, torch {env['torch']}, dtype {common.dtype_name(dtype)}, "
+        f"config {cfg}, {reps} timed calls per contender")
+    if device.type != "cuda":
+        log(f"[model] {common.CPU_NOTE}")
+    if importlib.util.find_spec("monai") is None:
+        log(f"[model] MONAI is not installed: its rows are reported as unavailable and the network is "
+            f"ahnet_fast.reference.AHNet; {MONAI_HINT}")
     all_contenders = list(contenders if contenders is not None else default_contenders(compile=compile))
     all_contenders += list(extra_contenders)
     if only:
         all_contenders = [c for c in all_contenders if any(o in c.name for o in only)]
     payload: dict[str, Any] = {
         "suite": "model", "env": env, "flags": flags, "model_config": cfg,
+        **({"note": common.CPU_NOTE} if device.type != "cuda" else {}),
         "config": {"dtype": common.dtype_name(dtype), "modes": list(modes), "reps": reps, "warmup": warmup,
                    "max_seconds": max_seconds, "compile_mode": compile_mode if compile else None,
                    "budget_s": budget_s, "shapes": [s.name for s in shapes],
@@ -567,7 +581,7 @@ def run_model(
                     rec["flops_forward"] = flops_cache[(which, shape)]
                     payload["results"].append({**base, **rec})
                     ms = f"{rec['ms']:.3f} ms" if rec.get("status") == "ok" else ""
-                    log(f"[model] {shape.name} {mode:5s} {c.name:30s} {rec['status'][:100]} {ms}")
+                    log(f"[model] {shape.name} {mode:5s} {c.name:30s} {rec['status']} {ms}".rstrip())
                     if c.family == "compile":
                         with contextlib.suppress(Exception):
                             torch.compiler.reset()
@@ -586,7 +600,8 @@ def run_model(
 def add_arguments(parser: argparse.ArgumentParser, *, shapes_flag: str = "--shapes") -> None:
     parser.add_argument(shapes_flag, dest="model_shapes", default=None,
                         help="comma-separated NxCxHxWxD (default: " + ", ".join(DEFAULT_SHAPES) + ")")
-    parser.add_argument("--model-modes", dest="model_modes", default="infer,train", help="infer,train")
+    parser.add_argument("--model-modes", dest="model_modes", default=None,
+                        help="infer,train (default both; a quick CPU run: infer)")
     parser.add_argument("--model-config", default="paper", choices=sorted(CONFIGS),
                         help="paper: psp 4, trilinear (27.1M params); transpose-psp3: psp 3, transposed convs")
     parser.add_argument("--layers", default=None, help="override layers, e.g. 1,1,1,1 (small smoke runs)")
@@ -596,7 +611,17 @@ def add_arguments(parser: argparse.ArgumentParser, *, shapes_flag: str = "--shap
 
 
 def run_from_args(args: argparse.Namespace) -> dict:
-    shapes = parse_shapes(args.model_shapes, quick=args.quick)
+    opts = common.run_options(args)
+    cpu = opts.device.type != "cuda"
+    shapes_spec = args.model_shapes
+    if shapes_spec is None and cpu:
+        shapes_spec = CPU_SHAPES
+        common.log(f"[model] CPU run: shape {', '.join(CPU_SHAPES)} by default (--shapes names others)")
+    shapes = parse_shapes(shapes_spec, quick=args.quick)
+    modes_spec = args.model_modes or ("infer" if cpu and args.quick else "infer,train")
+    modes = [m.strip() for m in modes_spec.split(",") if m.strip()]
+    if not modes or any(m not in ("infer", "train") for m in modes):
+        raise ValueError(f"--modes {args.model_modes!r}: expected infer, train or infer,train")
     cfg = dict(CONFIGS[args.model_config])
     if args.layers:
         try:
@@ -609,12 +634,10 @@ def run_from_args(args: argparse.Namespace) -> dict:
         if not 0 <= args.psp <= 4:
             raise ValueError(f"--psp must be in 0..4, got {args.psp}")
         cfg["psp_block_num"] = args.psp
-    opts = common.run_options(args)
-    modes = [m.strip() for m in args.model_modes.split(",") if m.strip()]
     only = [s.strip() for s in args.model_contenders.split(",")] if args.model_contenders else None
     payload = run_model(shapes, device=opts.device, dtype=opts.dtype, modes=modes, config=cfg, reps=opts.reps,
-                        compile=not args.no_compile, compile_mode=args.compile_mode, only=only, out_dir=opts.out,
-                        budget_s=args.budget_s)
+                        compile=opts.compile, compile_mode=args.compile_mode, only=only, out_dir=opts.out,
+                        budget_s=opts.budget_s, max_seconds=opts.max_seconds, warmup=1 if cpu else 3)
     common.log(f"[model] results in {opts.out}")
     return payload
 

@@ -113,8 +113,12 @@ def env_lines(payload: dict) -> list[str]:
         f"triton {env.get('triton')}, monai {env.get('monai')}, ahnet_fast {env.get('ahnet_fast')}",
         f"- commit {commit}, date {env.get('date_utc')}",
     ]
+    if payload.get("note"):
+        lines.append(f"- note: {payload['note']}")
     ceil = payload.get("ceilings") or {}
-    if ceil:
+    if ceil.get("skipped"):
+        lines.append(f"- ceilings: not measured ({ceil['skipped']})")
+    elif ceil:
         lines.append(f"- measured ceilings: device copy {_f(ceil.get('copy_GBps'), '{:.0f}')} GB/s, "
                      f"matmul {_f(ceil.get('matmul_TFLOPs'), '{:.1f}')} TFLOP/s ({ceil.get('matmul')})"
                      + (f"; datasheet {ceil['datasheet']}" if ceil.get("datasheet") else ""))
@@ -153,7 +157,8 @@ def markdown_ops(payload: dict) -> str:
                   ""]
     parts += ["## Every contender", "",
               "ms: graph-replay median per call for small ops (timing = graph), else CUDA-event median "
-              "(events) or host clock (wall); GB/s from minimal bytes; % of the measured ceilings; "
+              "(events) or host clock (wall); GB/s from minimal bytes; % of the measured ceilings (blank when none "
+              "were measured, or when a contender beat a ceiling, which then was too low); "
               "x best = ms / fastest ms; peak = device memory one call allocates beyond its inputs.", ""]
     for (case, mode), rows in _groups(results, key).items():
         r0 = rows[0]
