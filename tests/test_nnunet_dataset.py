@@ -12,6 +12,7 @@ import pytest
 from ahnet_fast.data.dataset import load_case, read_dataset
 from ahnet_fast.data.errors import DataError
 from ahnet_fast.data.intensity import IntensityConfig
+from ahnet_fast.data.spacing import describe_preprocessing
 from ahnet_fast.infer.segment import collect_inputs
 
 
@@ -47,6 +48,9 @@ def test_nnunet_v2_folder_and_json_are_read(tmp_path):
         assert [r.name for r in spec.test] == ["brain_101"] and spec.test[0].label is None
     case = load_case(spec.training[1], spec.num_classes, IntensityConfig.for_modality(spec.modality))
     assert case.image.shape == (8, 8, 4) and case.label.max() <= 2
+    # what training records in its checkpoint for such a dataset
+    pre = describe_preprocessing(spec, IntensityConfig.for_modality(spec.modality), spec.num_classes)
+    assert pre["class_names"] == ["background", "grey_matter", "white_matter"] and pre["spacing"] == [1.0, 1.0, 4.0]
     # CT datasets get the CT window, as for a Decathlon "modality"
     ct = _nnunet(tmp_path / "ct", meta={"channel_names": {"0": "CT"}})
     assert IntensityConfig.for_modality(read_dataset(ct).modality).mode == "ct"
