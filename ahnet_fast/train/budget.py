@@ -181,6 +181,9 @@ def plan_steps(
             raise ValueError(f"a budget of {steps} steps is less than {min_steps} step(s) for each of the "
                              f"{len(names)} trained stage(s) ({', '.join(names)})")
         plan = {s: max(min_steps, int(math.floor(steps * base[s] / total))) for s in names}
+        while sum(plan.values()) > steps:  # the minimums took more than flooring left: trim the largest
+            big = max((s for s in names if plan[s] > min_steps), key=lambda s: plan[s])
+            plan[big] -= 1
         # hand out what flooring left, largest stage first, never beyond the budget
         for s in sorted(names, key=lambda s: -base[s]):
             if sum(plan.values()) >= steps:
