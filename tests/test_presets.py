@@ -1,0 +1,80 @@
+"""`train --preset`: defaults from the device, help that shows them, budgets and threads on the command line."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from ahnet_fast.cli import main
+from ahnet_fast.cli.train import preset_for
+from ahnet_fast.train.presets import PRESETS, default_preset, describe_default, preset_values
+
+
+def test_default_preset_follows_the_device():
+    assert default_preset("cpu") == "cpu-small" and default_preset(torch.device("cpu")) == "cpu-small"
+    assert default_preset("cuda") == default_preset("cuda:1") == "gpu-paper"
+    assert preset_for(argparse.Namespace(device="cpu", preset=None)) == (
+        "cpu-small", "the default on device cpu; --preset to choose another")
+    name, why = preset_for(argparse.Namespace(device="cpu", preset="gpu-paper"))
+    assert name == "gpu-paper" and "warning: a GPU schedule on device cpu" in why
+
+
+def test_preset_values_are_copies_and_unknown_names_are_refused():
+    v = preset_values("cpu-small")
+    v["model_config"]["layers"] = (9, 9, 9, 9)
+    v["steps_2d"] = 1
+    assert PRESETS["cpu-small"]["model_config"]["layers"] == (1, 1, 1, 1) and PRESETS["cpu-small"]["steps_2d"] == 60
+    assert PRESETS["cpu-small"]["num_workers"] == 0 and PRESETS["gpu-12gb"]["max_memory"] == 11.0
+    with pytest.raises(ValueError, match="unknown preset; accepted: cpu-small, gpu-paper, gpu-12gb"):
+        preset_values("tiny")
+    assert describe_default("steps_2d") == "cpu-small: 60, gpu-paper: 4000, gpu-12gb: 4000"
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for part in ("--preset {cpu-small,gpu-paper,gpu-12gb}", "--time-budget DURATION", "--step-budget N",
+                 "--threads", "--progress, --no-progress", "default from --preset: cpu-small: 60, gpu-paper: 4000",
+                 "3D patch H,W,D (D a multiple of 32; default from --preset: cpu-small: 64,64,32",
+                 "cpu-small: 0, gpu-paper: 4, gpu-12gb: 4"):
+        assert part in text, part
+    assert "worker processes (default 2)" not in text  # the worker default the help used to claim
+
+
+def test_bad_budget_is_a_one_line_usage_error(capsys, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["train", str(tmp_path), "--out", str(tmp_path / "o"), "--time-budget", "20 minutes"])
+    assert e.value.code == 2 and "is not a duration; expected e.g. 20m" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", str(tmp_path), "--out", str(tmp_path / "o"), "--step-budget", "0"])
+    assert "expected a whole number >= 1" in capsys.readouterr().err
+
+
+def test_a_recorded_cuda_device_without_cuda_is_one_clear_error(tmp_path, monkeypatch):
+    from ahnet_fast.data.mni import build_mni_dataset
+    from ahnet_fast.train.recipe import RecipeConfig, run_recipe
+
+    js = build_mni_dataset(tmp_path / "data", inplane_step=6)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device cuda: CUDA is not available on this machine; use --device cpu"):
+        run_recipe(RecipeConfig(data=str(js), out_dir=str(tmp_path / "run"), device="cuda"), log=lambda m: None,
+                   progress=False)
+
+
+def test_train_on_a_cpu_starts_from_cpu_small_and_records_it(tmp_path, capsys):
+    from ahnet_fast.data.mni import build_mni_dataset
+
+    js = build_mni_dataset(tmp_path / "data", inplane_step=3)
+    out = tmp_path / "run"
+    rc = main(["train", str(js), "--out", str(out), "--stages", "2d", "--steps-2d", "1", "--patch-2d", "32,32",
+               "--batch-2d", "2", "--device", "cpu", "--no-progress", "--no-estimate", "--threads", "2"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "[run] preset cpu-small (the default on device cpu" in text
+    assert "[run] device: cpu, 2 torch threads; precision fp32; 0 data worker(s)" in text
+    rec = json.loads((out / "recipe.json").read_text())
+    assert rec["preset"] == "cpu-small" and rec["num_workers"] == 0 and rec["lr_schedule"] == "cosine"
+    assert rec["model_2d"] == "fcn" and rec["steps_2d"] == 1 and rec["patch_2d"] == [32, 32]
