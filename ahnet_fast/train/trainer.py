@@ -606,10 +606,14 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}", fn=self.schedule.current)
                 epoch_end = self.step % cfg.steps_per_epoch == 0 or self.step == cfg.steps
-                if deadline is not None and self.step < end and clock() >= deadline:
-                    # out of time: close this (partial) epoch so its Dice is scored and saved
-                    self.stopped_by_deadline = epoch_end = True
-                    end = self.step
+                if deadline is not None and self.step < end:
+                    out_of_time = clock() >= deadline
+                    if self.world > 1:  # every rank stops at the same step (any rank's clock decides)
+                        out_of_time = bool(self._sum_ranks(np.array([float(out_of_time)]))[0] > 0)
+                    if out_of_time:
+                        # out of time: close this (partial) epoch so its Dice is scored and saved
+                        self.stopped_by_deadline = epoch_end = True
+                        end = self.step
                 if epoch_end:
                     self.epoch += 1
                     ended, acc = acc, self._new_acc()
