@@ -166,6 +166,11 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"  training summary {run / 'summary.json'}, curves {run / 'progress.png'}")
     print(f"  test segmentation {out / 'test_segmentation.nii.gz'} (Dice in {out / 'demo_result.json'})")
     print("Try next:")
-    print(f"  ahnet-fast show {test_image} --seg {out / 'test_segmentation.nii.gz'} --out {out / 'test.png'}")
+    truth = spec.test[0].label
+    centre = f" --center-on {truth}" if truth else ""
+    print(f"  ahnet-fast show {test_image} --seg {out / 'test_segmentation.nii.gz'}{centre} --out {out / 'test.png'}")
+    if truth:
+        print(f"  ahnet-fast show {test_image} --seg {truth} --out {out / 'test_truth.png'}   (the same slices, "
+              "ground truth)")
     print(f"  ahnet-fast segment {test_image} {out / 'my_segmentation.nii.gz'} --checkpoint {run / 'model.pt'}")
     return 0
