@@ -14,7 +14,7 @@ from ahnet_fast.train.recipe import RecipeConfig, run_recipe
 
 SMALL = ["--layers", "1,1,1,1", "--psp", "0", "--upsample", "trilinear", "--model-2d", "fcn",
          "--patch-2d", "32,32", "--patch-3d", "32,32,32", "--batch-2d", "2", "--batch-3d", "2",
-         "--workers", "0", "--device", "cpu", "--no-progress"]
+         "--workers", "0", "--device", "cpu", "--no-progress", "--no-estimate"]
 
 
 @pytest.fixture(scope="module")
