@@ -454,7 +454,7 @@ def test_paths_are_checked_first_and_a_missing_output_folder_is_created(data, tm
 
 
 def test_segment_resamples_to_the_training_spacing_and_says_what_it_did(data, tmp_path, capsys):
-    """The checkpoint's training spacing (2 x 2 x 8 mm) against a 4 x 4 x 8 mm input: resampled there and
+    """The checkpoint's training spacing (8 x 8 x 8 mm) against a 4 x 4 x 8 mm input: resampled there and
     back, said on stdout with the normalisation's statistics, warned as far; --no-resample and
     --train-spacing (for checkpoints that record none) work."""
     from ahnet_fast.data.spacing import LAYOUT
@@ -464,15 +464,15 @@ def test_segment_resamples_to_the_training_spacing_and_says_what_it_did(data, tm
     root, img, _, aff, old_ckpt = data
     torch.manual_seed(2)
     ckpt = save_model_checkpoint(tmp_path / "sp.pt", AHNet(**CONFIG).eval(), CONFIG, preprocessing={
-        "intensity": {"mode": "percentile"}, "spacing": [2.0, 2.0, 8.0], "layout": LAYOUT})
+        "intensity": {"mode": "percentile"}, "spacing": [8.0, 8.0, 8.0], "layout": LAYOUT})
     src = str(root / "images" / "brain.nii.gz")
     out = tmp_path / "seg.nii.gz"
     assert _main(cli_segment, ["segment", src, str(out), "--checkpoint", str(ckpt)]) == 0
     cap = capsys.readouterr()
-    assert "resampled 28x32x12 at 4 x 4 x 8 mm to 56x64x12 at 2 x 2 x 8 mm (training spacing 2 x 2 x 8 mm)" \
+    assert "resampled 28x32x12 at 4 x 4 x 8 mm to 14x16x12 at 8 x 8 x 8 mm (training spacing 8 x 8 x 8 mm)" \
         in cap.out
     assert "intensity: percentiles 0.5-99.5 of voxels > " in cap.out and "foreground" in cap.out
-    assert "far from the training spacing 2 x 2 x 8 mm (H 4 vs 2 mm, W 4 vs 2 mm)" in cap.err
+    assert "far from the training spacing 8 x 8 x 8 mm (H 4 vs 8 mm, W 4 vs 8 mm)" in cap.err
     written = nib.load(str(out))
     assert written.shape == img.shape and np.allclose(written.affine, aff)
 
