@@ -91,6 +91,16 @@ def test_float32_and_int16_with_slope_give_the_same_labels(pair, tmp_path):
     assert line.startswith("intensity: percentiles 0.5-99.5 of voxels > ") and "foreground" in line
 
 
+def test_loaded_cases_carry_their_normalisation_statistics(pair):
+    from ahnet_fast.data.dataset import CaseRef, load_case
+
+    root, _ = pair
+    case = load_case(CaseRef(str(root / "i16.nii.gz"), None, "i16"), None, IntensityConfig(mode="percentile"))
+    st = case.intensity_stats
+    assert st["mode"] == "percentile" and st["hi"] > st["lo"] > 0 and 0 < st["foreground_fraction"] < 1
+    assert float(case.image.min()) == 0.0 and float(case.image.max()) == 1.0
+
+
 def test_foreground_mask_rule_and_edge_cases():
     x = np.zeros((20, 20, 20), np.float32)
     x[5:15, 5:15, 5:15] = 100.0

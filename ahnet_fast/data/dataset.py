@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from ahnet_fast.data.errors import DataError
-from ahnet_fast.data.intensity import IntensityConfig, normalise
+from ahnet_fast.data.intensity import IntensityConfig, normalise_with_stats
 from ahnet_fast.data.nifti import is_nifti_path, load_label, load_volume
 
 __all__ = ["CaseRef", "DatasetSpec", "Case", "read_dataset", "load_case", "check_headers", "require_labels"]
@@ -92,6 +92,9 @@ class Case:
         volume: the :class:`~ahnet_fast.data.nifti.Volume` (header, affine,
             transform) the image came from, with its ``array`` dropped to save
             memory (use it with ``save_like``).
+        intensity_stats: what the normalisation used (mode, the values mapped to 0
+            and 1, the foreground rule; see
+            :func:`~ahnet_fast.data.intensity.normalise_with_stats`), for logs.
     """
 
     image: np.ndarray
@@ -101,6 +104,7 @@ class Case:
     image_path: str
     label_path: str | None
     volume: Any = None
+    intensity_stats: dict[str, Any] | None = None
 
 
 def _case_name(path: str) -> str:
@@ -390,6 +394,6 @@ def load_case(ref: CaseRef, num_classes: int | None, intensity: IntensityConfig)
         if hi > 255:
             raise DataError(ref.label, f"label value {hi} too large (at most 255 classes are supported)")
         label = lab.astype(np.uint8)
-    image = normalise(vol.array, intensity, where=ref.image)
+    image, stats = normalise_with_stats(vol.array, intensity, where=ref.image)
     vol.array = np.empty((0, 0, 0), np.float32)  # keep the header/transform, drop the voxels
-    return Case(image, label, tuple(vol.spacing), ref.name, ref.image, ref.label, vol)
+    return Case(image, label, tuple(vol.spacing), ref.name, ref.image, ref.label, vol, stats)
