@@ -75,7 +75,8 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument("--time-budget", type=_duration, metavar="DURATION",
                    help="wall time for the whole run, e.g. 20m, 1h30m, 900 (seconds): a few steps of each stage "
                         "are timed first, the preset's steps are scaled by one factor to fit, each stage stops "
-                        "at its share, and model.pt is kept current from the first 3D epoch on")
+                        "at its share, and model.pt is kept current from the first 3D epoch on; with --resume "
+                        "the recorded steps stand and the budget bounds the resumed run")
     b.add_argument("--step-budget", type=_positive_int, metavar="N",
                    help="optimizer steps of all trained stages together, split in the preset's proportions")
     b.add_argument("--no-estimate", dest="estimate", action="store_false", default=True,

@@ -23,7 +23,8 @@ Budgets: ``time_budget`` (seconds) measures a few steps of each stage on this ma
 then scales the configured steps of the trained stages by one factor so that the run fits
 (:mod:`ahnet_fast.train.budget`), re-plans the stages still to run at each stage start, and
 stops each stage at its share of the time. ``step_budget`` scales them to that many optimizer
-steps in all. ``out_dir/summary.json`` and ``out_dir/progress.png`` (loss, Dice per class,
+steps in all. On ``resume`` the steps recorded in ``recipe.json`` stand (with the warm-up
+measurements recorded there), and a time budget bounds the resumed invocation from its start. ``out_dir/summary.json`` and ``out_dir/progress.png`` (loss, Dice per class,
 learning rate and time per epoch, every stage, continued across resumes) are kept current.
 
 Every stage uses cross-entropy first and switches to the focal loss when its
