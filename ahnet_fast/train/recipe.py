@@ -253,6 +253,7 @@ class _Recipe:
         self.replan = False  # re-plan the steps of the stages still to run at each stage start
         self.model_best = -math.inf  # Dice of the weights in model.pt (this run)
         self.model_source: dict[str, Any] | None = None
+        self.spe_fixed: dict[str, int] = {}  # stage -> epoch length kept when a budget lengthened the stage
         self.overrides = set(overrides)
         self.log = log
         self.progress = progress
@@ -324,10 +325,15 @@ class _Recipe:
             spe = min(spe, max(1, -(-steps // 4)))
         return spe
 
-    def _train_cfg(self, steps: int, batch: int, lr: float, checkpointing: bool, seed_offset: int) -> TrainConfig:
+    def stage_spe(self, stage: str, steps: int) -> int:
+        """The stage's epoch length: as fixed when a budget lengthened it, else :meth:`steps_per_epoch`."""
+        return self.spe_fixed.get(stage) or self.steps_per_epoch(steps)
+
+    def _train_cfg(self, steps: int, batch: int, lr: float, checkpointing: bool, seed_offset: int,
+                   stage: str = "") -> TrainConfig:
         c = self.cfg
         return TrainConfig(
-            steps=steps, steps_per_epoch=self.steps_per_epoch(steps), batch_size=batch,
+            steps=steps, steps_per_epoch=self.stage_spe(stage, steps), batch_size=batch,
             grad_accum=c.grad_accum, lr=lr, amp=c.amp, checkpointing=checkpointing, loss=c.loss,
             focal_gamma=c.focal_gamma, plateau_patience=c.plateau_patience, num_workers=c.num_workers,
             seed=c.seed + seed_offset, device=str(self.device), val_window=c.val_window, lr_schedule=c.lr_schedule,
@@ -373,7 +379,7 @@ class _Recipe:
                           seed=c.seed + 1, mode="2.5d", class_balanced=c.class_balanced, cases=self.train_cases())
         vals = [ValidationCase(v.image, v.label, v.name) for v in self.val_cases()]
         trainer = Trainer(model, {"kind": c.model_2d, "in_slices": 3, "out_channels": self.k}, ds,
-                          self._train_cfg(c.steps_2d, batch, c.lr_2d, ck, 1), self.out / "2d", self.k, vals,
+                          self._train_cfg(c.steps_2d, batch, c.lr_2d, ck, 1, "2d"), self.out / "2d", self.k, vals,
                           predict=lambda m, im: predict_2d(m, im, 3, device=self.device), stage="2d",
                           extra={"preprocessing": self.preprocessing}, log=self.log, progress=self.progress,
                           on_epoch=self._on_epoch, eta=self._eta, **self._resume_args("2d"))
@@ -436,7 +442,7 @@ class _Recipe:
             window = c.val_window or (None if im.size <= 2**24 else tuple(2 * p for p in patch))
             return predict_3d(m, im, window, self.device, amp_dtype)
 
-        trainer = Trainer(model, self.model_config, ds, self._train_cfg(steps, batch, lr, ck, 3 if frozen else 4),
+        trainer = Trainer(model, self.model_config, ds, self._train_cfg(steps, batch, lr, ck, 3 if frozen else 4, stage),
                           self.out / stage, self.k, vals, predict=predict,
                           train_mode=train_mode, stage=stage,
                           extra={"preprocessing": self.preprocessing, "init": str(init)},
@@ -631,8 +637,37 @@ class _Recipe:
             text += f" (budget left {format_duration(max(0.0, self.run_end - self.clock()))})"
         return text
 
+    def _maybe_extend(self, trainer: Trainer, rec: dict[str, Any]) -> None:
+        """Under a time budget: a stage running faster than its warm-up measured (the first steps of a
+        process are the slowest) is lengthened to use the time its share leaves, so the budget is spent
+        training rather than idle at the end."""
+        cost = self.costs.get(trainer.stage)
+        deadline = self.stage_deadline(trainer.stage)
+        rate = rec.get("seconds_per_step")
+        if (not self.replan or cost is None or deadline is None or not rate or trainer.world > 1
+                or trainer.step >= trainer.cfg.steps):
+            return
+        spe = trainer.cfg.steps_per_epoch
+        left = deadline - self.clock()
+        need = (trainer.cfg.steps - trainer.step) * rate + (-(-(trainer.cfg.steps - trainer.step) // spe)) * \
+            cost.seconds_per_epoch
+        spare = left - need
+        if spare <= max(0.15 * left, 2 * rate):
+            return
+        extra = int(0.85 * spare / (rate + cost.seconds_per_epoch / spe))
+        if extra < 1:
+            return
+        steps = trainer.cfg.steps + extra
+        trainer.extend_steps(steps, f"ahead of the plan ({rate:.2f} s/step measured in this epoch, "
+                                    f"{cost.seconds_per_step:.2f} in the warm-up)")
+        self.set_steps({trainer.stage: steps})
+        self.spe_fixed[trainer.stage] = spe  # the epoch length stays that of the run (resume compares it)
+        _write_record(self, list(_read_saved_record(self.out).get("overrides", [])))
+
     def _on_epoch(self, trainer: Trainer, rec: dict[str, Any]) -> None:
-        """After each epoch: model.pt follows the best 3D weights so far; progress.png is redrawn."""
+        """After each epoch: model.pt follows the best 3D weights so far; progress.png is redrawn; under a
+        time budget a stage ahead of its plan is lengthened."""
+        self._maybe_extend(trainer, rec)
         if trainer.stage in ("decoder", "finetune") and rec.get("improved") and trainer.best_dice > self.model_best:
             self.model_best = trainer.best_dice
             self.model_source = {"stage": trainer.stage, "epoch": trainer.epoch, "step": trainer.step,
@@ -894,6 +929,8 @@ def _plan_budget(r: _Recipe, resume: bool, saved: dict[str, Any], estimate: bool
     r.base_steps = {s: r.planned_steps(s) for s in trained}
     if isinstance(plan_rec, dict) and isinstance(plan_rec.get("base_steps"), dict):
         r.base_steps = {s: int(plan_rec["base_steps"].get(s, r.base_steps[s])) for s in trained}
+    if isinstance(plan_rec, dict) and isinstance(plan_rec.get("steps_per_epoch"), dict):
+        r.spe_fixed = {s: int(v) for s, v in plan_rec["steps_per_epoch"].items()}
     if not trained:
         return
     if c.time_budget is not None:
@@ -943,7 +980,7 @@ def _write_record(r: _Recipe, history: list[Any]) -> None:
     record = _merged_record(r.out, r.cfg)
     record["overrides"] = history
     record["plan"] = {"costs": {s: v.to_dict() for s, v in r.costs.items()},
-                      "base_steps": getattr(r, "base_steps", {})}
+                      "base_steps": getattr(r, "base_steps", {}), "steps_per_epoch": r.spe_fixed}
     atomic_write_text(r.out / "recipe.json", json.dumps(_plain(record), indent=2, default=str))
 
 

@@ -562,6 +562,7 @@ class Trainer:
                                  start_step=self.step * cfg.grad_accum, num_workers=cfg.num_workers,
                                  pin_memory=self.device.type == "cuda")
         it = iter(loader)
+        stop_here = False
         bar = tqdm(total=cfg.steps, initial=self.step, desc=self.stage, disable=not self.progress or self.rank != 0,
                    dynamic_ncols=True, leave=False, file=sys.stderr)
         acc = self._acc
@@ -571,13 +572,19 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         self.train_mode(self.model)
         try:
-            while self.step < end:
+            while not stop_here and self.step < end:
                 for group in self.optimizer.param_groups:
                     group["lr"] = cfg.lr_at(self.step)
                 self.optimizer.zero_grad(set_to_none=True)
                 step_loss = 0.0
                 for micro in range(cfg.grad_accum):
-                    batch = next(it)
+                    try:
+                        batch = next(it)
+                    except StopIteration:  # the stage was extended (extend_steps): the same stream, continued
+                        it = iter(make_loader(self.dataset, cfg.batch_size, (end - self.step) * cfg.grad_accum,
+                                              start_step=self.step * cfg.grad_accum + micro,
+                                              num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda"))
+                        batch = next(it)
                     x = batch["image"].to(self.device, non_blocking=True)
                     y = batch["label"].to(self.device, non_blocking=True)
                     # DDP: all-reduce the gradients only on the last micro-step of the step
@@ -612,8 +619,7 @@ class Trainer:
                         out_of_time = bool(self._sum_ranks(np.array([float(out_of_time)]))[0] > 0)
                     if out_of_time:
                         # out of time: close this (partial) epoch so its Dice is scored and saved
-                        self.stopped_by_deadline = epoch_end = True
-                        end = self.step
+                        self.stopped_by_deadline = epoch_end = stop_here = True
                 if epoch_end:
                     self.epoch += 1
                     ended, acc = acc, self._new_acc()
@@ -628,6 +634,10 @@ class Trainer:
                     if self.device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(self.device)
                     self.train_mode(self.model)
+                    end = cfg.steps if stop_at_step is None else min(cfg.steps, stop_at_step)  # extend_steps
+                    if bar.total != cfg.steps:
+                        bar.total = cfg.steps
+                        bar.refresh()
                 elif cfg.ckpt_every and self.step % cfg.ckpt_every == 0:
                     self.save()
             if self.step >= cfg.steps:
@@ -641,6 +651,19 @@ class Trainer:
         finally:
             bar.close()
         return self._result(time.time() - t_start)
+
+    def extend_steps(self, steps: int, reason: str) -> None:
+        """Lengthen the running stage to ``steps`` optimizer steps (from an ``on_epoch`` hook, before the
+        stage's last epoch; one process only). The sample stream continues as it would have; a cosine
+        learning rate follows the new length from the next step on. Logged with ``reason``."""
+        if self.world > 1:
+            raise ValueError("extend_steps: not with several processes (every rank would have to agree)")
+        if steps <= self.cfg.steps or self.step >= self.cfg.steps:
+            raise ValueError(f"extend_steps: {steps} steps must exceed the stage's {self.cfg.steps}, before its end")
+        before, self.cfg.steps = self.cfg.steps, int(steps)
+        self.finished = False
+        self.log(f"[{self.stage}] {reason}: {before} -> {steps} steps")
+        self._jsonl({"event": "extended", "step": self.step, "from": before, "to": int(steps), "reason": reason})
 
     def _end_epoch(self, loss: float, counts: np.ndarray, seconds: float, samples: int) -> None:
         train_dice = dice_from_counts(counts)
