@@ -204,3 +204,56 @@ def test_recipe_under_a_time_budget_on_a_fake_clock(mni, tmp_path, monkeypatch):
     assert "[run] model: ahnet_fast.reference.AHNet" in text and "[run] backend:" in text
     assert "1 training case(s); 1 validation case(s)" in text and "run ETA" in text
     assert "[run] steps: 2d" in text and "estimated total" in text
+
+
+def test_extending_a_stage_continues_the_same_sample_stream(tmp_path):
+    """A stage lengthened from 4 to 6 steps at its first epoch end trains exactly like one planned with 6."""
+    clock = _Clock()
+    planned, _ = _trainer(tmp_path / "six", clock, steps=6, spe=2)
+    planned.fit()
+    grown, logs = _trainer(tmp_path / "grown", clock, steps=4, spe=2)
+    grown.on_epoch = lambda tr, rec: tr.extend_steps(6, "test") if tr.step == 2 else None
+    res = grown.fit()
+    assert res["steps"] == 6 and res["finished"] and any("test: 4 -> 6 steps" in m for m in logs)
+    a, b = planned.model.state_dict(), grown.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert '"event": "extended"' in (tmp_path / "grown" / "log.jsonl").read_text()
+    with pytest.raises(ValueError, match="must exceed"):
+        grown.extend_steps(6, "again")
+
+
+def test_a_stage_ahead_of_its_plan_is_lengthened_to_its_share(tmp_path):
+    """The warm-up measured 2 s/step, the epoch just run took 1 s/step: the last stage is lengthened to
+    use the time left (and its epoch length is recorded, so a resume rebuilds the same stage)."""
+    from types import SimpleNamespace
+
+    from ahnet_fast.train.recipe import RecipeConfig, _Recipe
+
+    clock = _Clock()
+    r = _Recipe.__new__(_Recipe)
+    r.cfg = RecipeConfig(data=str(tmp_path), out_dir=str(tmp_path), stages=("finetune",), steps_finetune=20,
+                         time_budget=100.0)
+    r.out, r.clock, r.replan, r.run_end, r.spe_fixed, r.base_steps = tmp_path, clock, True, 100.0, {}, {}
+    r.costs = {"finetune": StageCost(2.0, 0.0, 5, 4)}
+    r.log = lambda m: None
+    calls = []
+
+    def extend(n, why):
+        calls.append((n, why))
+        tr.cfg.steps = n
+
+    tr = SimpleNamespace(stage="finetune", step=5, world=1, cfg=TrainConfig(steps=20, steps_per_epoch=5, batch_size=1),
+                         extend_steps=extend)
+    clock.t = 10.0
+    r._maybe_extend(tr, {"seconds_per_step": 1.0})
+    # 90 s left, 15 steps need 15 s: about 0.85 * 75 more steps
+    assert calls and calls[0][0] == 20 + int(0.85 * 75) and "ahead of the plan" in calls[0][1]
+    assert r.cfg.steps_finetune == calls[0][0] and r.spe_fixed == {"finetune": 5}
+    rec = json.loads((tmp_path / "recipe.json").read_text())
+    assert rec["steps_finetune"] == calls[0][0] and rec["plan"]["steps_per_epoch"] == {"finetune": 5}
+    # on plan (or behind it): left alone; several processes: never
+    calls.clear()
+    r._maybe_extend(tr, {"seconds_per_step": 5.0})
+    tr.world = 2
+    r._maybe_extend(tr, {"seconds_per_step": 0.1})
+    assert calls == []
