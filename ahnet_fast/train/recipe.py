@@ -833,7 +833,7 @@ def run_recipe(cfg: RecipeConfig, resume: bool = False, log: Callable[[str], Non
     Returns:
         ``{"stages": {name: result with "seconds"}, "out_dir": ..., "num_classes": ...}``.
     """
-    from ahnet_fast._atomic import atomic_write_text, clean_stale_temps
+    from ahnet_fast._atomic import clean_stale_temps
 
     if log is None:
         from tqdm.auto import tqdm
