@@ -172,8 +172,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train", help="train AH-Net with the paper's recipe (2D -> transfer -> 3D decoder -> fine-tune)",
         description="Train on a Medical Segmentation Decathlon folder, a dataset.json or a CSV (columns image,"
                     "label). Stages: 2d (MC-FCN on 3-slice stacks), transfer (2D encoder -> AH-Net), decoder "
-                    "(3D decoder, encoder frozen), finetune (everything). Outputs in --out: <stage>/last.pt, "
-                    "<stage>/best.pt, <stage>/log.jsonl, and model.pt (for `ahnet-fast segment`). Results already in "
+                    "(3D decoder, encoder frozen), finetune (everything). Settings start from a --preset (by "
+                    "default cpu-small on a CPU, gpu-paper on a GPU); --time-budget or --step-budget scale its steps "
+                    "to fit. Outputs in --out: <stage>/last.pt (what a resume needs), <stage>/best.pt and "
+                    "<stage>/log.jsonl, model.pt (weights and config for `ahnet-fast segment`, kept at the best 3D "
+                    "epoch so far), recipe.json, summary.json and progress.png. Results already in "
                     "--out are never replaced silently: continue with --resume (the same settings; --override to "
                     "change one) or replace them with --overwrite.")
     p.add_argument("data", help="dataset folder, dataset.json or CSV file")
