@@ -17,7 +17,9 @@ environment variable, else ``auto``.
   ``triton`` then ``reference`` until the CUDA conv is validated on a GPU, see
   ``CUDA_CONV_VALIDATED``) and only ``reference`` for other devices (the interpreter is a
   checking tool, never a fast path); every fallback is logged once per (op, backend, reasons)
-  at debug level.
+  at debug level. For the forward ops on a GPU, where more than one backend can serve a call,
+  auto times them once per shape class and keeps the fastest, remembered on disk per GPU and
+  versions (``_autoselect``); the fixed order applies until then and wherever timing is off.
 * Deterministic mode (``torch.use_deterministic_algorithms(True)``) excludes kernels that reduce
   with atomics: the Triton kernels never do (contract), the CUDA extension must declare it.
 
@@ -33,9 +35,11 @@ import importlib
 import logging
 import os
 from types import ModuleType
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
+
+from . import _autoselect
 
 __all__ = [
     "BACKENDS",
@@ -174,11 +178,14 @@ def _reasons(name: str, op: str, tensors: Sequence[Optional[torch.Tensor]]) -> l
     return list(dict.fromkeys(reasons))
 
 
-def select(op: str, requested: str, tensors: Sequence[Optional[torch.Tensor]]) -> ModuleType:
+def select(op: str, requested: str, tensors: Sequence[Optional[torch.Tensor]], *, variant: str = "",
+           run: Optional[Callable[[ModuleType], object]] = None) -> ModuleType:
     """Pick the backend module for one call of ``op`` on ``tensors`` (first tensor = the input).
 
     ``requested`` is the string the op received ('' means: resolve now). Raises
-    BackendUnavailableError for an explicit backend that cannot serve the call.
+    BackendUnavailableError for an explicit backend that cannot serve the call. ``run(module)``
+    (a forward op passes it, with ``variant`` naming its flags): runs the call on a backend, so
+    that auto on a GPU can time the candidates (``_autoselect``).
     """
     name = _validate(requested, "backend") if requested else requested_backend()
     x = tensors[0]
@@ -193,6 +200,11 @@ def select(op: str, requested: str, tensors: Sequence[Optional[torch.Tensor]]) -
                 f"{ENV_VAR} or ahnet_fast.use_backend(name).")
         return module(name)
     order = _auto_order(op) if x.device.type == "cuda" else ("reference",)
+    if run is not None and x.device.type == "cuda" and _autoselect.enabled():
+        usable = [c for c in order if not _reasons(c, op, tensors)]
+        if len(usable) > 1:
+            key = _autoselect.key_for(op, variant, tensors)
+            return module(_autoselect.choose(key, x.device, usable, lambda name: run(module(name))))
     for cand in order:
         reasons = _reasons(cand, op, tensors)
         if not reasons:
