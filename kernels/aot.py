@@ -37,7 +37,6 @@ KERNELS = {
     "_bn_bwd_reduce_kernel": ("batchnorm", "_bn_bwd_reduce_kernel"),
     "_sum_partials_kernel": ("batchnorm", "_sum_partials_kernel"),
     "_bn_bwd_apply_kernel": ("batchnorm", "_bn_bwd_apply_kernel"),
-    "_bn_finalize_kernel": ("batchnorm", "_bn_finalize_kernel"),
     "_zpool_fwd_kernel": ("zpool", "_zpool_fwd_kernel"),
     "_zpool_bwd_kernel": ("zpool", "_zpool_bwd_kernel"),
 }

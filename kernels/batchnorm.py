@@ -19,7 +19,7 @@ in the channels-last kind a row is one contiguous C vector.  Per-channel vectors
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -106,11 +106,36 @@ def _chan_combine(na, ma, m2a, nb, mb, m2b):
     return chan_merge(na, ma, m2a, nb, mb, m2b)
 
 
+class BNFinalize(NamedTuple):
+    """What turns batch statistics into a training BatchNorm's affine, in the statistics merge.
+
+    gamma/beta: fp32 (C,) or None (affine=False). running_mean/running_var: the layer's buffers
+    (C,), any float dtype, or both None (no tracked statistics): their next values are returned
+    as nn.BatchNorm computes them (r + momentum*(batch - r), the variance unbiased by n/(n-1)),
+    in new tensors of the buffers' dtype, not written in place: the caller commits them (the
+    fused ops are functional, so autograd and torch.compile can hold them)."""
+
+    gamma: Optional[torch.Tensor]
+    beta: Optional[torch.Tensor]
+    eps: float
+    running_mean: Optional[torch.Tensor] = None
+    running_var: Optional[torch.Tensor] = None
+    momentum: float = 0.1
+
+
 # partial buffers are tiny (P x C fp32): C is not specialised either, so one kernel serves all
 @triton.jit(do_not_specialize=("P", "C"))
 def stats_merge_kernel(pcnt_ptr, pmean_ptr, pm2_ptr, P, C, mean_ptr, var_ptr,
-                       BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Combine (P, C) partials into per-channel mean and biased variance (fixed order)."""
+                       gamma_ptr, beta_ptr, invstd_ptr, scale_ptr, shift_ptr, rmean_ptr, rvar_ptr,
+                       nmean_ptr, nvar_ptr, eps, momentum,
+                       FINALIZE: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
+                       UPDATE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Combine (P, C) partials into per-channel mean and biased variance (fixed order).
+
+    FINALIZE also writes the training BN affine (invstd = 1/sqrt(var + eps), scale = gamma*invstd,
+    shift = beta - mean*scale) and, with UPDATE, the next running statistics: the whole
+    statistics-to-affine step of a BN layer in one launch instead of five (merge, finalize and
+    the running-statistics update)."""
     pid_c = tl.program_id(0)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = c < C
@@ -129,60 +154,80 @@ def stats_merge_kernel(pcnt_ptr, pmean_ptr, pm2_ptr, P, C, mean_ptr, var_ptr,
     var = m2_acc / tl.where(n_acc > 0, n_acc, 1.0)
     tl.store(mean_ptr + c, m_acc, mask=cm)
     tl.store(var_ptr + c, var, mask=cm)
+    if FINALIZE:
+        invstd = 1.0 / tl.sqrt(var + eps)
+        scale = invstd
+        if HAS_GAMMA:
+            scale = scale * tl.load(gamma_ptr + c, mask=cm, other=0.0)
+        shift = -m_acc * scale
+        if HAS_BETA:
+            shift = shift + tl.load(beta_ptr + c, mask=cm, other=0.0)
+        tl.store(invstd_ptr + c, invstd, mask=cm)
+        tl.store(scale_ptr + c, scale, mask=cm)
+        tl.store(shift_ptr + c, shift, mask=cm)
+        if UPDATE:
+            # nn.BatchNorm: the running variance is the unbiased one, n/(n-1)
+            unbiased = var * (n_acc / tl.where(n_acc > 1.0, n_acc - 1.0, 1.0))
+            rm = tl.load(rmean_ptr + c, mask=cm, other=0.0).to(tl.float32)
+            rv = tl.load(rvar_ptr + c, mask=cm, other=0.0).to(tl.float32)
+            rm = rm + momentum * (m_acc - rm)
+            rv = rv + momentum * (unbiased - rv)
+            tl.store(nmean_ptr + c, rm.to(nmean_ptr.dtype.element_ty), mask=cm)
+            tl.store(nvar_ptr + c, rv.to(nvar_ptr.dtype.element_ty), mask=cm)
 
 
-def merge_stats(pcnt: torch.Tensor, pmean: torch.Tensor, pm2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(P, C) fp32 partials (count, mean, M2) -> (mean, var_biased), fp32 (C,)."""
+def _check_finalize(fin: BNFinalize, C: int, device: torch.device) -> BNFinalize:
+    if isinstance(fin, tuple) and not isinstance(fin, BNFinalize):
+        fin = BNFinalize(*fin)
+    if not isinstance(fin, BNFinalize):
+        raise TypeError(f"finalize must be a kernels.batchnorm.BNFinalize, got {type(fin).__name__}")
+    if (fin.running_mean is None) != (fin.running_var is None):
+        raise ValueError("finalize: running_mean and running_var must be given together (or both None)")
+    for name, t in (("running_mean", fin.running_mean), ("running_var", fin.running_var)):
+        if t is not None and (not isinstance(t, torch.Tensor) or tuple(t.shape) != (C,) or t.device != device
+                              or not t.is_floating_point() or not t.is_contiguous()):
+            raise ValueError(f"finalize.{name} must be a contiguous float tensor of shape ({C},) on {device}")
+    return fin._replace(gamma=check_channel_vec("gamma", fin.gamma, C, device),
+                        beta=check_channel_vec("beta", fin.beta, C, device))
+
+
+def merge_stats(pcnt: torch.Tensor, pmean: torch.Tensor, pm2: torch.Tensor,
+                finalize: Optional[BNFinalize] = None,
+                out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, ...]:
+    """(P, C) fp32 partials (count, mean, M2) -> (mean, var_biased), fp32 (C,); with
+    ``finalize``, (mean, var, invstd, scale, shift, next_running_mean, next_running_var) (the
+    last two None without running statistics), all from the same single launch. ``out`` (with
+    finalize): a contiguous (5, C) float32 buffer on the partials' device that receives the five
+    statistics as its rows (then returned as views of it), so they can travel as one tensor."""
     P, C = pmean.shape
-    mean = torch.empty(C, dtype=torch.float32, device=pmean.device)
-    var = torch.empty(C, dtype=torch.float32, device=pmean.device)
+    dev = pmean.device
+    fin = _check_finalize(finalize, C, dev) if finalize is not None else None
+    if out is not None:
+        if fin is None:
+            raise ValueError("merge_stats: out= holds the finalized statistics; it needs finalize=")
+        if (not isinstance(out, torch.Tensor) or tuple(out.shape) != (5, C) or out.dtype != torch.float32
+                or out.device != dev or not out.is_contiguous()):
+            raise ValueError(f"merge_stats: out must be a contiguous float32 tensor of shape (5, {C}) on {dev}")
+        mean, var, *outs = out.unbind(0)
+    else:
+        # separate tensors: results of one op may not share a storage (torch.library's rule)
+        mean, var = (torch.empty(C, dtype=torch.float32, device=dev) for _ in range(2))
+        outs = [torch.empty(C, dtype=torch.float32, device=dev) for _ in range(3)] if fin is not None else []
+    upd = fin is not None and fin.running_mean is not None
+    nxt = (torch.empty_like(fin.running_mean), torch.empty_like(fin.running_var)) if upd else (None, None)
     bc = _merge_block_c(C)
     bp = _merge_block_p(P)
-    stats_merge_kernel[(cdiv(C, bc),)](pcnt, pmean, pm2, P, C, mean, var,
-                                       BLOCK_P=bp, BLOCK_C=bc, num_warps=4)
-    return mean, var
-
-
-@triton.jit(do_not_specialize=("C",))
-def _bn_finalize_kernel(mean_ptr, var_ptr, gamma_ptr, beta_ptr, invstd_ptr, scale_ptr, shift_ptr, C, eps,
-                        HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, BLOCK_C: tl.constexpr):
-    """invstd = 1/sqrt(var + eps); scale = gamma*invstd; shift = beta - mean*scale (fp32)."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cm = c < C
-    mean = tl.load(mean_ptr + c, mask=cm, other=0.0)
-    var = tl.load(var_ptr + c, mask=cm, other=1.0)
-    invstd = 1.0 / tl.sqrt(var + eps)
-    scale = invstd
-    if HAS_GAMMA:
-        scale = scale * tl.load(gamma_ptr + c, mask=cm, other=0.0)
-    shift = -mean * scale
-    if HAS_BETA:
-        shift = shift + tl.load(beta_ptr + c, mask=cm, other=0.0)
-    tl.store(invstd_ptr + c, invstd, mask=cm)
-    tl.store(scale_ptr + c, scale, mask=cm)
-    tl.store(shift_ptr + c, shift, mask=cm)
-
-
-def bn_finalize(mean: torch.Tensor, var: torch.Tensor, gamma: Optional[torch.Tensor],
-                beta: Optional[torch.Tensor], eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Batch statistics -> (invstd, scale, shift), fp32 (C,), in ONE launch: the training-mode
-    BN affine (scale = gamma*invstd, shift = beta - mean*scale) that otherwise takes four
-    elementwise launches per layer. mean/var (the statistics merge's output), gamma/beta: fp32 (C,)
-    or None (affine=False)."""
-    C = mean.shape[0]
-    mean = check_channel_vec("mean", mean, C, mean.device, required=True)
-    var = check_channel_vec("var", var, C, mean.device, required=True)
-    gamma = check_channel_vec("gamma", gamma, C, mean.device)
-    beta = check_channel_vec("beta", beta, C, mean.device)
-    invstd, scale, shift = (torch.empty(C, dtype=torch.float32, device=mean.device) for _ in range(3))
-    if C == 0:
-        return invstd, scale, shift
-    bc = _merge_block_c(C)
-    _bn_finalize_kernel[(cdiv(C, bc),)](mean, var, gamma if gamma is not None else mean,
-                                        beta if beta is not None else mean, invstd, scale, shift, C, float(eps),
-                                        HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
-                                        BLOCK_C=bc, num_warps=4)
-    return invstd, scale, shift
+    d = mean
+    stats_merge_kernel[(cdiv(C, bc),)](
+        pcnt, pmean, pm2, P, C, mean, var,
+        *(((fin.gamma if fin.gamma is not None else d), (fin.beta if fin.beta is not None else d), *outs,
+           *((fin.running_mean, fin.running_var, *nxt) if upd else (d, d, d, d)),
+           float(fin.eps), float(fin.momentum))
+          if fin is not None else (d, d, d, d, d, d, d, d, d, 0.0, 0.0)),
+        FINALIZE=fin is not None, HAS_GAMMA=fin is not None and fin.gamma is not None,
+        HAS_BETA=fin is not None and fin.beta is not None,
+        UPDATE=upd, BLOCK_P=bp, BLOCK_C=bc, num_warps=4)
+    return (mean, var, *outs, *nxt) if fin is not None else (mean, var)
 
 
 def _row_tile(C: int, S: int, channels_last: bool, elems: int = 2048) -> tuple[int, int]:
@@ -228,12 +273,15 @@ def _num_partials(S: int, bs: int, n_cblocks: int) -> tuple[int, int]:
     return cdiv(S, rows), rows
 
 
-def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def channel_stats(x: torch.Tensor, finalize: Optional[BNFinalize] = None,
+                  out: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, ...]:
     """Per-channel batch statistics of x over (N, H, W, D).
 
     x: (N, C, H, W, D), float32/bfloat16/float16, either layout.  Returns (mean, var_biased),
     both fp32 (C,), computed in fp32 with a numerically stable (count, mean, M2) merge;
-    deterministic (no atomics).  Requires N*H*W*D > 0.
+    deterministic (no atomics).  Requires N*H*W*D > 0.  With ``finalize`` (a :class:`BNFinalize`)
+    returns (mean, var, invstd, scale, shift, next_running_mean, next_running_var) from the
+    merge launch (:func:`merge_stats`; ``out``: the (5, C) buffer for the five statistics).
     """
     check_tensor5("x", x)
     N, C, H, W, D = x.shape
@@ -248,7 +296,7 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _stats_partial_kernel[(P, ncb)](x, pcnt, pmean, pm2, S, H * W * D, C, sxn, sxp, sxc, rows,
                                     BLOCK_S=bs, BLOCK_C=bc, I64=needs_i64(x, extra=S + rows),
                                     XV=vec_aligns(x)[0], num_warps=4)
-    return merge_stats(pcnt, pmean, pm2)
+    return merge_stats(pcnt, pmean, pm2, finalize, out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,9 +306,10 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @triton.jit(do_not_specialize=("S", "HWDo", "Dp", "D", "syn", "syp", "syc", "srn", "srp", "src",
                                "son", "sop", "soc"))
-def _bn_apply_kernel(y_ptr, scale_ptr, shift_ptr, r_ptr, o_ptr, S, HWDo, Dp, D, C,
+def _bn_apply_kernel(y_ptr, scale_ptr, shift_ptr, mean_ptr, invstd_ptr, r_ptr, o_ptr, S, HWDo, Dp, D, C,
                      syn, syp, syc, srn, srp, src, son, sop, soc,
                      POOL: tl.constexpr, HAS_RES: tl.constexpr, RELU,
+                     NORM: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
                      BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, I64: tl.constexpr,
                      YV: tl.constexpr, RV: tl.constexpr, OV: tl.constexpr):
     pid_s = tl.program_id(0)
@@ -280,8 +329,19 @@ def _bn_apply_kernel(y_ptr, scale_ptr, shift_ptr, r_ptr, o_ptr, S, HWDo, Dp, D, 
     else:
         p = q
     mask = (s < S)[:, None] & cm[None, :]
-    sc = tl.load(scale_ptr + c, mask=cm, other=0.0)[None, :]
-    sh = tl.load(shift_ptr + c, mask=cm, other=0.0)[None, :]
+    if NORM:
+        # the BN affine from the statistics, per channel (what ops._util.bn_affine computes)
+        sc = tl.load(invstd_ptr + c, mask=cm, other=0.0)
+        if HAS_SCALE:
+            sc = sc * tl.load(scale_ptr + c, mask=cm, other=0.0)
+        sh = -tl.load(mean_ptr + c, mask=cm, other=0.0) * sc
+        if HAS_SHIFT:
+            sh = sh + tl.load(shift_ptr + c, mask=cm, other=0.0)
+        sc = sc[None, :]
+        sh = sh[None, :]
+    else:
+        sc = tl.load(scale_ptr + c, mask=cm, other=0.0)[None, :]
+        sh = tl.load(shift_ptr + c, mask=cm, other=0.0)[None, :]
     yo = tile_offsets(n * syn + p * syp, cc, syc, YV)
     t = tl.load(y_ptr + yo, mask=mask, other=0.0).to(tl.float32) * sc + sh
     if POOL:
@@ -297,12 +357,17 @@ def _bn_apply_kernel(y_ptr, scale_ptr, shift_ptr, r_ptr, o_ptr, S, HWDo, Dp, D, 
     tl.store(o_ptr + oo, to_dtype(t, o_ptr.dtype.element_ty), mask=mask)
 
 
-def bn_act_apply(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, zpool: str = "none",
-                 residual: Optional[torch.Tensor] = None, relu: bool = True,
-                 out: Optional[torch.Tensor] = None, out_channel_offset: int = 0) -> torch.Tensor:
+def bn_act_apply(y: torch.Tensor, scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], *,
+                 zpool: str = "none", residual: Optional[torch.Tensor] = None, relu: bool = True,
+                 out: Optional[torch.Tensor] = None, out_channel_offset: int = 0,
+                 mean: Optional[torch.Tensor] = None, invstd: Optional[torch.Tensor] = None) -> torch.Tensor:
     """z = relu(pool(y*scale[c] + shift[c]) + residual), one pass.
 
     y: (N, C, H, W, D) float32/bfloat16/float16, either layout.  scale/shift: fp32 (C,).
+    With mean/invstd (fp32 (C,), given together), scale and shift are the BN's gamma and beta
+    (either may be None: affine=False) and the affine is formed in the kernel, scale =
+    gamma*invstd, shift = beta - mean*scale: a BN recomputed from saved statistics costs no
+    launch of its own.
     zpool: "none" or "after_affine" (max over z-pairs (2j, 2j+1) of the affine value; output
     depth D // 2).  residual: optional, same shape as the output, y's dtype, either layout.
     relu: apply ReLU last (NaN is kept).  out/out_channel_offset: write into
@@ -312,8 +377,13 @@ def bn_act_apply(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, z
     check_tensor5("y", y)
     check_zpool(zpool, ("none", "after_affine"))
     N, C, H, W, D = y.shape
-    scale = check_channel_vec("scale", scale, C, y.device, required=True)
-    shift = check_channel_vec("shift", shift, C, y.device, required=True)
+    if (mean is None) != (invstd is None):
+        raise ValueError("bn_act_apply: mean and invstd must be given together")
+    norm = mean is not None
+    scale = check_channel_vec("scale", scale, C, y.device, required=not norm)
+    shift = check_channel_vec("shift", shift, C, y.device, required=not norm)
+    mean = check_channel_vec("mean", mean, C, y.device)
+    invstd = check_channel_vec("invstd", invstd, C, y.device)
     pool = zpool == "after_affine"
     Do = D // 2 if pool else D
     oshape = (N, C, H, W, Do)
@@ -330,10 +400,13 @@ def bn_act_apply(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, z
     bs, bc = _row_tile(C, S, is_channels_last(y))
     grid = (cdiv(S, bs), cdiv(C, bc))
     yv, rv, ov = vec_aligns(y, residual, o)
-    _bn_apply_kernel[grid](y, scale, shift, residual if residual is not None else y, o,
+    d = mean if norm else scale  # stands in for the pointers a variant never reads
+    _bn_apply_kernel[grid](y, scale if scale is not None else d, shift if shift is not None else d,
+                           mean if norm else d, invstd if norm else d, residual if residual is not None else y, o,
                            S, H * W * Do, max(Do, 1), D, C,
                            syn, syp, syc, srn, srp, src, son, sop, soc,
                            POOL=pool, HAS_RES=residual is not None, RELU=bool(relu),
+                           NORM=norm, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None,
                            BLOCK_S=bs, BLOCK_C=bc, I64=needs_i64(y, o, residual, extra=S + bs),
                            YV=yv, RV=rv, OV=ov, num_warps=4)
     return o
@@ -468,16 +541,18 @@ def _sum_partials_kernel(pa_ptr, pb_ptr, P, C, a_ptr, b_ptr,
 
 
 @triton.jit(do_not_specialize=("S", "HWR", "R", "Dp", "D", "sgn", "sgp", "sgc", "syn", "syp", "syc",
-                               "son", "sop", "soc", "sdn", "sdp", "sdc", "srn", "srp", "src"))
+                               "son", "sop", "soc", "sdn", "sdp", "sdc", "srn", "srp", "src",
+                               "san", "sap", "sac"))
 def _bn_bwd_apply_kernel(g_ptr, y_ptr, o_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
-                         sg_ptr, sgx_ptr, gy_ptr, gr_ptr, inv_M, S, HWR, R, Dp, D, C,
+                         sg_ptr, sgx_ptr, gy_ptr, gr_ptr, ad_ptr, inv_M, S, HWR, R, Dp, D, C,
                          sgn, sgp, sgc, syn, syp, syc, son, sop, soc,
-                         sdn, sdp, sdc, srn, srp, src,
+                         sdn, sdp, sdc, srn, srp, src, san, sap, sac,
                          POOL: tl.constexpr, RELU, HAS_OUT: tl.constexpr,
                          HAS_GAMMA: tl.constexpr, BATCH_STATS: tl.constexpr, RES_GRAD: tl.constexpr,
+                         HAS_ADD: tl.constexpr,
                          BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, I64: tl.constexpr,
                          GV: tl.constexpr, YV: tl.constexpr, OV: tl.constexpr, DV: tl.constexpr,
-                         RV: tl.constexpr):
+                         RV: tl.constexpr, AV: tl.constexpr):
     pid_s = tl.program_id(0)
     pid_c = tl.program_id(1)
     c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -519,6 +594,10 @@ def _bn_bwd_apply_kernel(g_ptr, y_ptr, o_ptr, mean_ptr, invstd_ptr, gamma_ptr, b
         p = hw * D + jj
         q = p
     do = tile_offsets(n * sdn + p * sdp, cc, sdc, DV)
+    if HAS_ADD:
+        # another gradient of y summed in (y also fed the op's residual): no pass of its own
+        ao = tile_offsets(n * san + p * sap, cc, sac, AV)
+        da = da + tl.load(ad_ptr + ao, mask=m_a, other=0.0).to(tl.float32)
     tl.store(gy_ptr + do, to_dtype(da, gy_ptr.dtype.element_ty), mask=m_a)
     if POOL:
         do2 = tile_offsets(n * sdn + p * sdp + sdp, cc, sdc, DV)
@@ -532,6 +611,7 @@ def bn_act_backward(grad_out: torch.Tensor, y: torch.Tensor, mean: torch.Tensor,
                     gamma: Optional[torch.Tensor], *, out: Optional[torch.Tensor] = None,
                     zpool: str = "none", relu: bool = True, batch_stats: bool = True,
                     residual_grad: bool = False, beta: Optional[torch.Tensor] = None,
+                    add_to_grad_y: Optional[torch.Tensor] = None,
                     ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
     """Backward of o = relu(pool(gamma*(y-mean)*invstd + beta) (+ residual)).
 
@@ -545,6 +625,8 @@ def bn_act_backward(grad_out: torch.Tensor, y: torch.Tensor, mean: torch.Tensor,
     batch_stats=True (training): grad_y = gamma*invstd*(g_t - sum(g_t)/M - xhat*sum(g_t*xhat)/M),
     M = N*H*W*D; False (eval, running stats): grad_y = gamma*invstd*g_t.
     residual_grad=True also returns grad_out*mask (the residual's gradient).
+    add_to_grad_y: a tensor of y's shape and dtype (either layout) added to grad_y in the same pass
+    (another gradient of y; zpool "none" only).
     Returns (grad_y [y's dtype/layout], grad_gamma fp32 (C,) or None, grad_beta fp32 (C,),
     grad_residual [grad_out's dtype/layout] or None).  Deterministic two-pass (no atomics).
     """
@@ -572,6 +654,11 @@ def bn_act_backward(grad_out: torch.Tensor, y: torch.Tensor, mean: torch.Tensor,
                              "zpool or a residual is used; t > 0 is only equivalent without them")
         if beta is None:
             raise ValueError("bn_act_backward: relu=True without `out` recomputes t > 0 and needs `beta`")
+    if add_to_grad_y is not None:
+        check_tensor5("add_to_grad_y", add_to_grad_y, dtype=y.dtype, device=y.device)
+        if tuple(add_to_grad_y.shape) != tuple(y.shape) or pool:
+            raise ValueError(f"add_to_grad_y must have y's shape {tuple(y.shape)} (and zpool 'none'), "
+                             f"got {tuple(add_to_grad_y.shape)} with zpool={zpool!r}")
     gy = empty5(y.shape, y)
     gres = empty5(oshape, grad_out) if residual_grad else None
     M = N * H * W * D
@@ -592,14 +679,18 @@ def bn_act_backward(grad_out: torch.Tensor, y: torch.Tensor, mean: torch.Tensor,
         _, srn, srp, src = flat_strides(gres)
     else:
         srn = srp = src = 0
+    if add_to_grad_y is not None:
+        add_to_grad_y, san, sap, sac = flat_strides(add_to_grad_y)
+    else:
+        san = sap = sac = 0
     R = (D + 1) // 2 if pool else D
     S = N * H * W * R
     # smaller tiles in the contiguous kind: the pooled kernels spilled on sm_90 at 512x4 (reduce,
     # 20 B) and 256x4 (apply, 24 B) (bench/static_sm90.py); the channels-last [32, 64] tile does not
     bs, bc = _row_tile(C, S, is_channels_last(y), 2048 if is_channels_last(y) else 512)
     ncb = cdiv(C, bc)
-    i64 = needs_i64(y, grad_out, out, gres, extra=S + bs)
-    yv, gv, ov, dv, rv = vec_aligns(y, grad_out, out, gy, gres)
+    i64 = needs_i64(y, grad_out, out, gres, add_to_grad_y, extra=S + bs)
+    yv, gv, ov, dv, rv, av = vec_aligns(y, grad_out, out, gy, gres, add_to_grad_y)
     common = dict(POOL=pool, RELU=bool(relu), HAS_OUT=out is not None, HAS_GAMMA=gamma is not None,
                   YV=yv, GV=gv, OV=ov)
     dummy = mean
@@ -619,9 +710,10 @@ def bn_act_backward(grad_out: torch.Tensor, y: torch.Tensor, mean: torch.Tensor,
     _bn_bwd_apply_kernel[grid](
         grad_out, y, out if out is not None else y, mean, invstd,
         gamma if gamma is not None else dummy, beta if beta is not None else dummy,
-        sum_g, sum_gx, gy, gres if gres is not None else gy, 1.0 / M, S, H * W * R, R, max(Do, 1), D, C,
-        sgn, sgp, sgc, syn, syp, syc, son, sop, soc, sdn, sdp, sdc, srn, srp, src,
-        BATCH_STATS=bool(batch_stats), RES_GRAD=bool(residual_grad),
-        DV=dv, RV=rv,
+        sum_g, sum_gx, gy, gres if gres is not None else gy,
+        add_to_grad_y if add_to_grad_y is not None else gy, 1.0 / M, S, H * W * R, R, max(Do, 1), D, C,
+        sgn, sgp, sgc, syn, syp, syc, son, sop, soc, sdn, sdp, sdc, srn, srp, src, san, sap, sac,
+        BATCH_STATS=bool(batch_stats), RES_GRAD=bool(residual_grad), HAS_ADD=add_to_grad_y is not None,
+        DV=dv, RV=rv, AV=av,
         BLOCK_S=bs, BLOCK_C=bc, I64=i64, num_warps=4, **common)
     return gy, (sum_gx if gamma is not None else None), sum_g, gres

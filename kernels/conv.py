@@ -9,8 +9,11 @@ one flat K loop over (tap, BLOCK_K chunk of input channels) -- flat so that the 
 overlap the loads of step k+1 with the MMA of step k even when Cin fits in one chunk:
   A tile [BLOCK_M, BLOCK_K] = x[n, ci, ho*sh-ph+kh, wo*sw-pw+kw, d*sd-pd+kd]   (channels-last:
       each row is a contiguous run of BLOCK_K channels -> coalesced, vectorised loads)
-  B tile [BLOCK_K, BLOCK_N] = w_packed[tap, ci, co] (pack_conv_weight: (KH*KW*KD*Cin, Cout),
-      contiguous in co; small, L2-resident; a caller may cache it and pass packed_weight=)
+  B tile [BLOCK_K, BLOCK_N] = w[co, ci, kh, kw, kd], read through the weight's own strides (small,
+      L2-resident). A channels_last_3d weight is contiguous in ci, i.e. K-major B: 16-byte loads
+      along K, the operand order wgmma wants (and the only one it takes for TF32). The fast
+      AH-Net keeps its conv weights channels_last_3d, so neither eval nor training repacks them
+      (a repack is a copy launch per conv per optimizer step); any other layout is read as is.
   acc += tl.dot(A, B) with fp32 accumulation (tensor cores for bf16/fp16; fp32 uses TF32 only if
   torch.backends.cuda.matmul.allow_tf32, else IEEE).
 Prologue (pre-activation BN): A = relu(A*in_scale[ci] + in_shift[ci]) in fp32, rounded back to the
@@ -19,7 +22,8 @@ Prologue (pre-activation BN): A = relu(A*in_scale[ci] + in_shift[ci]) in fp32, r
 Epilogue (fp32): v = acc + bias; zpool "before_affine": max of the z-pair on v, then the affine;
   "after_affine": affine on both, then the max (max(a*s) != s*max(a) when s < 0); + residual;
   ReLU; store into out (optionally a channel slice of a bigger buffer, for dense-block concat);
-  compute_stats: per-tile (count, mean, M2) of v per channel, exact two-pass on registers,
+  compute_stats: per-tile (count, mean, M2) of the stored v per channel (after the residual,
+  when there is one), exact two-pass on registers,
   merged deterministically by batchnorm.stats_merge_kernel (no atomics).
 Everything between the conv and the next conv is thus one read of x and one write of the output.
 """
@@ -83,11 +87,24 @@ _CONV_NO_SPEC = ("M", "H", "W", "D", "Ho", "Wo", "Dr",
                  "srn", "src", "srh", "srw", "srd")
 
 
+@triton.jit
+def _store_tile_stats(v, valid, row_ok, pid_m, co, co_ok, Cout, pcnt_ptr, pmean_ptr, pm2_ptr,
+                      BLOCK_N: tl.constexpr):
+    """This tile's per-channel (count, mean, M2) into row pid_m of the (P, Cout) partials."""
+    nrows = tl.sum(row_ok.to(tl.float32), axis=0)
+    tmean, tm2 = tile_stats(v, valid, nrows)
+    po = pid_m * Cout + co
+    tl.store(pcnt_ptr + po, tl.zeros([BLOCK_N], dtype=tl.float32) + nrows, mask=co_ok)
+    tl.store(pmean_ptr + po, tmean, mask=co_ok)
+    tl.store(pm2_ptr + po, tm2, mask=co_ok)
+
+
 @triton.jit(do_not_specialize=_CONV_NO_SPEC)
 def _conv_kernel(x_ptr, w_ptr, bias_ptr, isc_ptr, ish_ptr, osc_ptr, osh_ptr, res_ptr, out_ptr,
                  pcnt_ptr, pmean_ptr, pm2_ptr,
                  M, Cin, Cout, H, W, D, Ho, Wo, Dr,
                  sxn, sxc, sxh, sxw, sxd,
+                 swo, swi, swh, sww, swd,
                  son, soc, soh, sow, sod,
                  srn, src, srh, srw, srd,
                  STH, STW, STD, PH, PW, PD,
@@ -125,6 +142,7 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, isc_ptr, ish_ptr, osc_ptr, osh_ptr, res
         d0 = dr
     acc0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    wcol = co * swo
     hbase = ho * STH - PH
     wbase = wo * STW - PW
     dbase = d0 * STD - PD
@@ -147,10 +165,10 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, isc_ptr, ish_ptr, osc_ptr, osh_ptr, res
             cio = ci
         hi = hbase + kh
         wi = wbase + kw
-        brow = (tap * Cin + ci) * Cout
-        if COUT_V > 1:
-            brow = tl.multiple_of(brow, COUT_V)
-        b = tl.load(w_ptr + brow[:, None] + co[None, :], mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
+        # weight offsets: swi == 1 (channels_last_3d) is specialised by Triton, which makes the
+        # rows K-contiguous and vectorisable; the column offsets are loop-invariant
+        brow = kh * swh + kw * sww + kd * swd + cio * swi
+        b = tl.load(w_ptr + brow[:, None] + wcol[None, :], mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
         a = _load_a(x_ptr, isc_ptr, ish_ptr, xrow, dbase + kd, row_ok, ci, ci_ok, cio, H, W, D,
                     hi, wi, sxc, sxh, sxw, sxd, HAS_PRO, IN_RELU, XV)
         acc0 = _mma(a, b, acc0, UPCAST, IS_FP32, PRECISION)
@@ -176,12 +194,8 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, isc_ptr, ish_ptr, osc_ptr, osh_ptr, res
         v = acc0
     valid = row_ok[:, None] & co_ok[None, :]
     if STATS:
-        nrows = tl.sum(row_ok.to(tl.float32), axis=0)
-        tmean, tm2 = tile_stats(v, valid, nrows)
-        po = pid_m * Cout + co
-        tl.store(pcnt_ptr + po, tl.zeros([BLOCK_N], dtype=tl.float32) + nrows, mask=co_ok)
-        tl.store(pmean_ptr + po, tmean, mask=co_ok)
-        tl.store(pm2_ptr + po, tm2, mask=co_ok)
+        if not HAS_RES:
+            _store_tile_stats(v, valid, row_ok, pid_m, co, co_ok, Cout, pcnt_ptr, pmean_ptr, pm2_ptr, BLOCK_N)
     if HAS_OSC:
         v = v * osc
     if HAS_OSH:
@@ -200,6 +214,10 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, isc_ptr, ish_ptr, osc_ptr, osh_ptr, res
     if HAS_RES:
         ro = tile_offsets(n * srn + ho * srh + wo * srw + dr * srd, coo, src, RV)
         v = v + tl.load(res_ptr + ro, mask=valid, other=0.0).to(tl.float32)
+        if STATS:
+            # the statistics of what is stored (acc + bias + residual; no affine, no ReLU):
+            # the next BN's input when the residual is a skip sum (Pseudo3D's 3x3x1 + 1x1x3)
+            _store_tile_stats(v, valid, row_ok, pid_m, co, co_ok, Cout, pcnt_ptr, pmean_ptr, pm2_ptr, BLOCK_N)
     if RELU:
         v = tl.where(v < 0.0, 0.0, v)
     oo = tile_offsets(n * son + ho * soh + wo * sow + dr * sod, coo, soc, OV)
@@ -276,32 +294,6 @@ def _interp_blocks(M: int, Cin: int, Cout: int) -> tuple[int, int, int]:
     return bm, bn, bk
 
 
-def pack_conv_weight(weight: torch.Tensor) -> torch.Tensor:
-    """(Cout, Cin, KH, KW, KD) -> (KH*KW*KD*Cin, Cout), contiguous in Cout: the layout the
-    kernel reads B tiles from (row = tap*Cin + ci).  Pass it as ``conv3d_fused(packed_weight=)``
-    to skip the per-call repack (it changes only when the weight does)."""
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 5:
-        raise ValueError("weight must be a 5-D tensor (Cout, Cin, KH, KW, KD)")
-    Cout, Cin, KH, KW, KD = weight.shape
-    return weight.detach().permute(2, 3, 4, 1, 0).reshape(KH * KW * KD * Cin, Cout).contiguous()
-
-
-def _check_packed(packed: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    Cout, Cin, KH, KW, KD = weight.shape
-    shape = (KH * KW * KD * Cin, Cout)
-    if not isinstance(packed, torch.Tensor):
-        raise TypeError(f"packed_weight must be a torch.Tensor, got {type(packed).__name__}")
-    if tuple(packed.shape) != shape:
-        raise ValueError(f"packed_weight must have shape {shape} (pack_conv_weight of a {tuple(weight.shape)} "
-                         f"weight), got {tuple(packed.shape)}")
-    if packed.dtype != weight.dtype or packed.device != weight.device:
-        raise TypeError(f"packed_weight must be {weight.dtype} on {weight.device}, "
-                        f"got {packed.dtype} on {packed.device}")
-    if not packed.is_contiguous():
-        raise ValueError("packed_weight must be contiguous (as pack_conv_weight returns it)")
-    return packed
-
-
 # --------------------------------------------------------------------------- launcher
 
 def _triple(name: str, v: Union[int, Sequence[int]]) -> tuple[int, int, int]:
@@ -324,12 +316,13 @@ def conv3d_fused(x: torch.Tensor, weight: torch.Tensor, *,
                  residual: Optional[torch.Tensor] = None, relu: bool = False,
                  out: Optional[torch.Tensor] = None, out_channel_offset: int = 0,
                  compute_stats: bool = False,
-                 packed_weight: Optional[torch.Tensor] = None,
+                 finalize=None, stats_out: Optional[torch.Tensor] = None,
                  ) -> Union[torch.Tensor, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
     """Fused 3D convolution (cross-correlation, like F.conv3d; no dilation, no groups).
 
     x: (N, Cin, H, W, D) float32/bfloat16/float16, channels_last_3d or contiguous (channel slices
-    of either are fine).  weight: (Cout, Cin, KH, KW, KD), x's dtype.  Output depth before any pool
+    of either are fine).  weight: (Cout, Cin, KH, KW, KD), x's dtype, any strides (channels_last_3d
+    is read fastest: K-contiguous).  Output depth before any pool
     Do = (D + 2*pd - KD)//sd + 1 (same for H, W).
     Prologue: if in_scale/in_shift (fp32 (Cin,), both required together) are given, every input
     value v becomes relu(v*in_scale + in_shift) (relu iff in_relu), zero padding applied after.
@@ -342,10 +335,11 @@ def conv3d_fused(x: torch.Tensor, weight: torch.Tensor, *,
     (N, Ctot, Ho, Wo, Dfinal) buffer of x's dtype (either layout; must not overlap x or
     residual) and return that view; otherwise a new tensor in x's memory format.
     compute_stats: also return (mean, var_biased), fp32 (Cout,), over (N, Ho, Wo, Dfinal) of
-    acc + bias (after a "before_affine" pool), deterministic; needs out_scale/out_shift None and
-    zpool in {"none", "before_affine"}.
-    packed_weight: ``pack_conv_weight(weight)`` (shape, dtype and device checked), for callers
-    that cache it; without it the weight is repacked on every call.
+    acc + bias (after a "before_affine" pool) + residual, i.e. of the stored output, deterministic;
+    needs out_scale/out_shift None, zpool in {"none", "before_affine"} and relu False.  finalize (a ``batchnorm.BNFinalize``, with compute_stats):
+    the statistics come back as (mean, var, invstd, scale, shift, next_running_mean,
+    next_running_var) from the same merge launch (the training BN's whole statistics step);
+    the five statistics are rows of one (5, Cout) fp32 tensor (``stats_out`` when given).
     Returns out, or (out, (mean, var)) with compute_stats.
     """
     check_tensor5("x", x)
@@ -361,8 +355,6 @@ def conv3d_fused(x: torch.Tensor, weight: torch.Tensor, *,
     Cout, wcin, KH, KW, KD = weight.shape
     if wcin != Cin:
         raise ValueError(f"weight expects {wcin} input channels but x has {Cin} (groups are not supported)")
-    if packed_weight is not None:
-        packed_weight = _check_packed(packed_weight, weight)
     sth, stw, std = _triple("stride", stride)
     ph, pw, pd = _triple("padding", padding)
     if min(sth, stw, std) < 1 or min(ph, pw, pd) < 0:
@@ -385,9 +377,11 @@ def conv3d_fused(x: torch.Tensor, weight: torch.Tensor, *,
         if bias.dtype not in (torch.float32, x.dtype) or bias.device != x.device:
             raise TypeError(f"bias must be float32 or {x.dtype} on {x.device}, got {bias.dtype} on {bias.device}")
         bias = bias.to(torch.float32).contiguous()
-    if compute_stats and (out_scale is not None or out_shift is not None or zpool == "after_affine"):
-        raise ValueError("compute_stats=True needs out_scale/out_shift None and zpool in "
-                         "{'none', 'before_affine'}: the statistics are of the pre-affine value")
+    if finalize is not None and not compute_stats:
+        raise ValueError("finalize needs compute_stats=True (it finalizes the conv's own statistics)")
+    if compute_stats and (out_scale is not None or out_shift is not None or zpool == "after_affine" or relu):
+        raise ValueError("compute_stats=True needs out_scale/out_shift None, zpool in {'none', 'before_affine'} "
+                         "and relu=False: the statistics are of the stored pre-affine value")
     pool = _POOL_CODES[zpool]
     Dr = Do // 2 if pool else Do
     oshape = (N, Cout, Ho, Wo, Dr)
@@ -397,17 +391,15 @@ def conv3d_fused(x: torch.Tensor, weight: torch.Tensor, *,
         if compute_stats:
             raise ValueError(f"compute_stats needs a non-empty output, got {oshape}")
         return o
-    # weights as (taps*Cin, Cout), contiguous in Cout: the B tile rows are contiguous
-    w_packed = packed_weight if packed_weight is not None else pack_conv_weight(weight)
 
     interp = interp_tiles()
     upcast = interp and x.dtype == torch.bfloat16
     is_fp32 = x.dtype == torch.float32
     precision = "tf32" if (is_fp32 and torch.backends.cuda.matmul.allow_tf32 and not interp) else "ieee"
     i64 = needs_i64(x, o, residual, extra=M + 256)
-    dummy = w_packed
+    dummy = weight
     res_strides = residual.stride() if residual is not None else (0,) * 5
-    args = [x, w_packed, bias if bias is not None else dummy,
+    args = [x, weight, bias if bias is not None else dummy,
             in_scale if in_scale is not None else dummy, in_shift if in_shift is not None else dummy,
             out_scale if out_scale is not None else dummy, out_shift if out_shift is not None else dummy,
             residual if residual is not None else dummy, o]
@@ -431,6 +423,7 @@ def conv3d_fused(x: torch.Tensor, weight: torch.Tensor, *,
                  OV=min(flags["OV"], cout_v), RV=min(flags["RV"], cout_v))
     scalars = [M, Cin, Cout, H, W, D, Ho, Wo, Dr,
                x.stride(0), x.stride(1), x.stride(2), x.stride(3), x.stride(4),
+               weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3), weight.stride(4),
                o.stride(0), o.stride(1), o.stride(2), o.stride(3), o.stride(4),
                *res_strides, sth, stw, std, ph, pw, pd]
     if interp:
@@ -446,4 +439,4 @@ def conv3d_fused(x: torch.Tensor, weight: torch.Tensor, *,
     _conv_kernel[(P, cdiv(Cout, bn))](*args, *parts, *scalars, **flags, **launch)
     if not compute_stats:
         return o
-    return o, merge_stats(*parts)
+    return o, merge_stats(*parts, finalize, stats_out)

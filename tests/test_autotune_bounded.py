@@ -127,37 +127,62 @@ def _conv_case(dtype=torch.float32):
     return x, w
 
 
-def test_pack_conv_weight_layout():
-    _, w = _conv_case()
-    p = kconv.pack_conv_weight(w)
-    assert p.shape == (3 * 3 * 1 * 12, 20) and p.is_contiguous()
-    # row = tap * Cin + ci, tap = (kh * KW + kw) * KD + kd
-    for kh, kw, ci, co in ((0, 0, 0, 0), (2, 1, 11, 19), (1, 2, 5, 7)):
-        assert p[((kh * 3 + kw) * 1 + 0) * 12 + ci, co] == w[co, ci, kh, kw, 0]
+def _weight_layouts(w):
+    """The same weight values in the layouts a caller may hand the conv: contiguous,
+    channels_last_3d (the fast model's), a permuted copy, and a strided view."""
+    wide = torch.zeros(w.shape[0], w.shape[1] * 2, *w.shape[2:], dtype=w.dtype)
+    wide[:, ::2] = w
+    return {
+        "contiguous": w.contiguous(),
+        "channels_last_3d": w.contiguous(memory_format=torch.channels_last_3d),
+        "cout_fastest": w.permute(2, 3, 4, 1, 0).contiguous().permute(4, 3, 0, 1, 2),
+        "strided_view": wide[:, ::2],
+    }
 
 
-def test_packed_weight_gives_the_same_result():
+def test_conv_reads_weights_in_any_layout():
+    """The conv kernel reads the weight through its own strides: every layout gives the same
+    result, equal to F.conv3d of the prologue-transformed input."""
     x, w = _conv_case()
     kw = dict(padding=(1, 1, 0), in_scale=torch.rand(12) + 0.5, in_shift=torch.randn(12), relu=True)
-    ref = kconv.conv3d_fused(x, w, **kw)
-    got = kconv.conv3d_fused(x, w, packed_weight=kconv.pack_conv_weight(w), **kw)
-    assert torch.equal(ref, got)
+    outs = {name: kconv.conv3d_fused(x, wl, **kw) for name, wl in _weight_layouts(w).items()}
     expect = torch.nn.functional.conv3d(torch.relu(x * kw["in_scale"].view(1, -1, 1, 1, 1)
                                                    + kw["in_shift"].view(1, -1, 1, 1, 1)), w, padding=(1, 1, 0))
-    torch.testing.assert_close(got, torch.relu(expect), rtol=1e-5, atol=1e-5)
+    for name, got in outs.items():
+        torch.testing.assert_close(got, torch.relu(expect), rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_packed_weight_is_validated():
+def test_channels_last_weight_is_read_in_place():
+    """A channels_last_3d weight reaches the kernel as it is (no copy launch, its own storage,
+    input-channel stride 1: K-contiguous B tiles). On a GPU the fused op converts any other
+    layout once per change of the weight (a cached copy), not on every call; the interpreter
+    reads every layout in place."""
+    from ahnet_fast import use_backend
+    from ahnet_fast.launches import record_launches
+    from ahnet_fast.ops import conv_bn_act
+
     x, w = _conv_case()
-    p = kconv.pack_conv_weight(w)
-    with pytest.raises(ValueError, match="shape"):
-        kconv.conv3d_fused(x, w, padding=(1, 1, 0), packed_weight=p[:-1])
-    with pytest.raises(TypeError, match="float32"):
-        kconv.conv3d_fused(x, w, padding=(1, 1, 0), packed_weight=p.to(torch.float16))
-    with pytest.raises(ValueError, match="contiguous"):
-        kconv.conv3d_fused(x, w, padding=(1, 1, 0), packed_weight=p.t().contiguous().t())
-    with pytest.raises(TypeError, match="Tensor"):
-        kconv.conv3d_fused(x, w, padding=(1, 1, 0), packed_weight=p.tolist())
+    wl = w.contiguous(memory_format=torch.channels_last_3d)
+    with record_launches() as log:
+        kconv.conv3d_fused(x, wl, padding=(1, 1, 0))
+    (launch,) = log.triton
+    assert not log.torch_ops, log.summary()
+    assert launch.args[1].stride == wl.stride() and wl.stride(1) == 1
+    gamma, beta = torch.rand(20) + 0.5, torch.randn(20)
+    rm, rv = torch.randn(20), torch.rand(20) + 0.5
+    gpu = x.is_cuda
+    for weight, copies in ((wl, 0), (w.contiguous(), int(gpu))):
+        with use_backend("triton"), torch.no_grad():
+            conv_bn_act(x, weight, gamma, beta, rm, rv, padding=(1, 1, 0), training=False)  # plans built
+            with record_launches() as log:
+                conv_bn_act(x, weight, gamma, beta, rm, rv, padding=(1, 1, 0), training=False)
+        assert log.total == 1, log.summary()  # the conv alone, whatever the weight's layout
+        assert log.triton[0].args[1].stride == (wl.stride() if gpu else weight.stride())
+        with use_backend("triton"):
+            weight.add_(0.0)  # an optimizer step: a new version of the weight
+            with torch.no_grad(), record_launches() as log:
+                conv_bn_act(x, weight, gamma, beta, rm, rv, padding=(1, 1, 0), training=False)
+        assert log.torch_ops.get("aten::copy_", 0) + log.torch_ops.get("aten::clone", 0) == copies, log.summary()
 
 
 # ------------------------------------------------------------------------------------- warmup

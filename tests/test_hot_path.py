@@ -13,23 +13,27 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from ahnet_fast import AHNet, use_backend
 from ahnet_fast.launches import model_launches, record_launches
 from ahnet_fast.nn.functional import bn_act_conv_modules, conv_bn_act_modules
-from ahnet_fast.ops import _plan, conv_bn_act
+from ahnet_fast.ops import _plan, _util, conv_bn_act
 
 CFG = dict(in_channels=1, out_channels=4, psp_block_num=3, upsample_mode="trilinear")
 SHAPE = (1, 1, 64, 64, 32)  # the smallest input AHNet(psp 3, trilinear) accepts
 
 # Launch budgets (AHNet(psp_block_num=3, upsample_mode="trilinear"), one forward; counts do not
 # depend on the spatial size). MONAI eager issues 429 launches in eval and 985 in a training
-# forward+backward here (measured in test_launch_budget, printed on failure). These are the
-# counts reached so far: eval 140 (was 1233 before the per-layer plans, the Pseudo3D sum and the
-# stem in the conv epilogue, the skip sums written into the dense buffers, the final conv writing
-# the output's layout); train 1823 (was 3562), which includes the weight repack after an optimizer
-# step (119) and 69 restrides of gradients that torch's CPU conv backward returns in the other
-# layout. The training goal, at most MONAI's count, is not reached yet (the BN finalize folded
-# into the statistics merge, normalize+ReLU applied in the consumer's prologue, the BN backward's
-# partial sums folded into its apply kernel): the budget holds what was reached.
+# forward+backward here (measured in test_launch_budget, printed on failure). Reached: eval 140
+# (was 1233: per-layer plans, the Pseudo3D sum and the stem in the conv epilogue, the skip sums
+# written into the dense buffers, the final conv writing the output's layout); train 969 of the
+# pipeline's own (was 3562: weights read in place, no repack after an optimizer step; the BN
+# finalize and the running-statistics update in the statistics merge; every layer's running
+# statistics and batch counter committed by two multi-tensor launches; the backward's BN affine
+# formed in its apply kernel; the Pseudo3D chain's BN statistics from the producing conv's
+# epilogue; the Pseudo3D residual gradient summed in the BN backward). Counted apart: the
+# restrides of gradients that torch's CPU conv backward returns in the other layout than
+# declared (14 on the AMD EPYC CI machine; cuDNN returns the operands' layout), capped loosely
+# since oneDNN's choice depends on the processor.
 EVAL_LAUNCHES_PER_CONV = 1.15
-TRAIN_LAUNCHES_MAX = 1823
+TRAIN_LAUNCHES_MAX = 969
+CPU_RESTRIDES_MAX = 69
 
 
 def _convs(model: torch.nn.Module) -> int:
@@ -176,15 +180,20 @@ def test_launch_budget():
         model_launches(net, x, train=False)  # first call: layer plans are built
         f_eval = model_launches(net, x, train=False)
         model_launches(net, x, train=True)
-        with torch.no_grad():  # an optimizer step changes every weight: its repack is counted
+        with torch.no_grad():  # an optimizer step changes every weight (nothing may be rebuilt for it)
             for p in net.parameters():
                 p.add_(0.0)
+        restrides = _util.RESTRIDE_COPIES["cpu"]
         f_train = model_launches(net, x, train=True)
+        restrides = _util.RESTRIDE_COPIES["cpu"] - restrides
+    own = f_train.total - restrides
     msg = (f"fast eval {f_eval.summary()}\nMONAI eval {m_eval.total}\n"
-           f"fast train {f_train.summary()}\nMONAI train {m_train.total}")
+           f"fast train {f_train.summary()} ({restrides} CPU restrides)\nMONAI train {m_train.total}")
     assert f_eval.total <= EVAL_LAUNCHES_PER_CONV * convs, msg
     assert f_eval.total < m_eval.total / 2.5, msg
-    assert f_train.total <= TRAIN_LAUNCHES_MAX, msg
+    assert own <= TRAIN_LAUNCHES_MAX, msg
+    assert own < m_train.total, msg
+    assert restrides <= CPU_RESTRIDES_MAX, msg
 
 
 def test_auto_never_picks_the_unvalidated_cuda_conv():
@@ -197,3 +206,21 @@ def test_auto_never_picks_the_unvalidated_cuda_conv():
         assert "cuda" not in _backend._auto_order(op)
         assert _backend._auto_order(op)[0] == "triton"
     assert _backend._auto_order("zmaxpool")[0] == "cuda"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
+def test_gpu_training_step_restrides_nothing():
+    """On a GPU the conv weights are channels_last_3d (read in place by the fused conv) and
+    cuDNN's conv backward returns gradients in the declared layouts: a training step copies no
+    gradient into another layout, and the launch count stays within the CPU-measured budget."""
+    torch.manual_seed(0)
+    net = AHNet(**CFG).cuda()
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last_3d) for m in convs)
+    x = torch.randn(*SHAPE, device="cuda")
+    model_launches(net, x, train=True, run_triton=True)
+    before = _util.RESTRIDE_COPIES["cuda"]
+    log = model_launches(net, x, train=True, run_triton=True)
+    assert _util.RESTRIDE_COPIES["cuda"] == before, log.summary()
+    assert log.total <= TRAIN_LAUNCHES_MAX, log.summary()

@@ -45,25 +45,28 @@ def _compile_all() -> None:
           dict(tile, I64=False, XV=0, GV=0, XGV=0))
     f32 = ["pcnt_ptr", "pmean_ptr", "pm2_ptr", "scale_ptr", "shift_ptr", "mean_ptr", "invstd_ptr",
            "gamma_ptr", "beta_ptr", "psg_ptr", "psgx_ptr", "sg_ptr", "sgx_ptr", "var_ptr",
-           "pa_ptr", "pb_ptr", "a_ptr", "b_ptr"]
-    types = {**ptrs(["x_ptr", "y_ptr", "r_ptr", "o_ptr", "g_ptr", "gy_ptr", "gr_ptr"], "bf16"),
-             **ptrs(f32, "fp32"), "inv_M": "fp32"}
+           "pa_ptr", "pb_ptr", "a_ptr", "b_ptr", "rmean_ptr", "rvar_ptr", "nmean_ptr", "nvar_ptr"]
+    types = {**ptrs(["x_ptr", "y_ptr", "r_ptr", "o_ptr", "g_ptr", "gy_ptr", "gr_ptr", "ad_ptr"], "bf16"),
+             **ptrs(f32, "fp32"), "inv_M": "fp32", "eps": "fp32", "momentum": "fp32"}
     build(batchnorm._stats_partial_kernel, types, dict(tile, I64=False, XV=16))
-    build(batchnorm.stats_merge_kernel, types, dict(BLOCK_P=64, BLOCK_C=64))
+    # the merge with the BN finalize and the running-statistics update in the same launch
+    build(batchnorm.stats_merge_kernel, types, dict(FINALIZE=True, HAS_GAMMA=True, HAS_BETA=True, UPDATE=True,
+                                                    BLOCK_P=64, BLOCK_C=64))
     build(batchnorm._sum_partials_kernel, types, dict(BLOCK_P=64, BLOCK_C=64))
     build(batchnorm._bn_apply_kernel, types,
-          dict(tile, POOL=True, HAS_RES=True, RELU=True, I64=False, YV=16, RV=4, OV=8))
+          dict(tile, POOL=True, HAS_RES=True, RELU=True, NORM=True, HAS_SCALE=True, HAS_SHIFT=False, I64=False,
+               YV=16, RV=4, OV=8))
     flags = dict(POOL=True, RELU=True, HAS_OUT=True, HAS_GAMMA=True, GV=8, YV=16, OV=0)
     build(batchnorm._bn_bwd_reduce_kernel, types, dict(tile, **flags, I64=False))
     build(batchnorm._bn_bwd_apply_kernel, types,
-          dict(tile, **flags, BATCH_STATS=True, RES_GRAD=True, I64=True, DV=16, RV=2))
+          dict(tile, **flags, BATCH_STATS=True, RES_GRAD=True, HAS_ADD=True, I64=True, DV=16, RV=2, AV=16))
     ctypes = {**ptrs(["x_ptr", "w_ptr", "res_ptr", "out_ptr"], "bf16"),
               **ptrs(["bias_ptr", "isc_ptr", "ish_ptr", "osc_ptr", "osh_ptr",
                       "pcnt_ptr", "pmean_ptr", "pm2_ptr"], "fp32")}
     for pool, stats in ((1, True), (2, False)):
         build(conv._conv_kernel, ctypes,
               dict(KH=3, KW=3, KD=1, HAS_BIAS=True, HAS_PRO=True, IN_RELU=True, HAS_OSC=not stats,
-                   HAS_OSH=not stats, POOL=pool, HAS_RES=True, RELU=True, STATS=stats, UPCAST=False,
+                   HAS_OSH=not stats, POOL=pool, HAS_RES=True, RELU=not stats, STATS=stats, UPCAST=False,
                    IS_FP32=False, PRECISION="ieee", I64=stats, XV=8, OV=0 if stats else 8, RV=8,
                    CIN_V=8, COUT_V=4 if stats else 8,
                    BLOCK_M=64, BLOCK_N=16, BLOCK_K=16),

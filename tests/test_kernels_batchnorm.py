@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ahnet_fast.kernels import batchnorm as bnk
 from ahnet_fast.kernels.batchnorm import bn_act_apply, bn_act_backward, channel_stats
+from ahnet_fast.launches import record_launches
 
 from _kernel_cases import CL, DEV, DTYPES, rand, rel
 
@@ -247,18 +248,62 @@ def test_bn_gpu_large(dtype):
 
 @pytest.mark.parametrize("C", [1, 20, 130])
 @pytest.mark.parametrize("affine", [True, False])
-def test_bn_finalize_matches_the_float64_affine(C, affine):
-    """bn_finalize: invstd = 1/sqrt(var + eps), scale = gamma*invstd, shift = beta - mean*scale."""
+@pytest.mark.parametrize("running", [torch.float32, torch.float16, None])
+def test_stats_finalize_matches_the_float64_batchnorm(C, affine, running):
+    """channel_stats(finalize=): one merge launch gives the statistics, the training BN affine
+    (invstd = 1/sqrt(var + eps), scale = gamma*invstd, shift = beta - mean*scale) and the next
+    running statistics as nn.BatchNorm computes them (unbiased variance, momentum), in new
+    tensors of the buffers' dtype, leaving the buffers untouched."""
     gen = torch.Generator().manual_seed(C)
-    mean = torch.randn(C, generator=gen, dtype=torch.float64)
-    var = torch.rand(C, generator=gen, dtype=torch.float64) * 3
-    gamma = torch.randn(C, generator=gen, dtype=torch.float64) if affine else None  # negative gammas too
-    beta = torch.randn(C, generator=gen, dtype=torch.float64) if affine else None
-    f32 = (lambda t: None if t is None else t.float().to(DEV))
-    invstd, scale, shift = bnk.bn_finalize(f32(mean), f32(var), f32(gamma), f32(beta), 1e-5)
-    want_inv = 1.0 / torch.sqrt(var.float().double() + 1e-5)
-    want_scale = want_inv * (gamma.float().double() if affine else 1.0)
-    want_shift = -mean.float().double() * want_scale + (beta.float().double() if affine else 0.0)
-    for got, want in ((invstd, want_inv), (scale, want_scale), (shift, want_shift)):
+    x = torch.randn(2, C, 5, 3, 4, generator=gen) * 3 + 1
+    x = x.to(DEV).contiguous(memory_format=CL)
+    gamma = torch.randn(C, generator=gen) if affine else None  # negative gammas too
+    beta = torch.randn(C, generator=gen) if affine else None
+    rm = rv = None
+    if running is not None:
+        rm = torch.randn(C, generator=gen).to(DEV, running)
+        rv = (torch.rand(C, generator=gen) + 0.5).to(DEV, running)
+        rm0, rv0 = rm.clone(), rv.clone()
+    dev = (lambda t: None if t is None else t.to(DEV))
+    fin = bnk.BNFinalize(dev(gamma), dev(beta), 1e-5, rm, rv, 0.3)
+    with record_launches(run_triton=True) as log:
+        mean, var, invstd, scale, shift, nrm, nrv = channel_stats(x, finalize=fin)
+    assert [r.kernel for r in log.triton] == ["_stats_partial_kernel", "stats_merge_kernel"], log.summary()
+    xd = x.double().cpu()
+    vr, mr = torch.var_mean(xd, dim=(0, 2, 3, 4), unbiased=False)
+    want_inv = 1.0 / torch.sqrt(vr + 1e-5)
+    want_scale = want_inv * (gamma.double() if affine else 1.0)
+    want_shift = -mr * want_scale + (beta.double() if affine else 0.0)
+    for got, want in ((mean, mr), (var, vr), (invstd, want_inv), (scale, want_scale), (shift, want_shift)):
         assert got.dtype == torch.float32 and got.shape == (C,)
-        assert torch.allclose(got.double().cpu(), want, rtol=1e-6, atol=1e-6), (got, want)
+        assert torch.allclose(got.double().cpu(), want, rtol=1e-5, atol=1e-5), (got, want)
+    if running is None:
+        assert nrm is None and nrv is None
+        return
+    n = x.numel() // C
+    want_rm = rm0.double().cpu() * 0.7 + 0.3 * mr
+    want_rv = rv0.double().cpu() * 0.7 + 0.3 * vr * n / (n - 1)
+    tol = 1e-5 if running == torch.float32 else 2e-3
+    for got, want in ((nrm, want_rm), (nrv, want_rv)):
+        assert got.dtype == running and got.shape == (C,)
+        assert torch.allclose(got.double().cpu(), want, rtol=tol, atol=tol), (got, want)
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)  # functional: the buffers are untouched
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_apply_from_stats_equals_apply_of_the_affine(affine):
+    """bn_act_apply(y, gamma, beta, mean=, invstd=) forms the affine in the kernel: the same
+    values as bn_act_apply(y, scale, shift) with scale/shift computed in float64."""
+    gen = torch.Generator().manual_seed(5)
+    C = 20
+    y = torch.randn(2, C, 4, 3, 6, generator=gen).to(DEV).contiguous(memory_format=CL)
+    mean, invstd = torch.randn(C, generator=gen).to(DEV), (torch.rand(C, generator=gen) + 0.5).to(DEV)
+    gamma = torch.randn(C, generator=gen).to(DEV) if affine else None
+    beta = torch.randn(C, generator=gen).to(DEV) if affine else None
+    scale = invstd.double() * (gamma.double() if affine else 1.0)
+    shift = -mean.double() * scale + (beta.double() if affine else 0.0)
+    got = bn_act_apply(y, gamma, beta, relu=True, mean=mean, invstd=invstd)
+    want = torch.relu(y.double() * scale.view(1, -1, 1, 1, 1) + shift.view(1, -1, 1, 1, 1))
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="together"):
+        bn_act_apply(y, gamma, beta, mean=mean)

@@ -95,30 +95,39 @@ def test_opcheck_conv_bn_act():
     res = _p(2, 4, 3, 3, 2, dtype=torch.float32)
     rm, rv = torch.zeros(4), torch.ones(4)
     for training, zpool, r in ((True, "after_bn", res), (False, "before_bn", None)):
+        # training: the running statistics are advanced (their next values are outputs)
+        upd = (rm, rv) if training else (None, None)
         _opcheck(OPS.conv_bn_act.default, (x, w, None, g, b, None if training else rm, None if training else rv, r,
-                                           [1, 1, 1], [1, 1, 0], training, 1e-5, zpool, True, True, "reference"))
+                                           [1, 1, 1], [1, 1, 0], training, 1e-5, zpool, True, True, *upd, 0.1,
+                                           "reference"))
     # save=False is the no-grad path (inference): inputs do not require grad there
     xc = x.detach().contiguous(memory_format=torch.channels_last_3d)
     _opcheck(OPS.conv_bn_act.default, (xc, w.detach(), None, g.detach(), b.detach(), None, None, None, [2, 2, 1],
-                                       [1, 1, 0], True, 1e-5, "none", False, False, "reference"))
+                                       [1, 1, 0], True, 1e-5, "none", False, False, None, None, 0.1, "reference"))
 
 
 def test_opcheck_bn_act_conv_and_zmaxpool():
     x, w = _p(2, 3, 3, 3, 4, dtype=torch.float32), _p(5, 3, 1, 1, 3, dtype=torch.float32)
     g, b, cb = _p(3, dtype=torch.float32), _p(3, dtype=torch.float32), _p(5, dtype=torch.float32)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    no_chain = (None, None, None, None, None, 0.0, 0.0, False)
     _opcheck(OPS.bn_act_conv.default, (x, g, b, None, None, w, cb, None, [1, 1, 1], [0, 0, 1], True, 1e-5, True,
-                                       "reference"))
+                                       rm, rv, 0.1, *no_chain, "reference"))
+    # a chain link: x's statistics given, the next BN's statistics and running statistics returned
+    stats = torch.stack([torch.zeros(3), torch.ones(3), torch.ones(3), torch.ones(3), torch.zeros(3)])
+    g5, b5 = _p(5, dtype=torch.float32), _p(5, dtype=torch.float32)
+    chain = (stats, g5, b5, torch.zeros(5), torch.ones(5), 1e-5, 0.1, True)
+    _opcheck(OPS.bn_act_conv.default, (x, g, b, None, None, w, cb, None, [1, 1, 1], [0, 0, 1], True, 1e-5, True,
+                                       None, None, 0.1, *chain, "reference"))
     res = _p(2, 5, 3, 3, 4, dtype=torch.float32)  # the residual added in the epilogue
     _opcheck(OPS.bn_act_conv.default, (x, g, b, None, None, w, None, res, [1, 1, 1], [0, 0, 1], True, 1e-5, True,
-                                       "reference"))
+                                       None, None, 0.1, *no_chain, "reference"))
     buf = torch.randn(2, 9, 3, 3, 4)
     with torch.no_grad():
         _opcheck(OPS.bn_act_conv_into.default, (x.detach(), g.detach(), b.detach(), torch.zeros(3), torch.ones(3),
                                                 w.detach(), None, res.detach(), [1, 1, 1], [0, 0, 1], False, 1e-5,
-                                                True, buf, 2, "reference"))
+                                                True, buf, 2, None, None, 0.1, "reference"))
     _opcheck(OPS.zmaxpool.default, (_p(2, 3, 3, 3, 5, dtype=torch.float32), "reference"))
-    _opcheck(OPS.bn_update_running_stats.default, (torch.zeros(3), torch.ones(3), torch.randn(3), torch.rand(3),
-                                                   10, 0.1))
 
 
 def test_torch_compile_fullgraph_training_matches_eager(monkeypatch):

@@ -52,8 +52,16 @@ from ahnet_fast.models.ahnet import (
     UpTransition,
 )
 from ahnet_fast.models.validation import check_input
-from ahnet_fast.nn.functional import bn_act_conv_modules, conv_args, conv_bn_act_modules, recomputing
+from ahnet_fast.nn.functional import (
+    bn_act_conv_chain_modules,
+    bn_act_conv_modules,
+    chainable,
+    conv_args,
+    conv_bn_act_modules,
+    recomputing,
+)
 from ahnet_fast.nn.sync import convert_sync_batchnorm
+from ahnet_fast.ops import _running
 from ahnet_fast.ops._util import memory_format
 
 __all__ = [
@@ -135,6 +143,14 @@ class FusedPseudo3DLayer(Pseudo3DLayer):
     def new_features(self, x: Tensor, out: Tensor | None = None, out_channel_offset: int = 0) -> Tensor:
         """The layer's ``growth_rate`` new channels (N, 20, H, W, D), optionally written into
         ``out[:, out_channel_offset:out_channel_offset + 20]`` (inference only)."""
+        if out is None and torch.is_grad_enabled() and chainable(x, self.bn1, self.bn2, self.bn3, self.bn4):
+            # training: bn2..bn4's statistics come from the epilogue of the conv before them,
+            # finalized in that conv's merge launch; no statistics pass over a, x3x3x1, summed
+            a, s2 = bn_act_conv_chain_modules(x, self.bn1, self.conv1, next_bn=self.bn2)
+            x3x3x1, s3 = bn_act_conv_chain_modules(a, self.bn2, self.conv2, stats=s2, next_bn=self.bn3)
+            summed, s4 = bn_act_conv_chain_modules(x3x3x1, self.bn3, self.conv3, residual=x3x3x1, stats=s3,
+                                                   next_bn=self.bn4)
+            return bn_act_conv_chain_modules(summed, self.bn4, self.conv4, stats=s4)[0]
         a = bn_act_conv_modules(x, self.bn1, self.conv1)
         x3x3x1 = bn_act_conv_modules(a, self.bn2, self.conv2)
         # x3x3x1 + conv1x1x3(...): the sum is the 1x1x3 conv's epilogue, not a pass of its own
@@ -217,9 +233,29 @@ class FastAHNet(ReferenceAHNet):
 
     def __init__(self, *args, activation_checkpointing: bool = False, sync_bn: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self._conv_weights_to_device_layout()
         self.activation_checkpointing = bool(activation_checkpointing)
         if sync_bn:
             convert_sync_batchnorm(self)
+
+    # ---- parameter layout ----------------------------------------------------------------
+    def _conv_weights_to_device_layout(self) -> None:
+        """3-D conv weights on a GPU are kept channels_last_3d: the fused conv reads them in
+        place (K-contiguous B tiles) and cuDNN's conv backward returns their gradients in that
+        layout for channels-last activations, so a training step neither repacks a weight nor
+        restrides a gradient. On a CPU they stay NCDHW, the layout torch's CPU conv backward
+        returns weight gradients in. Values, state_dict and optimizer semantics are unchanged."""
+        for m in self.modules():
+            w = getattr(m, "weight", None)
+            if (isinstance(m, nn.Conv3d) and isinstance(w, torch.Tensor) and w.is_cuda
+                    and not w.is_contiguous(memory_format=torch.channels_last_3d)):
+                w.data = w.data.contiguous(memory_format=torch.channels_last_3d)
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to()/.cuda()/.half() all come through here: a model moved to a GPU gets its layout
+        super()._apply(fn, recurse)
+        self._conv_weights_to_device_layout()
+        return self
 
     # ---- conversions -------------------------------------------------------------------
     def _config(self) -> dict:
@@ -300,6 +336,14 @@ class FastAHNet(ReferenceAHNet):
     def forward(self, x: Tensor) -> Tensor:
         """``(B, in_channels, *spatial)`` -> ``(B, out_channels, *spatial)``, in ``x``'s memory
         format (on CUDA the network itself always runs channels_last_3d)."""
+        if not self.training:
+            return self._forward(x)
+        # every BN layer's running statistics and batch counter committed in two launches at
+        # the end of the forward, not three per layer (ops/_running.py)
+        with _running.deferred_running_updates():
+            return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
         out_format = _output_format(x)
         if x.dim() == 5 and x.device.type == "cuda":
             # the fused kernels' layout, whatever the caller's (a no-op for 1-channel input,

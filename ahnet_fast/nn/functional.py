@@ -20,7 +20,8 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from ahnet_fast.ops import bn_act_conv, conv_bn_act, sync_bn_act_conv, sync_conv_bn_act
+from ahnet_fast.ops import _backend, _running, bn_act_conv, conv_bn_act, sync_bn_act_conv, sync_conv_bn_act
+from ahnet_fast.ops.bn_act_conv import NextBN, bn_act_conv_chain
 
 __all__ = ["bn_act_conv_modules", "bn_running_args", "bn_sync_group", "conv_args", "conv_bn_act_modules", "recomputing"]
 
@@ -84,8 +85,10 @@ def bn_running_args(bn: nn.Module) -> tuple[bool, float, Optional[Tensor], Optio
     if bn.training and not torch.compiler.is_compiling() and _RECOMPUTING.get():
         return True, 0.0, None, None
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else float(bn.momentum)
+        # += 1 now, or with every layer's in one launch inside ops._running.deferred_running_updates
+        _running.count_batch(bn.num_batches_tracked)
+        if bn.momentum is None:  # cumulative moving average: reads the counter (a host sync)
+            factor = 1.0 / _running.pending_value(bn.num_batches_tracked)
     use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
     track = not bn.training or bn.track_running_stats
     return use_batch, factor, (bn.running_mean if track else None), (bn.running_var if track else None)
@@ -167,3 +170,42 @@ def bn_act_conv_modules(x: Tensor, bn: nn.Module, conv: nn.Module, *, relu: bool
     if sync and res5 is not None:
         res = res + res5 if out is None else res.add_(res5)
     return res.squeeze(-1) if four else res
+
+
+def chainable(x: Tensor, *bns: nn.Module) -> bool:
+    """Whether BN statistics can be handed down a chain of pre-activation convs over ``x``
+    (:func:`bn_act_conv_chain_modules`): every BN normalises with batch statistics, none is
+    synchronised or uses the cumulative average (``momentum=None``), and the fused ops (not the
+    CPU composite path) run the chain."""
+    if x.dim() != 5 or _backend.composite_path(x):
+        return False
+    return all(isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.training and bn.momentum is not None
+               and not bn_sync_group(bn)[0] for bn in bns)
+
+
+def bn_act_conv_chain_modules(x: Tensor, bn: nn.Module, conv: nn.Module, *, residual: Optional[Tensor] = None,
+                              stats: Optional[Tensor] = None, next_bn: Optional[nn.Module] = None
+                              ) -> tuple[Tensor, Optional[Tensor]]:
+    """:func:`bn_act_conv_modules` in a training chain (see ``ops.bn_act_conv.bn_act_conv_chain``):
+    ``stats`` are x's statistics from the previous call (then ``bn``'s batch was counted and its
+    running statistics advanced by that call), ``next_bn`` the BN that reads this output next.
+    Returns (output, next_bn's statistics or None). Call only where :func:`chainable` holds."""
+    w = _weight5d(conv, x)
+    stride, padding = conv_args(conv)
+    if stats is None:
+        _use_batch, factor, rm, rv = bn_running_args(bn)
+    else:
+        factor, rm, rv = float(bn.momentum), None, None
+    nxt = None
+    if next_bn is not None:
+        recompute = not torch.compiler.is_compiling() and _RECOMPUTING.get()
+        track = next_bn.track_running_stats and not recompute
+        nxt = NextBN(next_bn.weight, next_bn.bias, next_bn.running_mean if track else None,
+                     next_bn.running_var if track else None, float(next_bn.momentum), float(next_bn.eps))
+    out, out_stats = bn_act_conv_chain(x, bn.weight, bn.bias, rm, rv, w, conv_bias=conv.bias, stride=stride,
+                                       padding=padding, momentum=factor, eps=bn.eps, residual=residual,
+                                       stats=stats, next_bn=nxt)
+    if (out_stats is not None and next_bn is not None and nxt is not None and nxt.running_mean is not None
+            and next_bn.num_batches_tracked is not None):
+        _running.count_batch(next_bn.num_batches_tracked)  # the next BN's batch, counted by its producer
+    return out, out_stats

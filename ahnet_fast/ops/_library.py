@@ -10,22 +10,31 @@ Ops (all tensors (N, C, H, W, D); "marker" = a 0-element tensor for a result not
 
 * ``zmaxpool(x, backend) -> y`` and ``zmaxpool_backward(x, grad_y, backend) -> grad_x``
 * ``conv_bn_act(x, weight, conv_bias?, bn_weight?, bn_bias?, running_mean?, running_var?,
-  residual?, stride, padding, training, eps, zpool, relu, save, backend)
-  -> (out, c, mean, invstd, var)``; ``c`` = conv(x)+bias before any pool (saved for backward,
-  a marker unless ``save``); mean/invstd/var (biased) of the BN input, fp32 (float64 for
-  float64 input): batch statistics when training, else from the running statistics.
+  residual?, stride, padding, training, eps, zpool, relu, save, update_mean?, update_var?,
+  momentum, backend) -> (out, c, mean, invstd, var, next_mean, next_var)``; ``c`` = conv(x)+bias
+  before any pool (saved for backward, a marker unless ``save``); mean/invstd/var (biased) of
+  the BN input, fp32 (float64 for float64 input): batch statistics when training, else from the
+  running statistics. ``update_mean/update_var`` (training): the running statistics to advance;
+  their next values (``r + momentum*(batch - r)``, unbiased variance, as F.batch_norm) come back
+  as next_mean/next_var (markers otherwise) and the caller writes them (ops/_running.py): an op
+  with autograd must be functional, so it cannot write the buffers itself.
 * ``conv_bn_act_backward(...) -> (grad_x, grad_weight, grad_conv_bias, grad_bn_weight,
   grad_bn_bias, grad_residual)`` (markers where output_mask is False or the input is absent)
 * ``bn_act_conv(x, bn_weight?, bn_bias?, running_mean?, running_var?, weight, conv_bias?,
-  residual?, stride, padding, training, eps, relu, backend) -> (out, mean, invstd, var)``;
-  ``out = conv(relu(bn(x))) + residual`` (the residual added in the conv's epilogue)
-* ``bn_act_conv_into(..., out!, out_channel_offset, backend) -> (mean, invstd, var)``: writes
-  into ``out[:, off:off+Cout]`` (mutates ``out``; no autograd).
+  residual?, stride, padding, training, eps, relu, update_mean?, update_var?, momentum, stats?,
+  next_bn_weight?, next_bn_bias?, next_update_mean?, next_update_var?, next_eps, next_momentum,
+  next_stats, backend) -> (out, mean, invstd, var, next_mean, next_var, out_stats,
+  out_next_mean, out_next_var)``; ``out = conv(relu(bn(x))) + residual`` (the residual added in
+  the conv's epilogue). A chain of these (the Pseudo3D layer) hands BN statistics down without
+  a statistics pass: with ``next_stats`` the op also returns ``out_stats``, the (5, Cout) rows
+  (mean, var, invstd, scale, shift) of the BN that reads ``out`` next (its parameters and running
+  statistics given as ``next_*``; its next running statistics come back as out_next_*), from
+  this conv's epilogue; the next op takes them as ``stats`` (training), and then returns markers
+  for mean/invstd/var (outputs may not alias inputs).
+* ``bn_act_conv_into(..., out!, out_channel_offset, update_mean?, update_var?, momentum, backend)
+  -> (mean, invstd, var, next_mean, next_var)``: writes into ``out[:, off:off+Cout]`` (mutates
+  ``out``; no autograd).
 * ``bn_act_conv_backward(...) -> (grad_x, grad_bn_weight, grad_bn_bias, grad_weight, grad_conv_bias)``
-* ``bn_update_running_stats(running_mean!, running_var!, batch_mean, batch_var, count, momentum)``:
-  ``r = (1-m)*r + m*batch`` with the unbiased variance ``var*count/(count-1)``, as F.batch_norm.
-  Kept separate from the forward ops because torch.library cannot attach autograd to a
-  mutating op; the running statistics need no gradient.
 """
 from __future__ import annotations
 
@@ -35,7 +44,8 @@ import torch
 from torch import Tensor
 
 from . import _backend
-from ._util import conv_out_shape, empty5, empty_marker, is_supported_layout, memory_format, restride, stat_dtype
+from ._util import (conv_grad_format, conv_out_shape, empty5, empty_marker, is_supported_layout, memory_format,
+                    restride, stat_dtype)
 
 NS = "ahnet_fast"
 
@@ -76,10 +86,36 @@ def _unalias(outs: tuple, inputs: Sequence[Optional[Tensor]]) -> tuple:
 
 
 def _weight_format(w: Tensor) -> torch.memory_format:
-    """The layout of a weight's gradient: the weight's own. A weight that is both contiguous and
-    channels-last (every 1x1x1 conv) keeps the strides parameters are created with, so its
-    gradient is never restrided (activations follow ``memory_format``'s channels-last rule)."""
-    return torch.contiguous_format if w.is_contiguous() else memory_format(w)
+    """The layout of a weight's gradient: the weight's own (what AccumulateGrad keeps without a
+    copy), except on a CPU, whose conv backward returns weight gradients NCDHW
+    (``conv_grad_format``). A weight that is both contiguous and channels-last (every 1x1x1
+    conv) keeps the strides parameters are created with."""
+    if w.is_contiguous() or conv_grad_format(w) == torch.contiguous_format:
+        return torch.contiguous_format
+    return memory_format(w)
+
+
+def _running_update(mean: Optional[Tensor], var: Optional[Tensor], momentum: float) -> Optional[tuple]:
+    """The (running_mean, running_var, momentum) whose next values a training forward returns."""
+    if mean is None and var is None:
+        return None
+    if mean is None or var is None:
+        raise ValueError("update_mean and update_var must be given together")
+    return mean, var, float(momentum)
+
+
+def _conform_next(next_mean: Optional[Tensor], next_var: Optional[Tensor], update_mean: Optional[Tensor],
+                  update_var: Optional[Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
+    """The next running statistics as outputs: the buffers' dtype, markers when not advanced."""
+    if update_mean is None or next_mean is None:
+        return empty_marker(x), empty_marker(x)
+    return _conform(next_mean, x, dtype=update_mean.dtype), _conform(next_var, x, dtype=update_var.dtype)
+
+
+def _next_fake(update_mean: Optional[Tensor], update_var: Optional[Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
+    if update_mean is None:
+        return empty_marker(x), empty_marker(x)
+    return torch.empty_like(update_mean), torch.empty_like(update_var)
 
 
 def _grad_in(g: Tensor, ref: Tensor) -> Tensor:
@@ -101,7 +137,7 @@ def _pooled_shapes(x_shape: Sequence[int], w_shape: Sequence[int], stride: Seque
 # ----------------------------------------------------------------------------- zmaxpool
 @torch.library.custom_op(f"{NS}::zmaxpool", mutates_args=())
 def zmaxpool_op(x: Tensor, backend: str) -> Tensor:
-    impl = _backend.select("zmaxpool", backend, [x])
+    impl = _backend.select("zmaxpool", backend, [x], run=lambda m: m.zmaxpool_forward(x))
     return _conform(impl.zmaxpool_forward(x), x, memory_format(x))
 
 
@@ -140,28 +176,38 @@ zmaxpool_op.register_autograd(_zmaxpool_bwd, setup_context=_zmaxpool_setup)
 def conv_bn_act_op(x: Tensor, weight: Tensor, conv_bias: Optional[Tensor], bn_weight: Optional[Tensor],
                    bn_bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
                    residual: Optional[Tensor], stride: list[int], padding: list[int], training: bool,
-                   eps: float, zpool: str, relu: bool, save: bool, backend: str
-                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    impl = _backend.select("conv_bn_act", backend, [x, weight, conv_bias, bn_weight, bn_bias,
-                                                    running_mean, running_var, residual])
-    out, c, mean, invstd, var = impl.conv_bn_act_forward(
-        x, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, residual,
-        stride, padding, training, eps, zpool, relu, save)
+                   eps: float, zpool: str, relu: bool, save: bool, update_mean: Optional[Tensor],
+                   update_var: Optional[Tensor], momentum: float, backend: str
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def run(impl):
+        return impl.conv_bn_act_forward(x, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var,
+                                        residual, stride, padding, training, eps, zpool, relu, save,
+                                        update=_running_update(update_mean, update_var, momentum))
+
+    impl = _backend.select("conv_bn_act", backend, [x, weight, conv_bias, bn_weight, bn_bias, running_mean,
+                                                    running_var, residual, update_mean, update_var],
+                           variant=f"t{int(training)}s{int(save)}r{int(relu)}p{zpool}{stride}"
+                                   f"res{int(residual is not None)}", run=run)
+    out, c, mean, invstd, var, next_mean, next_var = run(impl)
     fmt = memory_format(x)
     sdt = stat_dtype(x.dtype)
     return _unalias((_conform(out, x, fmt, x.dtype), _conform(c, x, fmt, x.dtype, want=save),
-                     _conform(mean, x, dtype=sdt), _conform(invstd, x, dtype=sdt), _conform(var, x, dtype=sdt)),
-                    [x, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, residual])
+                     _conform(mean, x, dtype=sdt), _conform(invstd, x, dtype=sdt), _conform(var, x, dtype=sdt),
+                     *_conform_next(next_mean, next_var, update_mean, update_var, x)),
+                    [x, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, residual,
+                     update_mean, update_var])
 
 
 @conv_bn_act_op.register_fake
 def _conv_bn_act_fake(x, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, residual,
-                      stride, padding, training, eps, zpool, relu, save, backend):
+                      stride, padding, training, eps, zpool, relu, save, update_mean, update_var, momentum,
+                      backend):
     fmt = memory_format(x)
     c_shape, out_shape = _pooled_shapes(x.shape, weight.shape, stride, padding, zpool)
     c = empty5(c_shape, x, fmt) if save else empty_marker(x)
     co = weight.shape[0]
-    return empty5(out_shape, x, fmt), c, _stat_empty(x, co), _stat_empty(x, co), _stat_empty(x, co)
+    return (empty5(out_shape, x, fmt), c, _stat_empty(x, co), _stat_empty(x, co), _stat_empty(x, co),
+            *_next_fake(update_mean, update_var, x))
 
 
 @torch.library.custom_op(f"{NS}::conv_bn_act_backward", mutates_args=())
@@ -185,7 +231,7 @@ def _cba_grad_specs(x, weight, bn_weight, bn_bias, has_residual, has_conv_bias, 
     co = weight.shape[0]
     present = [True, True, has_conv_bias, bn_weight is not None, bn_bias is not None, has_residual]
     return [
-        (tuple(x.shape), fmt, x.dtype),
+        (tuple(x.shape), conv_grad_format(x), x.dtype),  # straight from the conv backward
         (tuple(weight.shape), _weight_format(weight), weight.dtype),
         ((co,), None, weight.dtype),
         ((co,), None, bn_weight.dtype if bn_weight is not None else x.dtype),
@@ -219,9 +265,9 @@ def _conv_bn_act_backward_fake(grad_out, x, weight, c, mean, invstd, bn_weight, 
 
 def _cba_setup(ctx, inputs, output) -> None:
     (x, weight, conv_bias, bn_weight, bn_bias, _rm, _rv, residual, stride, padding, training, _eps,
-     zpool, relu, save, backend) = inputs
-    out, c, mean, invstd, var = output
-    ctx.mark_non_differentiable(c, mean, invstd, var)
+     zpool, relu, save, _um, _uv, _momentum, backend) = inputs
+    out, c, mean, invstd, var, next_mean, next_var = output
+    ctx.mark_non_differentiable(c, mean, invstd, var, next_mean, next_var)
     ctx.set_materialize_grads(False)
     # Saved: x and weight (conv grads), c = conv output before any pool, the per-channel stats,
     # the BN affine params, and `out` only when the ReLU mask cannot be recomputed from c
@@ -233,9 +279,9 @@ def _cba_setup(ctx, inputs, output) -> None:
 
 
 def _cba_backward(ctx, grad_out: Optional[Tensor], *_unused):
-    none16 = (None,) * 16
+    none19 = (None,) * 19
     if grad_out is None:
-        return none16
+        return none19
     x, weight, c, mean, invstd, bn_weight, bn_bias, out = ctx.saved_tensors
     stride, padding, training, zpool, relu, has_res, has_bias, save, backend = ctx.params
     if not save:
@@ -244,11 +290,11 @@ def _cba_backward(ctx, grad_out: Optional[Tensor], *_unused):
     nig = ctx.needs_input_grad
     mask = [nig[0], nig[1], nig[2], nig[3], nig[4], nig[7]]
     if not any(mask):
-        return none16
+        return none19
     grads = conv_bn_act_backward_op(_grad_in(grad_out, x), x, weight, c, mean, invstd, bn_weight, bn_bias, out,
                                     stride, padding, training, zpool, relu, has_res, has_bias, mask, backend)
     gx, gw, gb, gg, gbeta, gres = (g if m else None for g, m in zip(grads, mask))
-    return (gx, gw, gb, gg, gbeta, None, None, gres) + (None,) * 8
+    return (gx, gw, gb, gg, gbeta, None, None, gres) + (None,) * 11
 
 
 conv_bn_act_op.register_autograd(_cba_backward, setup_context=_cba_setup)
@@ -259,24 +305,50 @@ conv_bn_act_op.register_autograd(_cba_backward, setup_context=_cba_setup)
 def bn_act_conv_op(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
                    running_mean: Optional[Tensor], running_var: Optional[Tensor], weight: Tensor,
                    conv_bias: Optional[Tensor], residual: Optional[Tensor], stride: list[int], padding: list[int],
-                   training: bool, eps: float, relu: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    impl = _backend.select("bn_act_conv", backend, [x, weight, conv_bias, bn_weight, bn_bias,
-                                                    running_mean, running_var, residual])
-    out, mean, invstd, var = impl.bn_act_conv_forward(x, bn_weight, bn_bias, running_mean, running_var, weight,
-                                                      conv_bias, stride, padding, training, eps, relu,
-                                                      residual=residual)
+                   training: bool, eps: float, relu: bool, update_mean: Optional[Tensor],
+                   update_var: Optional[Tensor], momentum: float, stats: Optional[Tensor],
+                   next_bn_weight: Optional[Tensor], next_bn_bias: Optional[Tensor],
+                   next_update_mean: Optional[Tensor], next_update_var: Optional[Tensor], next_eps: float,
+                   next_momentum: float, next_stats: bool, backend: str
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    next_bn = ((next_bn_weight, next_bn_bias, float(next_eps), next_update_mean, next_update_var,
+                float(next_momentum)) if next_stats else None)
+    given = training and stats is not None
+
+    def run(impl):
+        return impl.bn_act_conv_forward(
+            x, bn_weight, bn_bias, running_mean, running_var, weight, conv_bias, stride, padding, training, eps,
+            relu, residual=residual, update=_running_update(update_mean, update_var, momentum),
+            stats=stats if given else None, next_bn=next_bn)
+
+    impl = _backend.select("bn_act_conv", backend, [x, weight, conv_bias, bn_weight, bn_bias, running_mean,
+                                                    running_var, residual, update_mean, update_var],
+                           variant=f"t{int(training)}r{int(relu)}{stride}res{int(residual is not None)}"
+                                   f"g{int(given)}n{int(next_stats)}", run=run)
+    out, mean, invstd, var, next_mean, next_var, o_stats, o_next_mean, o_next_var = run(impl)
     sdt = stat_dtype(x.dtype)
-    return _unalias((_conform(out, x, memory_format(x), x.dtype), _conform(mean, x, dtype=sdt),
-                     _conform(invstd, x, dtype=sdt), _conform(var, x, dtype=sdt)),
-                    [x, bn_weight, bn_bias, running_mean, running_var, weight, conv_bias, residual])
+    # given statistics are not returned again (outputs may not alias inputs): markers
+    return _unalias((_conform(out, x, memory_format(x), x.dtype), _conform(mean, x, dtype=sdt, want=not given),
+                     _conform(invstd, x, dtype=sdt, want=not given), _conform(var, x, dtype=sdt, want=not given),
+                     *_conform_next(next_mean, next_var, update_mean, update_var, x),
+                     _conform(o_stats, x, dtype=sdt, want=next_stats),
+                     *_conform_next(o_next_mean, o_next_var, next_update_mean, next_update_var, x)),
+                    [x, bn_weight, bn_bias, running_mean, running_var, weight, conv_bias, residual,
+                     update_mean, update_var, stats, next_bn_weight, next_bn_bias, next_update_mean, next_update_var])
 
 
 @bn_act_conv_op.register_fake
 def _bn_act_conv_fake(x, bn_weight, bn_bias, running_mean, running_var, weight, conv_bias, residual, stride,
-                      padding, training, eps, relu, backend):
+                      padding, training, eps, relu, update_mean, update_var, momentum, stats, next_bn_weight,
+                      next_bn_bias, next_update_mean, next_update_var, next_eps, next_momentum, next_stats, backend):
     shape = conv_out_shape(x.shape, weight.shape, stride, padding)
-    return empty5(shape, x, memory_format(x)), _stat_empty(x, x.shape[1]), _stat_empty(x, x.shape[1]), \
-        _stat_empty(x, x.shape[1])
+    given = training and stats is not None
+    st = (lambda: empty_marker(x)) if given else (lambda: _stat_empty(x, x.shape[1]))
+    co = weight.shape[0]
+    o_stats = torch.empty((5, co), dtype=stat_dtype(x.dtype), device=x.device) if next_stats else empty_marker(x)
+    o_next = _next_fake(next_update_mean, next_update_var, x) if next_stats else (empty_marker(x), empty_marker(x))
+    return (empty5(shape, x, memory_format(x)), st(), st(), st(), *_next_fake(update_mean, update_var, x),
+            o_stats, *o_next)
 
 
 @torch.library.custom_op(f"{NS}::bn_act_conv_into", mutates_args=("out",))
@@ -284,34 +356,42 @@ def bn_act_conv_into_op(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optiona
                         running_mean: Optional[Tensor], running_var: Optional[Tensor], weight: Tensor,
                         conv_bias: Optional[Tensor], residual: Optional[Tensor], stride: list[int],
                         padding: list[int], training: bool, eps: float, relu: bool, out: Tensor,
-                        out_channel_offset: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                        out_channel_offset: int, update_mean: Optional[Tensor], update_var: Optional[Tensor],
+                        momentum: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = _backend.select("bn_act_conv", backend, [x, weight, conv_bias, bn_weight, bn_bias,
-                                                    running_mean, running_var, out, residual])
-    _, mean, invstd, var = impl.bn_act_conv_forward(x, bn_weight, bn_bias, running_mean, running_var, weight,
-                                                    conv_bias, stride, padding, training, eps, relu,
-                                                    out, out_channel_offset, residual=residual)
+                                                    running_mean, running_var, out, residual, update_mean,
+                                                    update_var])
+    _, mean, invstd, var, next_mean, next_var, *_ = impl.bn_act_conv_forward(
+        x, bn_weight, bn_bias, running_mean, running_var, weight, conv_bias, stride, padding, training, eps, relu,
+        out, out_channel_offset, residual=residual, update=_running_update(update_mean, update_var, momentum))
     sdt = stat_dtype(x.dtype)
-    return _unalias((_conform(mean, x, dtype=sdt), _conform(invstd, x, dtype=sdt), _conform(var, x, dtype=sdt)),
-                    [x, bn_weight, bn_bias, running_mean, running_var, weight, conv_bias, residual, out])
+    return _unalias((_conform(mean, x, dtype=sdt), _conform(invstd, x, dtype=sdt), _conform(var, x, dtype=sdt),
+                     *_conform_next(next_mean, next_var, update_mean, update_var, x)),
+                    [x, bn_weight, bn_bias, running_mean, running_var, weight, conv_bias, residual, out,
+                     update_mean, update_var])
 
 
 @bn_act_conv_into_op.register_fake
 def _bn_act_conv_into_fake(x, bn_weight, bn_bias, running_mean, running_var, weight, conv_bias, residual, stride,
-                           padding, training, eps, relu, out, out_channel_offset, backend):
-    return _stat_empty(x, x.shape[1]), _stat_empty(x, x.shape[1]), _stat_empty(x, x.shape[1])
+                           padding, training, eps, relu, out, out_channel_offset, update_mean, update_var,
+                           momentum, backend):
+    return (_stat_empty(x, x.shape[1]), _stat_empty(x, x.shape[1]), _stat_empty(x, x.shape[1]),
+            *_next_fake(update_mean, update_var, x))
 
 
 @torch.library.custom_op(f"{NS}::bn_act_conv_backward", mutates_args=())
 def bn_act_conv_backward_op(grad_out: Tensor, x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
                             mean: Tensor, invstd: Tensor, weight: Tensor, stride: list[int], padding: list[int],
                             training: bool, relu: bool, has_conv_bias: bool, output_mask: list[bool],
-                            backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    impl = _backend.select("bn_act_conv", backend, [x, weight, grad_out, bn_weight, bn_bias])
+                            add_grad: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``add_grad``: a further gradient of x (x was also the forward's residual) summed into
+    grad_x by the BN backward's apply pass."""
+    impl = _backend.select("bn_act_conv", backend, [x, weight, grad_out, bn_weight, bn_bias, add_grad])
     grads = impl.bn_act_conv_backward(grad_out, x, bn_weight, bn_bias, mean, invstd, weight, stride, padding,
-                                      training, relu, has_conv_bias, output_mask)
+                                      training, relu, has_conv_bias, output_mask, add_grad=add_grad)
     specs, wanted = _bac_grad_specs(x, weight, bn_weight, bn_bias, has_conv_bias, output_mask)
     return _unalias(tuple(_conform(g, x, fmt, dt, want=w) for g, (_, fmt, dt), w in zip(grads, specs, wanted)),
-                    [grad_out, x, bn_weight, bn_bias, mean, invstd, weight])
+                    [grad_out, x, bn_weight, bn_bias, mean, invstd, weight, add_grad])
 
 
 def _bac_grad_specs(x, weight, bn_weight, bn_bias, has_conv_bias, output_mask):
@@ -329,7 +409,7 @@ def _bac_grad_specs(x, weight, bn_weight, bn_bias, has_conv_bias, output_mask):
 
 @bn_act_conv_backward_op.register_fake
 def _bn_act_conv_backward_fake(grad_out, x, bn_weight, bn_bias, mean, invstd, weight, stride, padding, training,
-                               relu, has_conv_bias, output_mask, backend):
+                               relu, has_conv_bias, output_mask, add_grad, backend):
     specs, wanted = _bac_grad_specs(x, weight, bn_weight, bn_bias, has_conv_bias, output_mask)
     res = []
     for (shape, fmt, dt), w in zip(specs, wanted):
@@ -344,10 +424,15 @@ def _bn_act_conv_backward_fake(grad_out, x, bn_weight, bn_bias, mean, invstd, we
 
 def _bac_setup(ctx, inputs, output) -> None:
     (x, bn_weight, bn_bias, _rm, _rv, weight, conv_bias, _res, stride, padding, training, _eps, relu,
-     backend) = inputs
-    out, mean, invstd, var = output
-    ctx.mark_non_differentiable(mean, invstd, var)
+     _um, _uv, _momentum, stats, _nw, _nb, _num, _nuv, _neps, _nmom, _nstats, backend) = inputs
+    out, mean, invstd, var, next_mean, next_var, o_stats, o_next_mean, o_next_var = output
+    ctx.mark_non_differentiable(mean, invstd, var, next_mean, next_var, o_stats, o_next_mean, o_next_var)
     ctx.set_materialize_grads(False)
+    if training and stats is not None:  # the statistics the forward was given (rows mean, var, invstd, ...)
+        mean, invstd = stats[0], stats[2]
+    # x also fed the residual (the Pseudo3D sum x3x3x1 + conv(x3x3x1)): its two gradients are
+    # summed by the BN backward's apply pass instead of by autograd (a pass of its own)
+    ctx.residual_is_x = _res is x
     # Saved: x, the per-channel stats, the BN affine params and the conv weight; the activation
     # z = relu(bn(x)) is recomputed transiently in backward instead of being stored.
     ctx.save_for_backward(x, bn_weight, bn_bias, mean, invstd, weight)
@@ -355,45 +440,25 @@ def _bac_setup(ctx, inputs, output) -> None:
 
 
 def _bac_backward(ctx, grad_out: Optional[Tensor], *_unused):
-    none14 = (None,) * 14
     if grad_out is None:
-        return none14
+        return (None,) * 25
     x, bn_weight, bn_bias, mean, invstd, weight = ctx.saved_tensors
     stride, padding, training, relu, has_bias, backend = ctx.params
     nig = ctx.needs_input_grad
     g_res = grad_out if nig[7] else None  # out = conv(...) + residual
     mask = [nig[0], nig[1], nig[2], nig[5], nig[6]]
     if not any(mask):
-        return (None,) * 7 + (g_res,) + (None,) * 6
+        return (None,) * 7 + (g_res,) + (None,) * 17
+    add = None
+    if ctx.residual_is_x and nig[0] and g_res is not None:
+        add, g_res = _grad_in(grad_out, x), None
     grads = bn_act_conv_backward_op(_grad_in(grad_out, x), x, bn_weight, bn_bias, mean, invstd, weight, stride,
-                                    padding, training, relu, has_bias, mask, backend)
+                                    padding, training, relu, has_bias, mask, add, backend)
     gx, gg, gbeta, gw, gb = (g if m else None for g, m in zip(grads, mask))
-    return (gx, gg, gbeta, None, None, gw, gb, g_res) + (None,) * 6
+    return (gx, gg, gbeta, None, None, gw, gb, g_res) + (None,) * 17
 
 
 bn_act_conv_op.register_autograd(_bac_backward, setup_context=_bac_setup)
-
-
-# ----------------------------------------------------------------------------- running statistics
-@torch.library.custom_op(f"{NS}::bn_update_running_stats", mutates_args=("running_mean", "running_var"))
-def bn_update_running_stats_op(running_mean: Tensor, running_var: Tensor, batch_mean: Tensor, batch_var: Tensor,
-                               count: int, momentum: float) -> None:
-    # same arithmetic as ATen's batch_norm: r = m*batch + (1-m)*r, unbiased variance, in the
-    # statistics dtype, stored back in the buffers' dtype
-    sdt = batch_mean.dtype
-    unbiased = batch_var * (count / (count - 1))
-    if running_mean.dtype == sdt and running_var.dtype == sdt and running_mean.device == batch_mean.device:
-        # r += m*(batch - r) for both buffers in one multi-tensor launch (on a GPU) instead of
-        # eight elementwise passes; equal to ATen's m*batch + (1-m)*r to rounding
-        torch._foreach_lerp_([running_mean, running_var], [batch_mean, unbiased], momentum)
-        return
-    running_mean.copy_(batch_mean * momentum + running_mean.to(sdt) * (1.0 - momentum))
-    running_var.copy_(unbiased * momentum + running_var.to(sdt) * (1.0 - momentum))
-
-
-@bn_update_running_stats_op.register_fake
-def _bn_update_running_stats_fake(running_mean, running_var, batch_mean, batch_var, count, momentum) -> None:
-    return None
 
 
 # ----------------------------------------------------------------------------- BN pieces

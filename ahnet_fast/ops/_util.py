@@ -1,6 +1,7 @@
 """Small helpers shared by the op wrappers, the fakes and every backend (no policy here)."""
 from __future__ import annotations
 
+import collections
 from typing import Optional, Sequence
 
 import torch
@@ -44,6 +45,30 @@ def memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def conv_grad_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout ``aten.convolution_backward`` returns 5-D gradients in for operands on
+    ``x``'s device: torch's CPU 3-D conv backward (oneDNN and its own kernel alike) returns them
+    NCDHW whatever the operands' layout; cuDNN follows the operands (channels-last in, channels-
+    last out). Gradients the ops pass on from a conv backward are declared in this layout, so
+    they are never copied into the other one just to be read by the next (layout-agnostic)
+    kernel."""
+    if x.device.type == "cpu":
+        return torch.contiguous_format
+    return memory_format(x)
+
+
+def next_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
+                       var: torch.Tensor, count: int, momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The running statistics after one training batch, as nn.BatchNorm computes them:
+    ``r + momentum*(batch - r)`` with the unbiased variance ``var*count/(count-1)``, in the
+    statistics dtype, returned in the buffers' dtype (the buffers are not written)."""
+    sdt = mean.dtype
+    unbiased = var * (count / (count - 1))
+    nm = torch.lerp(running_mean.to(sdt), mean, momentum).to(running_mean.dtype)
+    nv = torch.lerp(running_var.to(sdt), unbiased, momentum).to(running_var.dtype)
+    return nm, nv
+
+
 def is_supported_layout(t: torch.Tensor) -> bool:
     """Dense contiguous or channels_last_3d, or a channel slice ``buf[:, a:b]`` of either
     (what the fused kernels address directly); anything else (permuted, expanded) is not."""
@@ -66,6 +91,12 @@ def empty5(shape: Sequence[int], like: torch.Tensor, fmt: torch.memory_format,
     return torch.empty(tuple(shape), dtype=dtype or like.dtype, device=like.device, memory_format=fmt)
 
 
+# Copies restride made, per device type: on a CPU, torch's conv backward returns some gradients
+# in the other layout than the one declared (see conv_grad_format); the launch-budget test and
+# bench report them apart from the pipeline's own launches.
+RESTRIDE_COPIES: "collections.Counter[str]" = collections.Counter()
+
+
 def restride(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
     """Return ``t`` with exactly the strides of ``torch.empty(t.shape, memory_format=fmt)``.
 
@@ -76,8 +107,13 @@ def restride(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
     want = torch.empty(t.shape, device="meta", memory_format=fmt).stride()
     if t.stride() == want:
         return t
+    if t.is_contiguous(memory_format=fmt):
+        # already dense in that order, differing only in the strides of size-1 dimensions
+        # (which address nothing): the same memory under the exact strides, no copy
+        return t.as_strided(t.shape, want, t.storage_offset())
     out = torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=fmt)
     out.copy_(t)
+    RESTRIDE_COPIES[t.device.type] += 1
     return out
 
 

@@ -1,12 +1,12 @@
 """``bn_act_conv``: pre-activation block BN -> [ReLU] -> conv (decoder), zero padding after BN+ReLU."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from . import _backend, _checks, composite
-from ._library import bn_act_conv_into_op, bn_act_conv_op, bn_update_running_stats_op
+from . import _backend, _checks, _running, composite
+from ._library import bn_act_conv_into_op, bn_act_conv_op
 from ._util import triple
 
 __all__ = ["bn_act_conv"]
@@ -58,7 +58,7 @@ def bn_act_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor
             raise ValueError(f"residual has shape {tuple(residual.shape)}; it must have the output's shape "
                              f"{tuple(o_shape)}")
     _checks.bn_args(x.shape[1], x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps)
-    count = _checks.batch_count(x.shape, training)
+    _checks.batch_count(x.shape, training)
     rm = None if training else running_mean
     rv = None if training else running_var
     use_composite = _backend.composite_path(x)
@@ -67,9 +67,14 @@ def bn_act_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor
         res = composite.bn_act_conv(x, bn_weight, bn_bias, running_mean, running_var, weight, conv_bias, stride_,
                                     padding_, bool(training), float(momentum), float(eps), bool(relu))
         return res if residual is None else res.add_(residual)
+    advance = training and running_mean is not None
+    if advance:
+        _running.current(running_mean, running_var)
+    um, uv = (running_mean, running_var) if advance else (None, None)
     if out is None:
-        res, mean, _invstd, var = bn_act_conv_op(x, bn_weight, bn_bias, rm, rv, weight, conv_bias, residual, stride_,
-                                                 padding_, bool(training), float(eps), bool(relu), backend)
+        res, _mean, _invstd, _var, next_mean, next_var, *_ = bn_act_conv_op(
+            x, bn_weight, bn_bias, rm, rv, weight, conv_bias, residual, stride_, padding_, bool(training),
+            float(eps), bool(relu), um, uv, float(momentum), *_NO_CHAIN, backend)
     else:
         _checks.tensor5("out", out)
         _checks.same("out", out, x)
@@ -87,9 +92,91 @@ def bn_act_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor
             res = composite.bn_act_conv(x, bn_weight, bn_bias, running_mean, running_var, weight, conv_bias, stride_,
                                         padding_, bool(training), float(momentum), float(eps), bool(relu), out, off)
             return res if residual is None else res.add_(residual)
-        mean, _invstd, var = bn_act_conv_into_op(x, bn_weight, bn_bias, rm, rv, weight, conv_bias, residual, stride_,
-                                                 padding_, bool(training), float(eps), bool(relu), out, off, backend)
+        _mean, _invstd, _var, next_mean, next_var = bn_act_conv_into_op(
+            x, bn_weight, bn_bias, rm, rv, weight, conv_bias, residual, stride_, padding_, bool(training),
+            float(eps), bool(relu), out, off, um, uv, float(momentum), backend)
         res = out.narrow(1, off, o_shape[1])
-    if training and running_mean is not None:
-        bn_update_running_stats_op(running_mean, running_var, mean, var, count, float(momentum))
+    if advance:
+        _running.commit(running_mean, running_var, next_mean, next_var)
     return res
+
+
+# bn_act_conv_op's chain arguments when no statistics are handed on
+_NO_CHAIN = (None, None, None, None, None, 0.0, 0.0, False)
+
+
+class NextBN(NamedTuple):
+    """The training BatchNorm that reads a ``bn_act_conv`` output next (see :func:`bn_act_conv_chain`).
+
+    bn_weight/bn_bias: (C,) or None; running_mean/running_var: its buffers, or None when it
+    tracks no statistics; momentum: its running-average factor; eps: its epsilon."""
+
+    bn_weight: Optional[Tensor]
+    bn_bias: Optional[Tensor]
+    running_mean: Optional[Tensor]
+    running_var: Optional[Tensor]
+    momentum: float
+    eps: float
+
+
+def bn_act_conv_chain(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+                      running_mean: Optional[Tensor], running_var: Optional[Tensor], weight: Tensor, *,
+                      conv_bias: Optional[Tensor] = None, stride: IntOr3 = (1, 1, 1), padding: IntOr3 = (0, 0, 0),
+                      momentum: float = 0.1, eps: float = 1e-5, relu: bool = True,
+                      residual: Optional[Tensor] = None, stats: Optional[Tensor] = None,
+                      next_bn: Optional[NextBN] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """:func:`bn_act_conv` in training (batch statistics) inside a chain of pre-activation convs,
+    where each BN's statistics come from the conv that produced its input.
+
+    ``stats``: x's batch statistics as the (5, Cin) tensor a previous call returned (rows mean,
+    var, invstd, scale, shift), so no statistics pass reads x; the BN's running statistics were
+    advanced by that call. ``next_bn``: the training BN that reads this call's output next; its
+    statistics are computed in this conv's epilogue and finalized in the same merge launch (its
+    running statistics advanced too), and returned for the next call. Returns (output, the next
+    BN's statistics or None). None where the chain cannot be kept (the CPU composite path): the
+    next call then computes its own statistics, with the same result.
+    """
+    chained = stats is not None
+    if chained and (not isinstance(stats, Tensor) or tuple(stats.shape) != (5, x.shape[1])):
+        raise ValueError(f"stats must be the (5, {x.shape[1]}) statistics a previous bn_act_conv_chain returned, "
+                         f"got {type(stats).__name__ if not isinstance(stats, Tensor) else tuple(stats.shape)}")
+    if _backend.composite_path(x):
+        # no chain on this path: the next BN computes its own statistics (the same values) and
+        # advances its own buffers; given statistics were advanced by their producer already
+        if chained:
+            running_mean = running_var = None
+        res = bn_act_conv(x, bn_weight, bn_bias, running_mean, running_var, weight, conv_bias=conv_bias,
+                          stride=stride, padding=padding, training=True, momentum=momentum, eps=eps, relu=relu,
+                          residual=residual)
+        return res, None
+    _checks.tensor5("x", x)
+    stride_, padding_ = triple(stride, "stride"), triple(padding, "padding")
+    o_shape = _checks.conv_args(x, weight, conv_bias, stride_, padding_)
+    if residual is not None:
+        _checks.tensor5("residual", residual)
+        _checks.same("residual", residual, x)
+        if list(residual.shape) != list(o_shape):
+            raise ValueError(f"residual has shape {tuple(residual.shape)}; it must have the output's shape "
+                             f"{tuple(o_shape)}")
+    _checks.bn_args(x.shape[1], x, bn_weight, bn_bias, running_mean, running_var, True, momentum, eps)
+    _checks.batch_count(x.shape, True)
+    advance = not chained and running_mean is not None
+    um, uv = (running_mean, running_var) if advance else (None, None)
+    _running.current(um, uv, *((next_bn.running_mean, next_bn.running_var) if next_bn is not None else ()))
+    if next_bn is not None:
+        _checks.bn_args(o_shape[1], x, next_bn.bn_weight, next_bn.bn_bias, next_bn.running_mean,
+                        next_bn.running_var, True, next_bn.momentum, next_bn.eps)
+        chain = (stats, next_bn.bn_weight, next_bn.bn_bias, next_bn.running_mean, next_bn.running_var,
+                 float(next_bn.eps), float(next_bn.momentum), True)
+    else:
+        chain = (stats, None, None, None, None, 0.0, 0.0, False)
+    res, _m, _i, _v, next_mean, next_var, o_stats, o_next_mean, o_next_var = bn_act_conv_op(
+        x, bn_weight, bn_bias, None, None, weight, conv_bias, residual, stride_, padding_, True, float(eps),
+        bool(relu), um, uv, float(momentum), *chain, _backend.call_arg())
+    if advance:
+        _running.commit(running_mean, running_var, next_mean, next_var)
+    if next_bn is None:
+        return res, None
+    if next_bn.running_mean is not None:
+        _running.commit(next_bn.running_mean, next_bn.running_var, o_next_mean, o_next_var)
+    return res, o_stats

@@ -5,8 +5,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from . import _backend, _checks, composite
-from ._library import bn_update_running_stats_op, conv_bn_act_op
+from . import _backend, _checks, _running, composite
+from ._library import conv_bn_act_op
 
 __all__ = ["conv_bn_act"]
 
@@ -59,16 +59,20 @@ def conv_bn_act(x: Tensor, weight: Tensor, bn_weight: Optional[Tensor], bn_bias:
     stride_, padding_, _c_shape, bn_shape, _out_shape = _checks.conv_bn_act_args(
         x, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding, zpool,
         training, momentum, eps)
-    count = _checks.batch_count(bn_shape, training)
+    _checks.batch_count(bn_shape, training)
     if _backend.composite_path(x):
         return composite.conv_bn_act(x, weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, residual,
                                      stride_, padding_, bool(training), float(momentum), float(eps), zpool,
                                      bool(relu))
     save = _checks.any_requires_grad(x, weight, conv_bias, bn_weight, bn_bias, residual)
-    out, _c, mean, _invstd, var = conv_bn_act_op(
+    advance = training and running_mean is not None
+    if advance:
+        _running.current(running_mean, running_var)
+    out, _c, _mean, _invstd, _var, next_mean, next_var = conv_bn_act_op(
         x, weight, conv_bias, bn_weight, bn_bias,
         None if training else running_mean, None if training else running_var, residual,
-        stride_, padding_, bool(training), float(eps), zpool, bool(relu), save, _backend.call_arg())
-    if training and running_mean is not None:
-        bn_update_running_stats_op(running_mean, running_var, mean, var, count, float(momentum))
+        stride_, padding_, bool(training), float(eps), zpool, bool(relu), save,
+        running_mean if advance else None, running_var if advance else None, float(momentum), _backend.call_arg())
+    if advance:
+        _running.commit(running_mean, running_var, next_mean, next_var)
     return out

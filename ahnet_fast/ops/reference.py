@@ -19,7 +19,7 @@ from typing import Iterator, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ._util import bcast, bn_affine, running_stats, stat_dtype
+from ._util import bcast, bn_affine, next_running_stats, running_stats, stat_dtype
 
 NAME = "reference"
 _RED = (0, 2, 3, 4)  # BN reduces over (N, H, W, D)
@@ -177,16 +177,28 @@ def without_onednn(active: bool) -> Iterator[None]:
         torch._C._set_mkldnn_enabled(prev)
 
 
+def _next_running(update: Optional[tuple], mean: torch.Tensor, var: torch.Tensor,
+                  y: torch.Tensor) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    if update is None:
+        return None, None
+    rm, rv, momentum = update
+    return next_running_stats(rm, rv, mean, var, y.numel() // max(y.shape[1], 1), momentum)
+
+
 # ----------------------------------------------------------------------------- conv -> BN -> act
 def conv_bn_act_forward(x: torch.Tensor, weight: torch.Tensor, conv_bias: Optional[torch.Tensor],
                         bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor],
                         running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                         residual: Optional[torch.Tensor], stride: Sequence[int], padding: Sequence[int],
-                        training: bool, eps: float, zpool: str, relu: bool, save: bool
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                        training: bool, eps: float, zpool: str, relu: bool, save: bool,
+                        update: Optional[tuple] = None) -> tuple[Optional[torch.Tensor], ...]:
+    """(out, c or None, mean, invstd, var, next_running_mean, next_running_var); ``update`` =
+    (running_mean, running_var, momentum) of a training BN whose next running statistics are
+    returned (None otherwise; the buffers are not written)."""
     c = F.conv3d(x, weight, conv_bias, list(stride), list(padding))
     y = zmax(c) if zpool == "before_bn" else c
     mean, invstd, var = _stats(y, running_mean, running_var, training, eps)
+    nxt = _next_running(update, mean, var, y)
     scale, shift = bn_affine(mean, invstd, bn_weight, bn_bias)
     t = y.to(mean.dtype) * bcast(scale) + bcast(shift)
     if zpool == "after_bn":
@@ -195,7 +207,7 @@ def conv_bn_act_forward(x: torch.Tensor, weight: torch.Tensor, conv_bias: Option
         t = t + residual.to(t.dtype)
     if relu:
         t = torch.relu(t)
-    return t.to(x.dtype), (c if save else None), mean, invstd, var
+    return (t.to(x.dtype), (c if save else None), mean, invstd, var, *nxt)
 
 
 def conv_bn_act_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, c: torch.Tensor,
@@ -227,25 +239,43 @@ def bn_act_conv_forward(x: torch.Tensor, bn_weight: Optional[torch.Tensor], bn_b
                         weight: torch.Tensor, conv_bias: Optional[torch.Tensor], stride: Sequence[int],
                         padding: Sequence[int], training: bool, eps: float, relu: bool,
                         out: Optional[torch.Tensor] = None, out_channel_offset: int = 0,
-                        residual: Optional[torch.Tensor] = None
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    mean, invstd, var = _stats(x, running_mean, running_var, training, eps)
+                        residual: Optional[torch.Tensor] = None, update: Optional[tuple] = None,
+                        stats: Optional[torch.Tensor] = None, next_bn: Optional[tuple] = None
+                        ) -> tuple[Optional[torch.Tensor], ...]:
+    """(out, mean, invstd, var, next_running_mean, next_running_var, out_stats, out_next_running_mean,
+    out_next_running_var); ``stats``/``next_bn`` as in the fused pipeline (_fused.py): x's given
+    (5, Cin) statistics, and the next BN's statistics of the output."""
+    if training and stats is not None:
+        mean, var, invstd = stats[0], stats[1], stats[2]
+        nxt: tuple = (None, None)
+    else:
+        mean, invstd, var = _stats(x, running_mean, running_var, training, eps)
+        nxt = _next_running(update, mean, var, x)
     z = _pre_activation(x, mean, invstd, bn_weight, bn_bias, relu)
     # zero padding is applied by the conv to z, i.e. after the BN+ReLU transform
     o = F.conv3d(z, weight, conv_bias, list(stride), list(padding))
     if residual is not None:
         o = o.add_(residual)
+    ostats: tuple = (None, None, None)
+    if next_bn is not None:
+        gamma, beta, neps, nrm, nrv, nmom = next_bn
+        omean, oinvstd, ovar = _stats(o, None, None, True, neps)
+        oscale, oshift = bn_affine(omean, oinvstd, gamma, beta)
+        ostats = (torch.stack([omean, ovar, oinvstd, oscale, oshift]),
+                  *_next_running(None if nrm is None else (nrm, nrv, nmom), omean, ovar, o))
     if out is not None:
         out.narrow(1, out_channel_offset, o.shape[1]).copy_(o)
-        return out, mean, invstd, var
-    return o, mean, invstd, var
+        return (out, mean, invstd, var, *nxt, *ostats)
+    return (o, mean, invstd, var, *nxt, *ostats)
 
 
 def bn_act_conv_backward(grad_out: torch.Tensor, x: torch.Tensor, bn_weight: Optional[torch.Tensor],
                          bn_bias: Optional[torch.Tensor], mean: torch.Tensor, invstd: torch.Tensor,
                          weight: torch.Tensor, stride: Sequence[int], padding: Sequence[int], training: bool,
-                         relu: bool, has_conv_bias: bool, output_mask: Sequence[bool]
-                         ) -> tuple[Optional[torch.Tensor], ...]:
+                         relu: bool, has_conv_bias: bool, output_mask: Sequence[bool],
+                         add_grad: Optional[torch.Tensor] = None) -> tuple[Optional[torch.Tensor], ...]:
+    """Gradients of bn_act_conv; ``add_grad`` (x's shape: x was also the residual) is summed
+    into grad_x."""
     z = _pre_activation(x, mean, invstd, bn_weight, bn_bias, relu)  # recomputed, transient
     need_bn = output_mask[0] or output_mask[1] or output_mask[2]
     gz, gw, gb = _conv_backward(grad_out, z, weight, stride, padding, has_conv_bias,
@@ -255,6 +285,8 @@ def bn_act_conv_backward(grad_out: torch.Tensor, x: torch.Tensor, bn_weight: Opt
         assert gz is not None
         gx, g_gamma, g_beta, _ = bn_act_backward(gz, x, mean, invstd, bn_weight, bn_bias, None,
                                                  pool_after=False, relu=relu, batch_stats=training)
+    if add_grad is not None and output_mask[0]:
+        gx = add_grad.to(x.dtype).clone() if gx is None else gx + add_grad
     return gx, g_gamma, g_beta, gw, gb
 
 

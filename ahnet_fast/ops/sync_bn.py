@@ -186,8 +186,9 @@ class _SyncBNActConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gamma, beta, weight, conv_bias, mean, var, total, stride, padding, eps, relu, group,
                 backend):
-        out, m, invstd, _v = bn_act_conv_op(x, gamma, beta, mean, var, weight, conv_bias, None, stride, padding,
-                                            False, eps, relu, backend)
+        out, m, invstd, *_ = bn_act_conv_op(x, gamma, beta, mean, var, weight, conv_bias, None, stride, padding,
+                                            False, eps, relu, None, None, 0.0, None, None, None, None, None, 0.0,
+                                            0.0, False, backend)
         ctx.save_for_backward(x, gamma, beta, m, invstd, weight, total)
         ctx.params = (list(stride), list(padding), relu, conv_bias is not None, group, backend)
         return out
@@ -206,7 +207,7 @@ class _SyncBNActConv(torch.autograd.Function):
         mask = [bool(nig[0]), True, True, bool(nig[3]), bool(nig[4]) and has_bias]
         gx_p, s_gx, s_g, gw, gb = bn_act_conv_backward_op(
             _grad_layout(grad_out, x), x, g_arg, b_arg, mean, invstd, weight, stride, padding, False, relu,
-            has_bias, mask, backend)
+            has_bias, mask, None, backend)
         gx = None
         if nig[0]:
             sums = _all_reduce_sums(s_g.to(sdt), s_gx.to(sdt), group)
@@ -296,7 +297,7 @@ def sync_bn_act_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[T
             raise RuntimeError("bn_act_conv(out=...) is not differentiable: call it under torch.no_grad() or "
                                "torch.inference_mode(), or without out= when gradients are needed")
         bn_act_conv_into_op(x, bn_weight, bn_bias, mean, var, weight, conv_bias, None, stride_, padding_, False,
-                            float(eps), bool(relu), out, off, backend)
+                            float(eps), bool(relu), out, off, None, None, 0.0, backend)
         res = out.narrow(1, off, o_shape[1])
     _update_running(running_mean, running_var, mean, var, total, float(momentum))
     return res

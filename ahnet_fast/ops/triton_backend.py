@@ -24,8 +24,6 @@ _MODULES = {  # launcher -> module of ahnet_fast.kernels that defines it (OPS_CO
     "bn_act_backward": "batchnorm",
     "zmaxpool_forward": "zpool",
     "zmaxpool_backward": "zpool",
-    "pack_conv_weight": "conv",
-    "bn_finalize": "batchnorm",
 }
 assert set(_MODULES) == set(LAUNCHERS + OPTIONAL_LAUNCHERS)
 
@@ -43,6 +41,8 @@ def _load() -> dict[str, Callable]:
         fn = getattr(m, launcher, None)
         if fn is not None:
             found[launcher] = fn
+    # optional keyword arguments the launchers take (FEATURES in _fused)
+    found["features"] = frozenset({"finalize_in_merge", "apply_from_stats", "add_to_grad_y"})
     return found
 
 
