@@ -55,3 +55,46 @@ def test_sliding_window_replays_one_graph_per_window_shape():
     plain = sliding_window_inference(x, net, cuda_graph=False, **kw)
     replayed = sliding_window_inference(x, net, cuda_graph=True, **kw)
     torch.testing.assert_close(replayed, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_training_capture_refuses_what_it_cannot_replay():
+    from ahnet_fast.train.graphed import graphed_training
+
+    net = AHNet(**CFG)
+    x = torch.randn(1, 1, 64, 64, 32)
+    with pytest.raises(ValueError, match="eval mode"):
+        graphed_training(net.eval(), x)
+    with pytest.raises(ValueError, match="CUDA input"):
+        graphed_training(net.train(), x)
+    net.bn0.momentum = None
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="momentum=None"):
+            graphed_training(net.cuda().train(), x.cuda())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
+def test_graphed_training_steps_equal_eager_steps():
+    """Two SGD steps with the forward and backward replayed from CUDA graphs give the weights,
+    running statistics and counters of two eager steps."""
+    from ahnet_fast.train.graphed import graphed_training
+
+    torch.manual_seed(0)
+    eager = AHNet(**CFG).cuda().train()
+    net = AHNet(**CFG).cuda().train()
+    net.load_state_dict(eager.state_dict())
+    xs = [torch.randn(2, 1, 64, 64, 32, device="cuda") for _ in range(2)]
+    g = graphed_training(net, xs[0])
+    # the warm-up iterations ran the model: restart both from the same state
+    net.load_state_dict(eager.state_dict())
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (eager, net)]
+    for x in xs:
+        for fn, opt in ((eager, opts[0]), (g, opts[1])):
+            opt.zero_grad(set_to_none=False)
+            fn(x).float().square().mean().backward()
+            opt.step()
+    for (name, a), b in zip(eager.state_dict().items(), net.state_dict().values()):
+        if a.is_floating_point():
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+        else:
+            assert torch.equal(a, b), name
