@@ -15,6 +15,21 @@ Tensor = torch.Tensor
 IntOr3 = Union[int, Sequence[int]]
 
 
+def _check_conv_call(x: Tensor, weight: Tensor, conv_bias: Optional[Tensor], stride: IntOr3, padding: IntOr3,
+                     residual: Optional[Tensor]) -> tuple[list[int], list[int], list[int]]:
+    """(stride, padding, output shape) of a checked bn_act_conv call; clear errors otherwise."""
+    _checks.tensor5("x", x)
+    stride_, padding_ = triple(stride, "stride"), triple(padding, "padding")
+    o_shape = _checks.conv_args(x, weight, conv_bias, stride_, padding_)
+    if residual is not None:
+        _checks.tensor5("residual", residual)
+        _checks.same("residual", residual, x)
+        if list(residual.shape) != list(o_shape):
+            raise ValueError(f"residual has shape {tuple(residual.shape)}; it must have the output's shape "
+                             f"{tuple(o_shape)}")
+    return stride_, padding_, o_shape
+
+
 def bn_act_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
                 running_mean: Optional[Tensor], running_var: Optional[Tensor], weight: Tensor, *,
                 conv_bias: Optional[Tensor] = None, stride: IntOr3 = (1, 1, 1), padding: IntOr3 = (0, 0, 0),
@@ -48,15 +63,7 @@ def bn_act_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor
     conv weight. The activation z = relu(BN(x)) is recomputed transiently in backward, where the
     unfused chain keeps both x and z alive.
     """
-    _checks.tensor5("x", x)
-    stride_, padding_ = triple(stride, "stride"), triple(padding, "padding")
-    o_shape = _checks.conv_args(x, weight, conv_bias, stride_, padding_)
-    if residual is not None:
-        _checks.tensor5("residual", residual)
-        _checks.same("residual", residual, x)
-        if list(residual.shape) != list(o_shape):
-            raise ValueError(f"residual has shape {tuple(residual.shape)}; it must have the output's shape "
-                             f"{tuple(o_shape)}")
+    stride_, padding_, o_shape = _check_conv_call(x, weight, conv_bias, stride, padding, residual)
     _checks.bn_args(x.shape[1], x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps)
     _checks.batch_count(x.shape, training)
     rm = None if training else running_mean
@@ -149,15 +156,7 @@ def bn_act_conv_chain(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[
                           stride=stride, padding=padding, training=True, momentum=momentum, eps=eps, relu=relu,
                           residual=residual)
         return res, None
-    _checks.tensor5("x", x)
-    stride_, padding_ = triple(stride, "stride"), triple(padding, "padding")
-    o_shape = _checks.conv_args(x, weight, conv_bias, stride_, padding_)
-    if residual is not None:
-        _checks.tensor5("residual", residual)
-        _checks.same("residual", residual, x)
-        if list(residual.shape) != list(o_shape):
-            raise ValueError(f"residual has shape {tuple(residual.shape)}; it must have the output's shape "
-                             f"{tuple(o_shape)}")
+    stride_, padding_, o_shape = _check_conv_call(x, weight, conv_bias, stride, padding, residual)
     _checks.bn_args(x.shape[1], x, bn_weight, bn_bias, running_mean, running_var, True, momentum, eps)
     _checks.batch_count(x.shape, True)
     advance = not chained and running_mean is not None
