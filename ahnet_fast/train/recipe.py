@@ -632,10 +632,13 @@ class _Recipe:
         left = self.remaining_seconds(trainer.stage, trainer)
         if not math.isfinite(left):
             return ""
-        text = f"run ETA {format_duration(left)}"
         if self.run_end is not None:
-            text += f" (budget left {format_duration(max(0.0, self.run_end - self.clock()))})"
-        return text
+            budget_left = max(0.0, self.run_end - self.clock())
+            if left > budget_left:  # the stages stop at the budget: it, not the plan, ends the run
+                return f"run ETA {format_duration(budget_left)} (the time budget; the planned steps would take " \
+                       f"{format_duration(left)} at this speed)"
+            return f"run ETA {format_duration(left)} (budget left {format_duration(budget_left)})"
+        return f"run ETA {format_duration(left)}"
 
     def _maybe_extend(self, trainer: Trainer, rec: dict[str, Any]) -> None:
         """Under a time budget: a stage running faster than its warm-up measured (the first steps of a
