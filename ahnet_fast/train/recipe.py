@@ -55,6 +55,7 @@ from ahnet_fast.data.spacing import describe_preprocessing
 from ahnet_fast.data.loader import PatchDataset
 from ahnet_fast.data.sampling import AugmentConfig
 from ahnet_fast.train import distributed as ddp_util
+from ahnet_fast.train.budget import format_duration
 from ahnet_fast.train.checkpoint import load_checkpoint, save_checkpoint
 from ahnet_fast.train.models import (
     ENCODER_PREFIXES,
@@ -253,7 +254,8 @@ class _Recipe:
         self.replan = False  # re-plan the steps of the stages still to run at each stage start
         self.model_best = -math.inf  # Dice of the weights in model.pt (this run)
         self.model_source: dict[str, Any] | None = None
-        self.spe_fixed: dict[str, int] = {}  # stage -> epoch length kept when a budget lengthened the stage
+        self.spe_fixed: dict[str, int] = {}  # stage -> epoch length kept when a budget resized the stage
+        self.rates: dict[str, list[float]] = {}  # stage -> seconds per step of each epoch (this invocation)
         self.overrides = set(overrides)
         self.log = log
         self.progress = progress
@@ -640,37 +642,44 @@ class _Recipe:
             return f"run ETA {format_duration(left)} (budget left {format_duration(budget_left)})"
         return f"run ETA {format_duration(left)}"
 
-    def _maybe_extend(self, trainer: Trainer, rec: dict[str, Any]) -> None:
-        """Under a time budget: a stage running faster than its warm-up measured (the first steps of a
-        process are the slowest) is lengthened to use the time its share leaves, so the budget is spent
-        training rather than idle at the end."""
+    def _fit_to_budget(self, trainer: Trainer, rec: dict[str, Any]) -> None:
+        """Under a time budget, after an epoch: a stage running faster than its warm-up measured (the first
+        steps of a process are the slowest) is lengthened to use the time its share leaves; one running
+        slower (a busy machine) is shortened to what fits, so that its learning rate still anneals before
+        the budget ends it. The speed is the median of the stage's last three epochs."""
         cost = self.costs.get(trainer.stage)
         deadline = self.stage_deadline(trainer.stage)
-        rate = rec.get("seconds_per_step")
-        if (not self.replan or cost is None or deadline is None or not rate or trainer.world > 1
-                or trainer.step >= trainer.cfg.steps):
+        if rec.get("seconds_per_step"):
+            self.rates.setdefault(trainer.stage, []).append(float(rec["seconds_per_step"]))
+        if (not self.replan or cost is None or deadline is None or not self.rates.get(trainer.stage)
+                or trainer.world > 1 or trainer.step >= trainer.cfg.steps):
             return
+        rate = float(np.median(self.rates[trainer.stage][-3:]))
         spe = trainer.cfg.steps_per_epoch
+        per_step = rate + cost.seconds_per_epoch / spe  # steps and their share of validation and checkpoints
         left = deadline - self.clock()
-        need = (trainer.cfg.steps - trainer.step) * rate + (-(-(trainer.cfg.steps - trainer.step) // spe)) * \
-            cost.seconds_per_epoch
-        spare = left - need
-        if spare <= max(0.15 * left, 2 * rate):
+        todo = trainer.cfg.steps - trainer.step
+        need = todo * rate + (-(-todo // spe)) * cost.seconds_per_epoch
+        if left - need > max(0.15 * left, 2 * rate):
+            steps = trainer.cfg.steps + int(0.85 * (left - need) / per_step)
+            why = "ahead of the plan"
+        elif need > 1.1 * left:
+            steps = trainer.step + max(1, int(0.9 * left / per_step))
+            why = "behind the plan"
+        else:
             return
-        extra = int(0.85 * spare / (rate + cost.seconds_per_epoch / spe))
-        if extra < 1:
+        if steps == trainer.cfg.steps or steps <= trainer.step:
             return
-        steps = trainer.cfg.steps + extra
-        trainer.extend_steps(steps, f"ahead of the plan ({rate:.2f} s/step measured in this epoch, "
-                                    f"{cost.seconds_per_step:.2f} in the warm-up)")
+        trainer.resize_steps(steps, f"{why} ({rate:.2f} s/step in the recent epochs, {cost.seconds_per_step:.2f} "
+                                    f"in the warm-up; {format_duration(max(left, 0.0))} left for this stage)")
         self.set_steps({trainer.stage: steps})
         self.spe_fixed[trainer.stage] = spe  # the epoch length stays that of the run (resume compares it)
         _write_record(self, list(_read_saved_record(self.out).get("overrides", [])))
 
     def _on_epoch(self, trainer: Trainer, rec: dict[str, Any]) -> None:
         """After each epoch: model.pt follows the best 3D weights so far; progress.png is redrawn; under a
-        time budget a stage ahead of its plan is lengthened."""
-        self._maybe_extend(trainer, rec)
+        time budget a stage is resized to the time it has left (:meth:`_fit_to_budget`)."""
+        self._fit_to_budget(trainer, rec)
         if trainer.stage in ("decoder", "finetune") and rec.get("improved") and trainer.best_dice > self.model_best:
             self.model_best = trainer.best_dice
             self.model_source = {"stage": trainer.stage, "epoch": trainer.epoch, "step": trainer.step,

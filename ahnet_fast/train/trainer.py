@@ -580,7 +580,7 @@ class Trainer:
                 for micro in range(cfg.grad_accum):
                     try:
                         batch = next(it)
-                    except StopIteration:  # the stage was extended (extend_steps): the same stream, continued
+                    except StopIteration:  # the stage was lengthened (resize_steps): the same stream, continued
                         it = iter(make_loader(self.dataset, cfg.batch_size, (end - self.step) * cfg.grad_accum,
                                               start_step=self.step * cfg.grad_accum + micro,
                                               num_workers=cfg.num_workers, pin_memory=self.device.type == "cuda"))
@@ -634,7 +634,7 @@ class Trainer:
                     if self.device.type == "cuda":
                         torch.cuda.reset_peak_memory_stats(self.device)
                     self.train_mode(self.model)
-                    end = cfg.steps if stop_at_step is None else min(cfg.steps, stop_at_step)  # extend_steps
+                    end = cfg.steps if stop_at_step is None else min(cfg.steps, stop_at_step)  # resize_steps
                     if bar.total != cfg.steps:
                         bar.total = cfg.steps
                         bar.refresh()
@@ -652,18 +652,20 @@ class Trainer:
             bar.close()
         return self._result(time.time() - t_start)
 
-    def extend_steps(self, steps: int, reason: str) -> None:
-        """Lengthen the running stage to ``steps`` optimizer steps (from an ``on_epoch`` hook, before the
-        stage's last epoch; one process only). The sample stream continues as it would have; a cosine
-        learning rate follows the new length from the next step on. Logged with ``reason``."""
+    def resize_steps(self, steps: int, reason: str) -> None:
+        """Lengthen or shorten the running stage to ``steps`` optimizer steps (from an ``on_epoch`` hook,
+        before the stage's last epoch, to more steps than are done; one process only). The sample stream
+        continues as it would have; a cosine learning rate follows the new length from the next step on
+        (so a shortened stage still anneals before it ends). Logged with ``reason``."""
         if self.world > 1:
-            raise ValueError("extend_steps: not with several processes (every rank would have to agree)")
-        if steps <= self.cfg.steps or self.step >= self.cfg.steps:
-            raise ValueError(f"extend_steps: {steps} steps must exceed the stage's {self.cfg.steps}, before its end")
+            raise ValueError("resize_steps: not with several processes (every rank would have to agree)")
+        if self.step >= self.cfg.steps or steps <= self.step or steps == self.cfg.steps:
+            raise ValueError(f"resize_steps: {steps} steps must differ from the stage's {self.cfg.steps} and exceed "
+                             f"the {self.step} done, before the stage ends")
         before, self.cfg.steps = self.cfg.steps, int(steps)
         self.finished = False
         self.log(f"[{self.stage}] {reason}: {before} -> {steps} steps")
-        self._jsonl({"event": "extended", "step": self.step, "from": before, "to": int(steps), "reason": reason})
+        self._jsonl({"event": "resized", "step": self.step, "from": before, "to": int(steps), "reason": reason})
 
     def _end_epoch(self, loss: float, counts: np.ndarray, seconds: float, samples: int) -> None:
         train_dice = dice_from_counts(counts)
