@@ -212,19 +212,20 @@ def test_extending_a_stage_continues_the_same_sample_stream(tmp_path):
     planned, _ = _trainer(tmp_path / "six", clock, steps=6, spe=2)
     planned.fit()
     grown, logs = _trainer(tmp_path / "grown", clock, steps=4, spe=2)
-    grown.on_epoch = lambda tr, rec: tr.extend_steps(6, "test") if tr.step == 2 else None
+    grown.on_epoch = lambda tr, rec: tr.resize_steps(6, "test") if tr.step == 2 else None
     res = grown.fit()
     assert res["steps"] == 6 and res["finished"] and any("test: 4 -> 6 steps" in m for m in logs)
     a, b = planned.model.state_dict(), grown.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert '"event": "extended"' in (tmp_path / "grown" / "log.jsonl").read_text()
-    with pytest.raises(ValueError, match="must exceed"):
-        grown.extend_steps(6, "again")
+    assert '"event": "resized"' in (tmp_path / "grown" / "log.jsonl").read_text()
+    with pytest.raises(ValueError, match="before the stage ends"):
+        grown.resize_steps(8, "again")
 
 
-def test_a_stage_ahead_of_its_plan_is_lengthened_to_its_share(tmp_path):
+def test_a_stage_is_resized_to_the_time_it_has_left(tmp_path):
     """The warm-up measured 2 s/step, the epoch just run took 1 s/step: the last stage is lengthened to
-    use the time left (and its epoch length is recorded, so a resume rebuilds the same stage)."""
+    use the time left (its epoch length is recorded, so a resume rebuilds the same stage); then the
+    machine gets busy: shortened to what fits, so its learning rate still anneals."""
     from types import SimpleNamespace
 
     from ahnet_fast.train.recipe import RecipeConfig, _Recipe
@@ -234,26 +235,31 @@ def test_a_stage_ahead_of_its_plan_is_lengthened_to_its_share(tmp_path):
     r.cfg = RecipeConfig(data=str(tmp_path), out_dir=str(tmp_path), stages=("finetune",), steps_finetune=20,
                          time_budget=100.0)
     r.out, r.clock, r.replan, r.run_end, r.spe_fixed, r.base_steps = tmp_path, clock, True, 100.0, {}, {}
+    r.rates = {}
     r.costs = {"finetune": StageCost(2.0, 0.0, 5, 4)}
     r.log = lambda m: None
     calls = []
 
-    def extend(n, why):
+    def resize(n, why):
         calls.append((n, why))
         tr.cfg.steps = n
 
     tr = SimpleNamespace(stage="finetune", step=5, world=1, cfg=TrainConfig(steps=20, steps_per_epoch=5, batch_size=1),
-                         extend_steps=extend)
+                         resize_steps=resize)
     clock.t = 10.0
-    r._maybe_extend(tr, {"seconds_per_step": 1.0})
+    r._fit_to_budget(tr, {"seconds_per_step": 1.0})
     # 90 s left, 15 steps need 15 s: about 0.85 * 75 more steps
     assert calls and calls[0][0] == 20 + int(0.85 * 75) and "ahead of the plan" in calls[0][1]
     assert r.cfg.steps_finetune == calls[0][0] and r.spe_fixed == {"finetune": 5}
     rec = json.loads((tmp_path / "recipe.json").read_text())
     assert rec["steps_finetune"] == calls[0][0] and rec["plan"]["steps_per_epoch"] == {"finetune": 5}
-    # on plan (or behind it): left alone; several processes: never
+    # busy now: median of the last epochs 3 s/step, 78 steps left need 234 s of the 90: cut to what fits
     calls.clear()
-    r._maybe_extend(tr, {"seconds_per_step": 5.0})
+    r._fit_to_budget(tr, {"seconds_per_step": 5.0})
+    assert calls and calls[0][0] == 5 + int(0.9 * 90 / 3.0) and "behind the plan" in calls[0][1]
+    # on plan: left alone; several processes: never
+    calls.clear()
+    r._fit_to_budget(tr, {"seconds_per_step": 3.0})
     tr.world = 2
-    r._maybe_extend(tr, {"seconds_per_step": 0.1})
+    r._fit_to_budget(tr, {"seconds_per_step": 0.1})
     assert calls == []
