@@ -111,6 +111,8 @@ def _bench_convs(dtype, channels_last: bool):
             cases.append((f"synthetic {k[0]}x{k[1]}x{k[2]} {c}->{c} pre-act", t(1, c, 6, 6, 4), wk,
                           dict(padding=pad, in_scale=vec(c), in_shift=vec(c))))
     for name, x, w, kw in cases:
+        # weights channels_last_3d: the layout conv3d_fused runs with on a GPU (it converts others)
+        w = w.contiguous(memory_format=torch.channels_last_3d)
         yield name, (lambda x=x, w=w, kw=kw: conv3d_fused(x, w, **kw))
 
 
@@ -121,6 +123,7 @@ def record() -> list[dict]:
     import ahnet_fast
     from ahnet_fast import AHNet
     from ahnet_fast.kernels.aot import record_specs
+    from ahnet_fast.ops._util import gpu_gradient_layouts
 
     out: list[dict] = []
 
@@ -136,14 +139,16 @@ def record() -> list[dict]:
         for cl in (False, True):
             layout = "channels_last_3d" if cl else "contiguous"
             torch.manual_seed(0)
-            model = AHNet(**MODEL).to(dtype)
+            # conv weights channels_last_3d: the layout a model on a GPU has (FastAHNet)
+            model = AHNet(**MODEL).to(dtype).use_gpu_weight_layout()
             x = torch.randn(*MODEL_INPUT, dtype=dtype)
             if cl:
                 model = model.to(memory_format=torch.channels_last_3d)
                 x = x.to(memory_format=torch.channels_last_3d)
             with ahnet_fast.use_backend("triton"):
                 model.train()
-                with record_specs() as log:
+                # gradients in the layouts cuDNN returns them in (a CPU's differ)
+                with gpu_gradient_layouts(), record_specs() as log:
                     model(x).float().sum().backward()
                 keep(log, f"AHNet psp3 trilinear train {dname} {layout}")
                 model.eval()

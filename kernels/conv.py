@@ -84,7 +84,9 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.c
 # count of the buffer only (see _common.vec_align).  Cin/Cout/stride/padding stay specialised.
 _CONV_NO_SPEC = ("M", "H", "W", "D", "Ho", "Wo", "Dr",
                  "sxn", "sxc", "sxh", "sxw", "sxd", "son", "soc", "soh", "sow", "sod",
-                 "srn", "src", "srh", "srw", "srd")
+                 "srn", "src", "srh", "srw", "srd",
+                 # weight strides: read only for a weight that is not channels_last_3d (W_CL)
+                 "swo", "swi", "swh", "sww", "swd")
 
 
 @triton.jit
@@ -111,7 +113,7 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, isc_ptr, ish_ptr, osc_ptr, osh_ptr, res
                  KH: tl.constexpr, KW: tl.constexpr, KD: tl.constexpr,
                  HAS_BIAS: tl.constexpr, HAS_PRO: tl.constexpr, IN_RELU: tl.constexpr,
                  HAS_OSC: tl.constexpr, HAS_OSH: tl.constexpr, POOL: tl.constexpr,
-                 HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr,
+                 HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr, W_CL: tl.constexpr,
                  UPCAST: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
                  I64: tl.constexpr, XV: tl.constexpr, OV: tl.constexpr, RV: tl.constexpr,
                  CIN_V: tl.constexpr, COUT_V: tl.constexpr,
@@ -142,7 +144,12 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, isc_ptr, ish_ptr, osc_ptr, osh_ptr, res
         d0 = dr
     acc0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    wcol = co * swo
+    if W_CL:
+        # channels_last_3d weight (what a GPU model has): offset = co*T*Cin + tap*Cin + ci,
+        # the same address arithmetic as a packed (tap, ci, co) layout, K-contiguous
+        wcol = co * (KH * KW * KD * Cin)
+    else:
+        wcol = co * swo
     hbase = ho * STH - PH
     wbase = wo * STW - PW
     dbase = d0 * STD - PD
@@ -165,9 +172,13 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, isc_ptr, ish_ptr, osc_ptr, osh_ptr, res
             cio = ci
         hi = hbase + kh
         wi = wbase + kw
-        # weight offsets: swi == 1 (channels_last_3d) is specialised by Triton, which makes the
-        # rows K-contiguous and vectorisable; the column offsets are loop-invariant
-        brow = kh * swh + kw * sww + kd * swd + cio * swi
+        # weight rows (the column offsets are loop-invariant): channels_last_3d rows are
+        # contiguous runs of input channels (vectorisable K loads); any other layout is read
+        # through its strides (the interpreter's CPU path; a GPU model's weights are cl3d)
+        if W_CL:
+            brow = tap * Cin + cio
+        else:
+            brow = kh * swh + kw * sww + kd * swd + cio * swi
         b = tl.load(w_ptr + brow[:, None] + wcol[None, :], mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
         a = _load_a(x_ptr, isc_ptr, ish_ptr, xrow, dbase + kd, row_ok, ci, ci_ok, cio, H, W, D,
                     hi, wi, sxc, sxh, sxw, sxd, HAS_PRO, IN_RELU, XV)
@@ -248,9 +259,13 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, isc_ptr, ish_ptr, osc_ptr, osh_ptr, res
 SM90_SMEM_LIMIT = 232448   # bytes of shared memory one block may use on sm_90 (227 KB)
 
 
-def _pick_bk(Cin: int, is_fp32: bool) -> int:
+def _pick_bk(Cin: int, is_fp32: bool, taps: int = 1, has_pro: bool = False) -> int:
     if is_fp32:
         return 16   # fp32 at BLOCK_K 32 spilled (12-36 B on sm_90/sm_80, 64x32 and 64x64 tiles)
+    if has_pro and taps > 1 and 64 < Cin < 128 and Cin % 64:
+        # the decoder's 3x3x1 80->20 with the BN+ReLU prologue spilled 8 B on sm_80 at BLOCK_K 64
+        # (K-contiguous weight tiles); 32 also wastes less of K (3 chunks for 80: 83 % useful)
+        return 32
     if Cin >= 64:
         return 64   # one K tile for every wide layer: the decoder's 84..1084-channel inputs share it
     options = (64, 32, 16)
@@ -280,7 +295,11 @@ def conv_configs(Cin: int, Cout: int, KH: int, KW: int, KD: int,
         raise TypeError(f"conv_configs: unsupported dtype {dtype}")
     is_fp32 = dtype == torch.float32
     bn = min(max(next_pow2(Cout), 16), 64 if is_fp32 else 128)
-    bk = _pick_bk(Cin, is_fp32)
+    if is_fp32 and (stats or (has_pro and KH * KW * KD > 1)):
+        # fp32 at 32x64 spilled with the statistics epilogue (4-12 B, sm_80/sm_90) and with the
+        # prologue over several taps (16 B, sm_80)
+        bn = min(bn, 32)
+    bk = _pick_bk(Cin, is_fp32, KH * KW * KD, has_pro)
     if is_fp32:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=3)]
     return [triton.Config({"BLOCK_M": 64, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=8, num_stages=3)]
@@ -383,6 +402,11 @@ def conv3d_fused(x: torch.Tensor, weight: torch.Tensor, *,
         raise ValueError("compute_stats=True needs out_scale/out_shift None, zpool in {'none', 'before_affine'} "
                          "and relu=False: the statistics are of the stored pre-affine value")
     pool = _POOL_CODES[zpool]
+    if x.is_cuda and not weight.is_contiguous(memory_format=torch.channels_last_3d):
+        # on a GPU the kernel reads channels_last_3d weights (K-contiguous tiles); the fused
+        # ops hand them over so (a model's weights are laid out that way, see FastAHNet), a
+        # direct caller's other layout costs this one copy. The interpreter reads any strides.
+        weight = weight.contiguous(memory_format=torch.channels_last_3d)
     Dr = Do // 2 if pool else Do
     oshape = (N, Cout, Ho, Wo, Dr)
     o = prepare_output(oshape, x, residual, out, out_channel_offset)
@@ -406,6 +430,7 @@ def conv3d_fused(x: torch.Tensor, weight: torch.Tensor, *,
     flags = dict(KH=KH, KW=KW, KD=KD, HAS_BIAS=bias is not None, HAS_PRO=in_scale is not None,
                  IN_RELU=bool(in_relu), HAS_OSC=out_scale is not None, HAS_OSH=out_shift is not None,
                  POOL=pool, HAS_RES=residual is not None, RELU=bool(relu), STATS=bool(compute_stats),
+                 W_CL=weight.is_contiguous(memory_format=torch.channels_last_3d),
                  UPCAST=upcast, IS_FP32=is_fp32, PRECISION=precision, I64=i64,
                  XV=vec_align(x), OV=vec_align(o), RV=vec_align(residual) if residual is not None else 0)
     # channel-count alignment hints: the channel masks of A (only useful when x's channels are

@@ -22,19 +22,21 @@ import ahnet_fast
 from ahnet_fast import AHNet
 from ahnet_fast.kernels import conv as kconv
 from ahnet_fast.kernels.aot import KernelSpec, record_specs
+from ahnet_fast.ops._util import gpu_gradient_layouts
 
 MAX_COMPILES_TRAIN_STEP = 40
 
 
 def _train_step_census(shape, channels_last=False):
     torch.manual_seed(0)
-    model = AHNet(psp_block_num=3, upsample_mode="trilinear").to(torch.bfloat16)
+    # conv weights channels_last_3d: the layout a model on a GPU has (what a GPU compiles)
+    model = AHNet(psp_block_num=3, upsample_mode="trilinear").to(torch.bfloat16).use_gpu_weight_layout()
     x = torch.randn(shape, dtype=torch.bfloat16)
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
         x = x.to(memory_format=torch.channels_last_3d)
     model.train()
-    with ahnet_fast.use_backend("triton"), record_specs() as log:
+    with ahnet_fast.use_backend("triton"), gpu_gradient_layouts(), record_specs() as log:
         model(x).float().sum().backward()
     return log
 
@@ -103,7 +105,10 @@ def test_conv_configs_is_a_small_pure_table(dtype, channels_last, pool):
                 c = cfgs[0]
                 assert (c.kwargs, c.num_warps, c.num_stages) == (again[0].kwargs, again[0].num_warps, again[0].num_stages)
                 bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
-                cap = 64 if dtype == torch.float32 else 128
+                # fp32 with the statistics epilogue, or the prologue over several taps, keeps to 32
+                # output channels a tile (spills at 64)
+                narrow = args[10] or (args[9] and k != (1, 1, 1))
+                cap = (32 if narrow else 64) if dtype == torch.float32 else 128
                 assert min(bm, bn, bk) >= 16 and bn >= min(max(cout, 16), cap) and bk <= 64
                 if dtype == torch.float32:
                     assert bk <= 32

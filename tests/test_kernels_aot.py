@@ -66,7 +66,8 @@ def _compile_all() -> None:
     for pool, stats in ((1, True), (2, False)):
         build(conv._conv_kernel, ctypes,
               dict(KH=3, KW=3, KD=1, HAS_BIAS=True, HAS_PRO=True, IN_RELU=True, HAS_OSC=not stats,
-                   HAS_OSH=not stats, POOL=pool, HAS_RES=True, RELU=not stats, STATS=stats, UPCAST=False,
+                   HAS_OSH=not stats, POOL=pool, HAS_RES=True, RELU=not stats, STATS=stats, W_CL=stats,
+                   UPCAST=False,
                    IS_FP32=False, PRECISION="ieee", I64=stats, XV=8, OV=0 if stats else 8, RV=8,
                    CIN_V=8, COUT_V=4 if stats else 8,
                    BLOCK_M=64, BLOCK_N=16, BLOCK_K=16),

@@ -245,11 +245,18 @@ class FastAHNet(ReferenceAHNet):
         layout for channels-last activations, so a training step neither repacks a weight nor
         restrides a gradient. On a CPU they stay NCDHW, the layout torch's CPU conv backward
         returns weight gradients in. Values, state_dict and optimizer semantics are unchanged."""
+        self.use_gpu_weight_layout(only_cuda=True)
+
+    def use_gpu_weight_layout(self, only_cuda: bool = False) -> "FastAHNet":
+        """Lay the 3-D conv weights out channels_last_3d, as a model on a GPU has them anyway;
+        on a CPU this reproduces the GPU's kernel launches (the static sm_90 report records
+        them so). Returns self."""
         for m in self.modules():
             w = getattr(m, "weight", None)
-            if (isinstance(m, nn.Conv3d) and isinstance(w, torch.Tensor) and w.is_cuda
+            if (isinstance(m, nn.Conv3d) and isinstance(w, torch.Tensor) and (w.is_cuda or not only_cuda)
                     and not w.is_contiguous(memory_format=torch.channels_last_3d)):
                 w.data = w.data.contiguous(memory_format=torch.channels_last_3d)
+        return self
 
     def _apply(self, fn, recurse: bool = True):
         # .to()/.cuda()/.half() all come through here: a model moved to a GPU gets its layout

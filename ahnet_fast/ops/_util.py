@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import collections
-from typing import Optional, Sequence
+import contextlib
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -52,9 +53,25 @@ def conv_grad_format(x: torch.Tensor) -> torch.memory_format:
     last out). Gradients the ops pass on from a conv backward are declared in this layout, so
     they are never copied into the other one just to be read by the next (layout-agnostic)
     kernel."""
-    if x.device.type == "cpu":
+    if x.device.type == "cpu" and not _GPU_GRADIENT_LAYOUTS:
         return torch.contiguous_format
     return memory_format(x)
+
+
+_GPU_GRADIENT_LAYOUTS = False
+
+
+@contextlib.contextmanager
+def gpu_gradient_layouts() -> Iterator[None]:
+    """Inside, CPU tensors get the GPU's gradient layouts (``conv_grad_format`` as for CUDA; the
+    CPU's gradients are restrided to them): recording on a CPU what a GPU would launch and
+    compile (the compile census and the static sm_90 report do)."""
+    global _GPU_GRADIENT_LAYOUTS
+    prev, _GPU_GRADIENT_LAYOUTS = _GPU_GRADIENT_LAYOUTS, True
+    try:
+        yield
+    finally:
+        _GPU_GRADIENT_LAYOUTS = prev
 
 
 def next_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, mean: torch.Tensor,
