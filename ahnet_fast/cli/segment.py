@@ -10,6 +10,13 @@ import argparse
 import sys
 
 
+def _progress(args: argparse.Namespace) -> bool:
+    """--progress/--no-progress as given, else on when stderr is a terminal (as train and demo)."""
+    from ahnet_fast.cli.train import progress_enabled
+
+    return progress_enabled(args)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "segment",
@@ -62,7 +69,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--nan-to-zero", action="store_true", help="replace NaN/Inf voxels by 0 instead of failing")
     p.add_argument("--allow-pickle", action="store_true",
                    help="load checkpoints the safe loader refuses (only for files you trust)")
-    p.add_argument("--progress", action="store_true", help="show a progress bar per volume")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="a progress bar per volume (default: on when stderr is a terminal, as for train and demo)")
     p.add_argument("--nproc", type=int, default=1,
                    help="worker processes (one per GPU), each segmenting its share of the volumes; same as "
                         "torchrun --nproc_per_node=N -m ahnet_fast.cli segment ... (default 1)")
@@ -230,7 +238,7 @@ def _segment(args: argparse.Namespace, ctx) -> int:
         opts = SegmentOptions(
             window=tuple(window) if window else SegmentOptions.window,
             overlap=args.overlap, blend=args.blend, sw_batch_size=args.sw_batch_size,
-            device=device, stitch_device=args.stitch_device, bf16=args.bf16, progress=args.progress,
+            device=device, stitch_device=args.stitch_device, bf16=args.bf16, progress=_progress(args),
             cascade=args.cascade, cascade_factor=args.cascade_factor,
             nonfinite="zero" if args.nan_to_zero else "raise", compile=args.compile,
             resample=getattr(args, "resample", True), training_spacing=train_spacing,
