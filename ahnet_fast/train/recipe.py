@@ -415,18 +415,25 @@ class _Recipe:
         ddp_util.barrier()  # the next stage reads it on every rank
         return {"finished": True, "seconds": 0.0, "copied": report.n_copied}
 
-    def _stage_3d(self, stage: str, init: Path, steps: int, lr: float, frozen: bool, resume: bool) -> dict[str, Any]:
-        c = self.cfg
+    def _model_3d(self, stage: str) -> tuple[Callable[[], nn.Module], nn.Module, tuple, int, bool]:
+        """(factory, a fresh AH-Net, 3D patch, batch, activation checkpointing) of a 3D stage: the
+        patch and batch the memory planner chose, checked against the network's window rules."""
         from ahnet_fast.infer.sliding_window import window_rules
 
+        c = self.cfg
         factory = lambda: build_ahnet(self.model_config, fast=c.fast)  # noqa: E731
-        torch.manual_seed(c.seed + 3)
         model = factory()
         rules = window_rules(model) or ((32, 32, 32), (32, 32, 32))
         patch, batch, ck = self._choose(factory, 1, tuple(c.patch_3d), c.batch_3d, tuple(rules[0]),
                                         tuple(rules[1]), stage)
         _check_multiple(patch, tuple(rules[0]), f"3D patch for {type(model).__name__}({self.model_config})",
                         tuple(rules[1]))
+        return factory, model, tuple(patch), batch, ck
+
+    def _stage_3d(self, stage: str, init: Path, steps: int, lr: float, frozen: bool, resume: bool) -> dict[str, Any]:
+        c = self.cfg
+        torch.manual_seed(c.seed + 3)
+        factory, model, patch, batch, ck = self._model_3d(stage)
         state = load_checkpoint(init)
         self._check_init(init, state, stage)
         model.load_state_dict(state["model"])
@@ -483,7 +490,6 @@ class _Recipe:
         import gc
 
         from ahnet_fast.data.loader import make_loader
-        from ahnet_fast.infer.sliding_window import window_rules
         from ahnet_fast.train.budget import StageCost, format_duration, measure_stage
 
         c = self.cfg
@@ -498,13 +504,7 @@ class _Recipe:
                 _check_multiple(patch, (32, 32), "2D patch")
                 model, shape, mode = factory(), (*patch, 3), "2.5d"
             else:
-                factory = lambda: build_ahnet(self.model_config, fast=c.fast)  # noqa: E731
-                model = factory()
-                rules = window_rules(model) or ((32, 32, 32), (32, 32, 32))
-                patch, batch, ck = self._choose(factory, 1, tuple(c.patch_3d), c.batch_3d, tuple(rules[0]),
-                                                tuple(rules[1]), stage)
-                _check_multiple(patch, tuple(rules[0]), f"3D patch for {type(model).__name__}({self.model_config})",
-                                tuple(rules[1]))
+                factory, model, patch, batch, ck = self._model_3d(stage)
                 shape, mode = tuple(patch), "3d"
                 if stage == "decoder":
                     freeze_encoder(model, ENCODER_PREFIXES)
@@ -805,13 +805,9 @@ def _existing_outputs(out: Path, stages: Sequence[str]) -> list[str]:
 
 def _check_resume_settings(out: Path, cfg: RecipeConfig, overrides: set[str]) -> dict[str, list[Any]]:
     """Settings that differ from the run being resumed (recipe.json); refused unless overridden."""
-    path = out / "recipe.json"
-    if not path.is_file():
+    saved = _read_saved_record(out)
+    if not saved:
         return {}
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: cannot read the settings of the run to resume ({exc})") from exc
     now = _recipe_record(cfg)
     fields = [*_COMMON_RECIPE_FIELDS, *(f for st in cfg.stages for f in _STAGE_RECIPE_FIELDS[st])]
     changed = {f: [saved.get(f), now.get(f)] for f in dict.fromkeys(fields)

@@ -108,13 +108,15 @@ def write_progress_png(out_dir: str | os.PathLike, class_names: Sequence[str] | 
     return path
 
 
-def _finite(x: Any) -> Any:
+def json_safe(x: Any) -> Any:
+    """NaN/inf -> None, recursively, so a record is strict JSON (NaN: a class absent from both
+    prediction and truth). Shared by the training log (trainer.py) and summary.json."""
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
+        return {k: json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
+        return [json_safe(v) for v in x]
     return x
 
 
@@ -136,5 +138,5 @@ def write_summary(out_dir: str | os.PathLike, summary: dict[str, Any]) -> Path:
         stages[stage] = entry
     record["stages"] = stages
     path = out / "summary.json"
-    atomic_write_text(path, json.dumps(_finite(record), indent=2, default=str))
+    atomic_write_text(path, json.dumps(json_safe(record), indent=2, default=str))
     return path

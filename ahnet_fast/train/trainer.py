@@ -53,6 +53,7 @@ from ahnet_fast.data.loader import PatchDataset, make_loader
 from ahnet_fast.train import distributed as ddp_util
 from ahnet_fast.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from ahnet_fast.train.models import enable_activation_checkpointing
+from ahnet_fast.train.report import json_safe
 
 __all__ = ["TrainConfig", "LossSchedule", "Trainer", "ValidationCase", "dice_from_counts", "peak_memory_bytes",
            "RESUME_KEYS", "weights_only"]
@@ -342,7 +343,7 @@ class Trainer:
     def _jsonl(self, record: dict[str, Any]) -> None:
         if self.rank != 0:
             return
-        record = _finite({"time": time.time(), "stage": self.stage, **record})
+        record = json_safe({"time": time.time(), "stage": self.stage, **record})
         path = self.out / "log.jsonl"
         try:
             with open(path, "a") as fh:
@@ -740,15 +741,6 @@ def _differences(a: Any, b: Any) -> str:
     return f"{a} in the checkpoint, {b} now"
 
 
-def _finite(x: Any) -> Any:
-    """NaN/inf -> None, so the log is strict JSON (NaN: a class absent from prediction and truth)."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
 
 
 def _plain(x: Any) -> Any:
