@@ -414,6 +414,7 @@ def run_model_contender(c: ModelContender, ctx: ModelContext, x: torch.Tensor, t
     del outs
     try:
         fn = _step_fn(built, mode, device)
+        rec["launches"] = _count_launches(c, fn, xin, target, mode)
         with torch.no_grad() if mode == "infer" else contextlib.nullcontext():
             timing = common.time_fn(fn, [(xin, target)], device, reps=reps, warmup=warmup,
                                     graph=bool(c.graph and device.type == "cuda"), max_seconds=max_seconds,
@@ -429,6 +430,21 @@ def run_model_contender(c: ModelContender, ctx: ModelContext, x: torch.Tensor, t
         rec["tflops"] = (flops if mode == "infer" else 3 * flops) / (rec["ms"] * 1e-3) / 1e12
     rec["status"] = "ok"
     return rec
+
+
+def _count_launches(c: ModelContender, fn: Callable, x: torch.Tensor, target: torch.Tensor,
+                    mode: str) -> int | None:
+    """Kernels one call launches (Triton launches and kernel-launching torch ops, run for real:
+    ahnet_fast.launches), for eager contenders; None for compiled or graph-replayed ones, whose
+    kernels that count cannot see (inductor's own launchers, one graph launch)."""
+    if c.graph or c.family == "compile":
+        return None
+    from ahnet_fast.launches import record_launches
+
+    with torch.no_grad() if mode == "infer" else contextlib.nullcontext():
+        with record_launches(run_triton=True) as log:
+            fn(x, target)
+    return log.total
 
 
 def _master(network: Callable[[dict], nn.Module], cfg: dict, shape: ModelShape, device: torch.device,
@@ -581,6 +597,8 @@ def run_model(
                     rec["flops_forward"] = flops_cache[(which, shape)]
                     payload["results"].append({**base, **rec})
                     ms = f"{rec['ms']:.3f} ms" if rec.get("status") == "ok" else ""
+                    if rec.get("status") == "ok" and rec.get("launches") is not None:
+                        ms += f", {rec['launches']} launches"
                     log(f"[model] {shape.name} {mode:5s} {c.name:30s} {rec['status']} {ms}".rstrip())
                     if c.family == "compile":
                         with contextlib.suppress(Exception):

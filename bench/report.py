@@ -192,14 +192,16 @@ def markdown_model(payload: dict) -> str:
                   ""]
     parts += ["## Every contender", "",
               "mode infer = eval forward (no autograd); train = one step: forward, loss, backward, Adam. "
-              "ms = CUDA-event median; peak = device memory one call allocates beyond weights, optimizer state "
+              "ms = CUDA-event median; launches = kernels one call launches (Triton and torch ops, eager "
+              "contenders only); peak = device memory one call allocates beyond weights, optimizer state "
               "and inputs; x best = ms / fastest.", ""]
     for (shape, mode), rows in _groups(results, key).items():
         table = [[r["contender"], r.get("layout", ""), r.get("status", ""), _f(r.get("ms"), "{:.3f}"),
-                  _f(r.get("tflops"), "{:.1f}"), _mib(r.get("peak_bytes")), _f(r.get("x_best"), "{:.2f}"),
-                  _f((r.get("timing") or {}).get("reps"), "{:d}")] for r in rows]
+                  _f(r.get("launches"), "{:d}"), _f(r.get("tflops"), "{:.1f}"), _mib(r.get("peak_bytes")),
+                  _f(r.get("x_best"), "{:.2f}"), _f((r.get("timing") or {}).get("reps"), "{:d}")] for r in rows]
         parts += [f"### {shape}, {mode}", "",
-                  _table(["contender", "layout", "status", "ms", "TFLOP/s", "peak MiB", "x best", "reps"], table), ""]
+                  _table(["contender", "layout", "status", "ms", "launches", "TFLOP/s", "peak MiB", "x best", "reps"],
+                         table), ""]
     return "\n".join(parts) + "\n"
 
 
