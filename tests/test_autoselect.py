@@ -46,6 +46,35 @@ def test_fastest_backend_is_chosen_once_and_remembered(cache):
                               lambda run, d: (run(), {"triton": 1.0, "cuda": 3.0}[ran[-1]])[1]) == "triton"
 
 
+def test_decided_calls_cost_one_lookup(cache, monkeypatch):
+    """A call whose signature was decided neither measures nor asks every backend again: one
+    dict lookup and one check that the remembered backend can still serve it."""
+    monkeypatch.setattr(_autoselect, "enabled", lambda: True)
+    x = torch.empty(1, 8, 16, 16, 4)
+    w = torch.empty(8, 8, 3, 3, 1)
+    asked, ran = [], []
+
+    def servable(name):
+        asked.append(name)
+        return True
+
+    def run(name):
+        ran.append(name)
+
+    monkeypatch.setattr(_autoselect, "_time_ms", lambda fn, d: (fn(), {"triton": 2.0, "reference": 1.0}[ran[-1]])[1])
+    order = ("triton", "reference")
+    assert _autoselect.decide("conv_bn_act", (True,), [x, w], order, servable, run) == "reference"
+    assert ran == ["triton", "reference"] and asked == ["triton", "reference"]
+    asked.clear()
+    assert _autoselect.decide("conv_bn_act", (True,), [x, w], order, servable, run) == "reference"
+    assert ran == ["triton", "reference"] and asked == ["reference"]
+    # a remembered backend that cannot serve the call now: the fixed order decides
+    assert _autoselect.decide("conv_bn_act", (True,), [x, w], order, lambda n: False, run) is None
+    # one servable backend: nothing to choose, nothing measured
+    assert _autoselect.decide("zmaxpool", (), [x], order, lambda n: n == "triton", run) is None
+    assert ran == ["triton", "reference"]
+
+
 def test_key_buckets_sizes_but_not_channels():
     def k(*shape, layout=torch.contiguous_format, w=(8, 16, 3, 3, 1)):
         x = torch.empty(shape).contiguous(memory_format=layout)

@@ -29,7 +29,7 @@ import torch
 
 from ahnet_fast._atomic import atomic_write_text
 
-__all__ = ["cache_path", "choose", "clear", "enabled", "key_for"]
+__all__ = ["cache_path", "choose", "clear", "decide", "enabled", "key_for"]
 
 ENV_SWITCH = "AHNET_FAST_AUTOSELECT"
 ENV_DIR = "AHNET_FAST_CACHE_DIR"
@@ -37,6 +37,10 @@ _REPS = 3
 
 _lock = threading.Lock()
 _choices: Optional[dict[str, dict]] = None  # machine key -> {call key -> record}
+# exact call signature -> backend name: the per-call lookup (a dict hit, no string building, no
+# file, no device query) once a signature's shape class is decided
+_decided: dict[tuple, str] = {}
+_machine_keys: dict[int, str] = {}
 
 
 def cache_path() -> Path:
@@ -61,7 +65,7 @@ def _pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
 
 
-def key_for(op: str, variant: str, tensors: Sequence[Optional[torch.Tensor]]) -> str:
+def key_for(op: str, variant: object, tensors: Sequence[Optional[torch.Tensor]]) -> str:
     """The shape class of a call: op and flags, dtype and layout of the input, exact channel
     counts and weight shape (they pick the kernel variant), and the batch and spatial sizes of
     the input rounded up to powers of two (so every input size does not measure again)."""
@@ -74,6 +78,13 @@ def key_for(op: str, variant: str, tensors: Sequence[Optional[torch.Tensor]]) ->
 
 
 def _machine_key(device: torch.device) -> str:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _machine_keys:
+        _machine_keys[index] = _describe_machine(index)
+    return _machine_keys[index]
+
+
+def _describe_machine(device: int) -> str:
     import ahnet_fast
 
     try:
@@ -112,6 +123,7 @@ def clear(disk: bool = False) -> None:
     global _choices
     with _lock:
         _choices = None
+        _decided.clear()
         if disk:
             try:
                 cache_path().unlink()
@@ -132,7 +144,7 @@ def _time_ms(run: Callable[[], object], device: torch.device) -> float:
 
 
 def choose(key: str, device: torch.device, candidates: Sequence[str], run: Callable[[str], object],
-           timer: Callable[[Callable[[], object], torch.device], float] = _time_ms) -> str:
+           timer: Optional[Callable[[Callable[[], object], torch.device], float]] = None) -> str:
     """The measured-fastest of ``candidates`` (backend names that can all serve the call) for
     ``key`` on ``device``: from the cache, or timed now with ``run(name)`` and remembered."""
     with _lock:
@@ -140,8 +152,34 @@ def choose(key: str, device: torch.device, candidates: Sequence[str], run: Calla
         rec = _load().get(mkey, {}).get(key)
         if rec is not None and rec.get("choice") in candidates:
             return rec["choice"]
+        timer = timer or _time_ms
         times = {name: float(timer(lambda name=name: run(name), device)) for name in candidates}
         best = min(candidates, key=lambda n: times[n])
         _load().setdefault(mkey, {})[key] = {"choice": best, "ms": {n: round(t, 4) for n, t in times.items()}}
         _save()
         return best
+
+
+def decide(op: str, variant: object, tensors: Sequence[Optional[torch.Tensor]], order: Sequence[str],
+           servable: Callable[[str], bool], run: Callable[[str], object]) -> Optional[str]:
+    """auto's backend for this call of a forward op on a GPU, or None (use the fixed order).
+
+    The call's exact signature (op, flags, dtype, layout, shapes, device) is looked up in
+    memory first, so a decided call costs a dict lookup and one ``servable`` check; otherwise,
+    when timing is allowed and several of ``order`` can serve the call, its shape class is
+    measured (or read from the file) by :func:`choose`."""
+    x = tensors[0]
+    assert x is not None
+    sig = (op, variant, x.dtype, x.stride(1) == 1, x.device.index, tuple(x.shape),
+           tuple(tuple(t.shape) for t in tensors[1:] if t is not None and t.dim() == 5))
+    name = _decided.get(sig)
+    if name is not None:
+        return name if servable(name) else None
+    if not enabled():
+        return None
+    usable = [c for c in order if servable(c)]
+    if len(usable) < 2:
+        return None
+    name = choose(key_for(op, variant, tensors), x.device, usable, run)
+    _decided[sig] = name
+    return name

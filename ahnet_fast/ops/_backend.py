@@ -178,7 +178,7 @@ def _reasons(name: str, op: str, tensors: Sequence[Optional[torch.Tensor]]) -> l
     return list(dict.fromkeys(reasons))
 
 
-def select(op: str, requested: str, tensors: Sequence[Optional[torch.Tensor]], *, variant: str = "",
+def select(op: str, requested: str, tensors: Sequence[Optional[torch.Tensor]], *, variant: object = "",
            run: Optional[Callable[[ModuleType], object]] = None) -> ModuleType:
     """Pick the backend module for one call of ``op`` on ``tensors`` (first tensor = the input).
 
@@ -200,11 +200,11 @@ def select(op: str, requested: str, tensors: Sequence[Optional[torch.Tensor]], *
                 f"{ENV_VAR} or ahnet_fast.use_backend(name).")
         return module(name)
     order = _auto_order(op) if x.device.type == "cuda" else ("reference",)
-    if run is not None and x.device.type == "cuda" and _autoselect.enabled():
-        usable = [c for c in order if not _reasons(c, op, tensors)]
-        if len(usable) > 1:
-            key = _autoselect.key_for(op, variant, tensors)
-            return module(_autoselect.choose(key, x.device, usable, lambda name: run(module(name))))
+    if run is not None and x.device.type == "cuda":
+        name = _autoselect.decide(op, variant, tensors, order, lambda c: not _reasons(c, op, tensors),
+                                  lambda c: run(module(c)))
+        if name is not None:
+            return module(name)
     for cand in order:
         reasons = _reasons(cand, op, tensors)
         if not reasons:

@@ -186,8 +186,7 @@ def conv_bn_act_op(x: Tensor, weight: Tensor, conv_bias: Optional[Tensor], bn_we
 
     impl = _backend.select("conv_bn_act", backend, [x, weight, conv_bias, bn_weight, bn_bias, running_mean,
                                                     running_var, residual, update_mean, update_var],
-                           variant=f"t{int(training)}s{int(save)}r{int(relu)}p{zpool}{stride}"
-                                   f"res{int(residual is not None)}", run=run)
+                           variant=(training, save, relu, zpool, tuple(stride), residual is not None), run=run)
     out, c, mean, invstd, var, next_mean, next_var = run(impl)
     fmt = memory_format(x)
     sdt = stat_dtype(x.dtype)
@@ -323,8 +322,8 @@ def bn_act_conv_op(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Ten
 
     impl = _backend.select("bn_act_conv", backend, [x, weight, conv_bias, bn_weight, bn_bias, running_mean,
                                                     running_var, residual, update_mean, update_var],
-                           variant=f"t{int(training)}r{int(relu)}{stride}res{int(residual is not None)}"
-                                   f"g{int(given)}n{int(next_stats)}", run=run)
+                           variant=(training, relu, tuple(stride), residual is not None, given, next_stats),
+                           run=run)
     out, mean, invstd, var, next_mean, next_var, o_stats, o_next_mean, o_next_var = run(impl)
     sdt = stat_dtype(x.dtype)
     # given statistics are not returned again (outputs may not alias inputs): markers
