@@ -34,12 +34,14 @@ class _Pending:
     def __init__(self) -> None:
         self.dst: list[Tensor] = []
         self.src: list[Tensor] = []
+        self.pending_ids: set[int] = set()  # id() of every buffer in dst: an O(1) check per layer
         self.counters: dict[int, tuple[Tensor, int]] = {}
 
     def flush_statistics(self) -> None:
         if self.dst:
             torch._foreach_copy_(self.dst, self.src)
         self.dst, self.src = [], []
+        self.pending_ids.clear()
 
     def flush(self) -> None:
         self.flush_statistics()
@@ -84,6 +86,7 @@ def commit(running_mean: Tensor, running_var: Tensor, next_mean: Tensor, next_va
         return
     pending.dst += (running_mean, running_var)
     pending.src += (next_mean, next_var)
+    pending.pending_ids.update((id(running_mean), id(running_var)))
 
 
 def count_batch(num_batches_tracked: Tensor) -> None:
@@ -113,6 +116,5 @@ def current(*buffers) -> None:
     pending = _active()
     if pending is None or not pending.dst:
         return
-    ids = {id(t) for t in pending.dst}
-    if any(b is not None and id(b) in ids for b in buffers):
+    if any(b is not None and id(b) in pending.pending_ids for b in buffers):
         pending.flush_statistics()
