@@ -233,24 +233,21 @@ class FastAHNet(ReferenceAHNet):
 
     def __init__(self, *args, activation_checkpointing: bool = False, sync_bn: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._conv_weights_to_device_layout()
+        self.use_gpu_weight_layout(only_cuda=True)
         self.activation_checkpointing = bool(activation_checkpointing)
         if sync_bn:
             convert_sync_batchnorm(self)
 
     # ---- parameter layout ----------------------------------------------------------------
-    def _conv_weights_to_device_layout(self) -> None:
-        """3-D conv weights on a GPU are kept channels_last_3d: the fused conv reads them in
-        place (K-contiguous B tiles) and cuDNN's conv backward returns their gradients in that
-        layout for channels-last activations, so a training step neither repacks a weight nor
-        restrides a gradient. On a CPU they stay NCDHW, the layout torch's CPU conv backward
-        returns weight gradients in. Values, state_dict and optimizer semantics are unchanged."""
-        self.use_gpu_weight_layout(only_cuda=True)
-
     def use_gpu_weight_layout(self, only_cuda: bool = False) -> "FastAHNet":
-        """Lay the 3-D conv weights out channels_last_3d, as a model on a GPU has them anyway;
-        on a CPU this reproduces the GPU's kernel launches (the static sm_90 report records
-        them so). Returns self."""
+        """Lay the 3-D conv weights out channels_last_3d (those on a GPU only, with
+        ``only_cuda``). Done on every GPU model by construction and ``.to()``/``.cuda()``: the
+        fused conv reads them in place (K-contiguous B tiles) and cuDNN's conv backward returns
+        their gradients in that layout for channels-last activations, so a training step
+        neither repacks a weight nor restrides a gradient. On a CPU the weights stay NCDHW (the
+        layout torch's CPU conv backward returns weight gradients in); calling this there
+        reproduces the GPU's kernel launches (the static sm_90 report does). Values, state_dict
+        and optimizer semantics are unchanged. Returns self."""
         for m in self.modules():
             w = getattr(m, "weight", None)
             if (isinstance(m, nn.Conv3d) and isinstance(w, torch.Tensor) and (w.is_cuda or not only_cuda)
@@ -261,7 +258,7 @@ class FastAHNet(ReferenceAHNet):
     def _apply(self, fn, recurse: bool = True):
         # .to()/.cuda()/.half() all come through here: a model moved to a GPU gets its layout
         super()._apply(fn, recurse)
-        self._conv_weights_to_device_layout()
+        self.use_gpu_weight_layout(only_cuda=True)
         return self
 
     # ---- conversions -------------------------------------------------------------------
