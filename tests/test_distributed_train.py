@@ -79,7 +79,10 @@ def _trainer(out, batch: int, steps: int):
 
 
 def _train_worker(rank: int, store: str, out: str) -> None:
+    from ahnet_fast.train.distributed import preload_group_pinning_modules
+
     torch.set_num_threads(1)
+    preload_group_pinning_modules()  # as distributed.setup does (else gloo can abort at exit)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
     try:
@@ -226,7 +229,10 @@ def test_rank_missing_file_ends_the_job_with_a_clear_error(tmp_path):
 
 
 def _timeout_worker(rank: int, store: str, q) -> None:
+    from ahnet_fast.train.distributed import preload_group_pinning_modules
+
     torch.set_num_threads(1)
+    preload_group_pinning_modules()
     # start-up with a generous timeout: on a loaded machine spawning and importing a rank can
     # take longer than the 2 s under test (gloo then aborts the process during rendezvous)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,

@@ -48,6 +48,7 @@ __all__ = [
     "is_main",
     "launch",
     "make_rank_loader",
+    "preload_group_pinning_modules",
     "rank",
     "setup",
     "teardown",
@@ -98,6 +99,35 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={v!r} is not an integer") from None
 
 
+def preload_group_pinning_modules() -> None:
+    """Import, before any process group exists, the torch modules that would otherwise pin the
+    default group for the life of the process. Call it before ``dist.init_process_group`` when
+    creating a group yourself (:func:`setup` does).
+
+    Why: ``torch.distributed.nn.functional`` (nine functions) and
+    ``torch.distributed.fsdp.sharded_grad_scaler`` take ``group.WORLD`` as a default argument,
+    evaluated at import. Imported after ``init_process_group`` they hold the default group, so
+    ``destroy_process_group`` no longer frees it and gloo's worker threads keep running into
+    interpreter shutdown. They are imported late in practice: the first call of a
+    ``torch.library`` custom op (every fused op here) imports ``torch._dynamo``, which imports
+    them. A gloo thread that frees a finished collective's tensors during shutdown needs the GIL,
+    is ended by the finalizing interpreter, and libstdc++ aborts the process ("terminate called
+    without an active exception", SIGABRT) after the work is done: a launcher then reports the
+    rank as failed. Seen with torch 2.13 on 2-process CPU runs about once in 20 to 100; the core
+    showed ``ProcessGroupGloo::runLoop`` -> ``~AsyncBarrierWork`` -> ``~AsyncAllreduceWork`` ->
+    ``decref_pyobject`` -> ``take_gil`` -> ``pthread_exit`` inside ``Py_FinalizeEx``. Imported
+    first, they capture no group, and ``destroy_process_group`` joins gloo's threads while the
+    interpreter is alive.
+    """
+    import importlib
+
+    for name in ("torch._dynamo", "torch.distributed.nn.functional", "torch.distributed.fsdp.sharded_grad_scaler"):
+        try:
+            importlib.import_module(name)
+        except ImportError:  # a torch without the module cannot pin the group through it
+            pass
+
+
 def setup(device: Optional[str] = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> Optional[DistContext]:
     """Join the process group torchrun describes in the environment; None for a single process.
 
@@ -126,6 +156,7 @@ def setup(device: Optional[str] = None, timeout_s: float = DEFAULT_TIMEOUT_S) ->
         backend = "gloo"
     owned = False
     if not dist.is_initialized():
+        preload_group_pinning_modules()
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=float(timeout_s)))
         owned = True
     return DistContext(dist.get_rank(), dist.get_world_size(), local, dev, backend, owned)
