@@ -303,14 +303,19 @@ class PSP(nn.Module):
         outputs = []
         if self.upsample_mode == "transpose":
             for project, pool, up in zip(self.project_modules, self.pool_modules, self.up_modules):
-                outputs.append(up(project(pool(x))))
+                outputs.append(up(self._project(project, pool(x))))
         else:
             align = True if self.upsample_mode in ("trilinear", "bilinear") else None
             for project, pool in zip(self.project_modules, self.pool_modules):
                 outputs.append(
-                    F.interpolate(project(pool(x)), size=x.shape[2:], mode=self.upsample_mode, align_corners=align)
+                    F.interpolate(self._project(project, pool(x)), size=x.shape[2:], mode=self.upsample_mode,
+                                  align_corners=align)
                 )
         return outputs
+
+    def _project(self, conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """One pyramid level's 1x1x1 projection to one channel (a hook for the fast model)."""
+        return conv(x)
 
 
 @dataclass(frozen=True)
