@@ -206,7 +206,7 @@ class FastPSP(PSP):
             return conv(x)
         from ahnet_fast.ops.composite import conv3d
 
-        return conv3d(x, conv.weight, conv.bias, conv.stride, conv.padding)
+        return conv3d(x, conv.weight, conv.bias, conv.stride, conv.padding, training=self.training)
 
 
 FAST_BLOCKS = BlockSet(
@@ -406,11 +406,12 @@ class _ToCallerFormat(torch.autograd.Function):
 
     On the CPU (composite path) the network runs channels_last_3d while a 1-channel input asks
     for an NCDHW output. A plain ``.contiguous()`` passes the loss gradient through in NCDHW,
-    and every backward op upstream then follows that layout against channels-last activations:
-    oneDNN's conv backward converts each gradient internally, ReLU's backward and the residual
-    adds run on mixed strides (one training step at 1x1x64x64x32: 91 ReLU backwards and ~400 ms
-    of internal copies per 128x128x32 step). Converting the one gradient here keeps the whole
-    backward in channels_last_3d."""
+    and the backward ops upstream then follow that layout against channels-last activations
+    (ReLU backward and residual adds on mixed strides, conversions inside the conv backward).
+    Converting the one gradient here keeps it channels-last. With the 1x1x1 GEMM backward and
+    the head's channels-last concatenation this took the mixed-layout share of the elementwise
+    backward from 30% to 7% of its elements (1x1x64x64x32) and a training step from 1.17 to
+    0.80 of MONAI eager's CPU time (1x1x128x128x32, 1 thread; bench/results/cpu.md)."""
 
     @staticmethod
     def forward(ctx, y: Tensor, out_format: torch.memory_format) -> Tensor:  # type: ignore[override]

@@ -13,6 +13,10 @@ backward). Here every piece is one native kernel:
   input, not its output; max-pool saves its input and indices);
 * the z-pool is one ``amax`` over a (D/2, 2) view without autograd, and ``F.max_pool3d``
   with it (its tie/NaN routing is the op contract: first element on a tie, NaN wins);
+* in training the activations stay channels_last_3d and so do their gradients: 1x1x1 convs
+  take a GEMM backward (:class:`_PointwiseConv3d`; torch's conv backward answers them in
+  NCDHW through slow_conv3d), and :func:`cat_channels` / :func:`conv3d` serve the model's own
+  concatenations and plain convs the same way;
 * in eval without autograd, BN is folded into the conv's weight and bias, cached per
   parameter set and rebuilt when any parameter or buffer changes (identity + ``_version``).
   A pool between conv and BN is folded through only when every BN scale is >= 0 (max and a
@@ -192,11 +196,12 @@ def _conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[in
 
 
 def conv3d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: Sequence[int] = (1, 1, 1),
-           padding: Sequence[int] = (0, 0, 0)) -> Tensor:
+           padding: Sequence[int] = (0, 0, 0), training: bool = True) -> Tensor:
     """A plain conv3d (no BN) on the composite path's kernels: oneDNN in channels_last_3d, a
     GEMM backward for 1x1x1 (see :class:`_PointwiseConv3d`), the safe backward where torch's
-    is wrong. x (N, Cin, H, W, D) -> (N, Cout, Ho, Wo, Do) in x's layout."""
-    return _follow(_conv(x, weight, bias, stride, padding, True), memory_format(x))
+    is wrong; ``training=False`` with autograd keeps torch's own kernel choice, as the fused
+    ops do. x (N, Cin, H, W, D) -> (N, Cout, Ho, Wo, Do) in x's layout."""
+    return _follow(_conv(x, weight, bias, stride, padding, training), memory_format(x))
 
 
 def cat_channels(parts: Sequence[Tensor], fmt: torch.memory_format) -> Tensor:
