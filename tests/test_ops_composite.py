@@ -80,8 +80,8 @@ def test_cpu_training_backward_stays_channels_last():
     """One training forward+backward of the fast model on the CPU: the elementwise backward ops
     (ReLU, BN, residual adds) see gradients in the activations' layout. torch's conv backward
     answers some channels-last calls in NCDHW, and a 1-channel input asks for an NCDHW output;
-    before the fix 30% of the elements these ops read came in mixed layouts at 1x1x64x64x32, 7% after
-    (AMD EPYC, torch 2.13; the rest: deep levels under oneDNN's size floor, where torch picks)."""
+    before the fix 30% of the elements these ops read came in mixed layouts at 1x1x64x64x32,
+    1.7% after (AMD EPYC, torch 2.13; the budget leaves room for other oneDNN kernel choices)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from ahnet_fast import AHNet
@@ -113,4 +113,4 @@ def test_cpu_training_backward_stays_channels_last():
     with Layouts():
         loss.backward()
     frac = seen["mixed"] / max(seen["all"], 1)
-    assert seen["all"] > 0 and frac < 0.15, f"{frac:.0%} of the elementwise backward elements in mixed layouts"
+    assert seen["all"] > 0 and frac < 0.06, f"{frac:.0%} of the elementwise backward elements in mixed layouts"

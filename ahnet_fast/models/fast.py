@@ -127,7 +127,13 @@ class FusedFinal(Final):
         conv writes its (few-channel) output straight in that layout, so the upsampling that
         follows produces it too and no conversion pass over the full-size output is needed."""
         if out_format is None or _plain_path() or x.dim() != 5 or memory_format(x) == out_format:
-            return self.up(bn_act_conv_modules(x, self.norm, self.conv))
+            c = bn_act_conv_modules(x, self.norm, self.conv)
+            if (out_format is not None and c.requires_grad and not c.is_contiguous(memory_format=out_format)
+                    and _composite(c)):
+                # training on the CPU: the caller's layout before the x2 upsampling, on a tensor
+                # 4-8x smaller than the output (its gradient goes back channels-last)
+                c = _ToCallerFormat.apply(c, out_format)
+            return self.up(c)
         stride, padding = conv_args(self.conv)
         n, _, *spatial = x.shape
         k = self.conv.kernel_size

@@ -123,6 +123,33 @@ class _PointwiseConv3d(torch.autograd.Function):
         return gx, gw, gb, None, None
 
 
+class _GradChannelsLast(torch.autograd.Function):
+    """Identity whose backward hands the gradient on in channels_last_3d.
+
+    For the convs whose backward is torch's (all but the 1x1x1 GEMM ones): it answers some
+    channels-last inputs in NCDHW (small spatial sizes, several 3x3x1 shapes), and the op
+    upstream then pays for the mismatch, sometimes on a large tensor (PSP's max-pool backward copied the 124-channel
+    full-size input to match, 4 x 16 ms per step at 1x1x128x128x32). Converting the small
+    gradient here costs little."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad.contiguous(memory_format=CL)
+
+
+def _grad_channels_last(x: Tensor) -> Tensor:
+    """``x``, with its gradient handed on channels-last where ``x`` is channels-last (a copy
+    only when torch's conv backward answered in NCDHW)."""
+    if (x.requires_grad and x.dim() == 5 and x.shape[1] > 1 and x.is_contiguous(memory_format=CL)
+            and not torch.compiler.is_compiling()):
+        return _GradChannelsLast.apply(x)
+    return x
+
+
 def _pointwise_gemm(x: Tensor, weight: Tensor, stride: Sequence[int], padding: Sequence[int]) -> bool:
     """Whether :class:`_PointwiseConv3d` runs this training conv (float32 oneDNN calls only;
     padding with stride 1 only)."""
@@ -187,9 +214,10 @@ def _conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[in
     if (training or not grad) and _onednn(x):
         if grad and _pointwise_gemm(x, weight, stride, padding):
             return _PointwiseConv3d.apply(x, weight.contiguous(memory_format=CL), bias, list(stride), list(padding))
-        return torch.mkldnn_convolution(x.contiguous(memory_format=CL), _cl_weight(weight), bias, list(padding),
-                                        list(stride), [1, 1, 1], 1)
-    y = F.conv3d(x, weight, bias, list(stride), list(padding))
+        xc = x.contiguous(memory_format=CL)
+        return torch.mkldnn_convolution(_grad_channels_last(xc) if grad else xc, _cl_weight(weight), bias,
+                                        list(padding), list(stride), [1, 1, 1], 1)
+    y = F.conv3d(_grad_channels_last(x) if grad else x, weight, bias, list(stride), list(padding))
     # torch's slow_conv3d answers a channels-last input in NCDHW: restore the input's layout
     # here (tiny tensors), not after BN/ReLU/pool and again for every gradient
     return _follow(y, CL) if x.is_contiguous(memory_format=CL) and not torch.compiler.is_compiling() else y
