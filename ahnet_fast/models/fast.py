@@ -414,10 +414,11 @@ class _ToCallerFormat(torch.autograd.Function):
     for an NCDHW output. A plain ``.contiguous()`` passes the loss gradient through in NCDHW,
     and the backward ops upstream then follow that layout against channels-last activations
     (ReLU backward and residual adds on mixed strides, conversions inside the conv backward).
-    Converting the one gradient here keeps it channels-last. With the 1x1x1 GEMM backward and
-    the head's channels-last concatenation this took the mixed-layout share of the elementwise
-    backward from 30% to 7% of its elements (1x1x64x64x32) and a training step from 1.17 to
-    0.80 of MONAI eager's CPU time (1x1x128x128x32, 1 thread; bench/results/cpu.md)."""
+    Converting the one gradient here keeps it channels-last. With the composite path's
+    channels-last conv gradients and the head's channels-last concatenation this took the
+    mixed-layout share of the elementwise backward from 30% to 1.7% of its elements
+    (1x1x64x64x32) and a training step from 1.17 to 0.80-0.85 of MONAI eager's CPU time
+    (bench/results/cpu_train.md)."""
 
     @staticmethod
     def forward(ctx, y: Tensor, out_format: torch.memory_format) -> Tensor:  # type: ignore[override]
