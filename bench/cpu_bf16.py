@@ -33,12 +33,12 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from ahnet_fast.models.fast import _cast_run  # noqa: E402  (the fast model's bf16 casting)
 from bench import cpu as cpu_suite  # noqa: E402
 
 RULE_FACTOR = 2.0  # DESIGN.md: 16-bit error <= 2x the same-dtype torch composition's
@@ -48,45 +48,30 @@ CONTENDERS = ("monai_fp32", "monai_bf16", "ours_fp32", "ours_bf16")
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    if not torch.isfinite(a).all():
-        return float("inf")
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+    """bench/cpu.py's relative max error; inf for a non-finite output (never "within the rule")."""
+    return cpu_suite._rel(a, b) if torch.isfinite(a).all() else float("inf")
 
 
-def _bf16_params(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The fast model's bf16 casting (ahnet_fast.models.fast._cast_run) for one block: every
-    floating parameter but the BatchNorms' in bf16."""
-    out = {}
-    for name, p in module.named_parameters():
-        owner = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
-        if p.is_floating_point() and not isinstance(owner, nn.modules.batchnorm._BatchNorm):
-            out[name] = p.to(torch.bfloat16)
-    return out
+def _model_out(model: nn.Module, x: torch.Tensor, bf16: bool) -> torch.Tensor:
+    """The whole model in float32, or under torch's bf16 autocast (the fast model then casts
+    itself: convs in bf16, BN math in fp32, as ``segment --bf16``)."""
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        return model(x)
 
 
-def _run(module: nn.Module, args: tuple, mode: str) -> torch.Tensor:
-    """``module(*args)`` in float32 (``*_fp32``), under torch's bf16 autocast (``monai_bf16``,
-    and ``ours_bf16`` for the whole model, which then casts itself), or for one block
-    (``*_block``) from a bf16-rounded input, ours with the fast model's bf16 casting."""
-    block = mode.endswith("_bf16_block")
+def _block_out(block: nn.Module, x: torch.Tensor, how: str) -> torch.Tensor:
+    """One block on the float64 oracle's input: ``fp32``; ``monai_bf16`` (torch's autocast) or
+    ``ours_bf16`` (the fast model's own casting), both from the same bf16-rounded input, as a
+    block inside a bf16 model receives (torch's autocast would keep a float32 input to a BN
+    exact)."""
     with torch.no_grad():
-        if mode.endswith("_block"):
-            # a block inside a bf16 model receives bf16 activations: both sides get the same
-            # bf16-rounded input (torch's autocast would keep a float32 input to a BN exact)
-            args = tuple(a.to(torch.bfloat16) if torch.is_tensor(a) else a for a in args)
-            mode = mode[:-len("_block")]
-        f32 = tuple(a.float() if torch.is_tensor(a) else a for a in args)
-        if mode == "monai_bf16":
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                return module(*f32)
-        if mode == "ours_bf16" and block:
-            b16 = tuple(a.to(torch.bfloat16) if torch.is_tensor(a) else a for a in f32)
-            return functional_call(module, _bf16_params(module), b16, strict=False)
-        if mode == "ours_bf16":
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                return module(*f32)
-        return module(*f32)
+        if how == "fp32":
+            return block(x.float())
+        xb = x.to(torch.bfloat16).float()
+        if how == "ours_bf16":
+            return _cast_run(block, xb, torch.bfloat16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return block(xb)
 
 
 def _blocks(model: nn.Module) -> list[str]:
@@ -115,10 +100,10 @@ def block_errors(monai: nn.Module, ours: nn.Module, x: torch.Tensor) -> list[dic
     for name in names:
         if name not in captured:
             continue
-        args, want = captured[name]
-        m_err = _rel(_run(monai.get_submodule(name), args, "monai_bf16_block"), want)
-        o_err = _rel(_run(ours.get_submodule(name), args, "ours_bf16_block"), want)
-        f_err = _rel(_run(ours.get_submodule(name), args, "ours_fp32"), want)
+        (x_in,), want = captured[name]  # MONAI calls every top-level block with one tensor
+        m_err = _rel(_block_out(monai.get_submodule(name), x_in, "monai_bf16"), want)
+        o_err = _rel(_block_out(ours.get_submodule(name), x_in, "ours_bf16"), want)
+        f_err = _rel(_block_out(ours.get_submodule(name), x_in, "fp32"), want)
         rows.append({"block": name, "monai_bf16_error": m_err, "ours_bf16_error": o_err, "ours_fp32_error": f_err,
                      "ratio": o_err / max(m_err, 1e-30), "breaks_rule": bool(o_err > RULE_FACTOR * m_err)})
     return rows
@@ -131,7 +116,8 @@ def run(shape, threads: int, reps: int, log: Callable[[str], None] = print) -> d
     ours.eval()
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
     models = {"monai": monai, "ours": ours}
-    calls = {name: (lambda name=name: _run(models[name.split("_")[0]], (x,), name)) for name in CONTENDERS}
+    calls = {name: (lambda name=name: _model_out(models[name.split("_")[0]], x, name.endswith("bf16")))
+             for name in CONTENDERS}
     with torch.no_grad():
         want = copy.deepcopy(monai).double()(x.double())
     rows: dict[str, dict] = {}

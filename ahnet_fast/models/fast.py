@@ -62,7 +62,9 @@ from ahnet_fast.nn.functional import (
 )
 from ahnet_fast.nn.sync import convert_sync_batchnorm
 from ahnet_fast.ops import _running
+from ahnet_fast.ops._backend import composite_path
 from ahnet_fast.ops._util import memory_format
+from ahnet_fast.ops.composite import cat_channels, conv3d
 
 __all__ = [
     "AHNet",
@@ -210,8 +212,6 @@ class FastPSP(PSP):
     def _project(self, conv: nn.Module, x: Tensor) -> Tensor:
         if not (torch.is_grad_enabled() and x.dim() == 5 and _composite(x)):
             return conv(x)
-        from ahnet_fast.ops.composite import conv3d
-
         return conv3d(x, conv.weight, conv.bias, conv.stride, conv.padding, training=self.training)
 
 
@@ -356,8 +356,6 @@ class FastAHNet(ReferenceAHNet):
             # torch.cat lays the result out like its first input, a 1-channel PSP map (NCDHW),
             # and the head's conv would then run, and send its input gradient back through d4
             # and the whole decoder, in NCDHW against channels-last activations
-            from ahnet_fast.ops.composite import cat_channels
-
             return self.final(cat_channels(parts, memory_format(d4)), out_format)
         # inference: one concatenation (not PSP's own plus this one), laid out like d4: torch.cat
         # would pick NCDHW for 1-channel maps followed by a channels-last d4
@@ -393,17 +391,12 @@ class FastAHNet(ReferenceAHNet):
             conv_x, pool_x = self._stem(x)
             fms = self._encode(pool_x)
             out = self._head(self._decode(conv_x, pool_x, fms), out_format)
-        if out_format is None:
-            return out
-        if out.requires_grad and not out.is_contiguous(memory_format=out_format) and _composite(out):
-            return _ToCallerFormat.apply(out, out_format)
-        # a no-op in inference, where the final conv already wrote the output's layout
-        return out.contiguous(memory_format=out_format)
+        # a no-op where the head already gave the output's layout (inference: the final conv
+        # wrote it; CPU training: FusedFinal converted before its upsampling)
+        return out if out_format is None else out.contiguous(memory_format=out_format)
 
 
 def _composite(t: Tensor) -> bool:
-    from ahnet_fast.ops._backend import composite_path
-
     return composite_path(t) and not torch.compiler.is_compiling()
 
 
@@ -452,7 +445,7 @@ def _autocast_dtype(x: Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(dev)
 
 
-def _cast_run(model: FastAHNet, x: Tensor, dtype: torch.dtype) -> Tensor:
+def _cast_run(model: nn.Module, x: Tensor, dtype: torch.dtype) -> Tensor:
     """Forward with conv weights and activations in ``dtype``; BN parameters and buffers stay
     as they are (the ops keep BN math in fp32 and update the real running statistics). The
     casts are differentiable, so gradients reach the fp32 parameters as under autocast."""

@@ -128,9 +128,9 @@ class _GradChannelsLast(torch.autograd.Function):
 
     For the convs whose backward is torch's (all but the 1x1x1 GEMM ones): it answers some
     channels-last inputs in NCDHW (small spatial sizes, several 3x3x1 shapes), and the op
-    upstream then pays for the mismatch, sometimes on a large tensor (PSP's max-pool backward copied the 124-channel
-    full-size input to match, 4 x 16 ms per step at 1x1x128x128x32). Converting the small
-    gradient here costs little."""
+    upstream then pays for the mismatch, sometimes on a large tensor (PSP's max-pool backward
+    copied the 124-channel full-size input to match, 4 x 16 ms per step at 1x1x128x128x32).
+    Converting the small gradient here costs little."""
 
     @staticmethod
     def forward(ctx, x):  # type: ignore[override]
@@ -144,8 +144,8 @@ class _GradChannelsLast(torch.autograd.Function):
 def _grad_channels_last(x: Tensor) -> Tensor:
     """``x``, with its gradient handed on channels-last where ``x`` is channels-last (a copy
     only when torch's conv backward answered in NCDHW)."""
-    if (x.requires_grad and x.dim() == 5 and x.shape[1] > 1 and x.is_contiguous(memory_format=CL)
-            and not torch.compiler.is_compiling()):
+    if (torch.is_grad_enabled() and x.requires_grad and x.dim() == 5 and x.shape[1] > 1
+            and x.is_contiguous(memory_format=CL) and not torch.compiler.is_compiling()):
         return _GradChannelsLast.apply(x)
     return x
 
@@ -215,9 +215,9 @@ def _conv(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Sequence[in
         if grad and _pointwise_gemm(x, weight, stride, padding):
             return _PointwiseConv3d.apply(x, weight.contiguous(memory_format=CL), bias, list(stride), list(padding))
         xc = x.contiguous(memory_format=CL)
-        return torch.mkldnn_convolution(_grad_channels_last(xc) if grad else xc, _cl_weight(weight), bias,
-                                        list(padding), list(stride), [1, 1, 1], 1)
-    y = F.conv3d(_grad_channels_last(x) if grad else x, weight, bias, list(stride), list(padding))
+        return torch.mkldnn_convolution(_grad_channels_last(xc), _cl_weight(weight), bias, list(padding),
+                                        list(stride), [1, 1, 1], 1)
+    y = F.conv3d(_grad_channels_last(x), weight, bias, list(stride), list(padding))
     # torch's slow_conv3d answers a channels-last input in NCDHW: restore the input's layout
     # here (tiny tensors), not after BN/ReLU/pool and again for every gradient
     return _follow(y, CL) if x.is_contiguous(memory_format=CL) and not torch.compiler.is_compiling() else y

@@ -741,8 +741,6 @@ def _differences(a: Any, b: Any) -> str:
     return f"{a} in the checkpoint, {b} now"
 
 
-
-
 def _plain(x: Any) -> Any:
     if isinstance(x, dict):
         return {k: _plain(v) for k, v in x.items()}
