@@ -141,6 +141,9 @@ def _default_cases() -> dict[str, OpCase]:
         _case("dec_1x1x3_20-20", "pre", "1x1x3", 20, 20, "2x96x96x32"),
         _case("enc_3x3x1_64-64", "post", "3x3x1", 64, 64, "2x48x48x16"),
         _case("stem_zpool_64", "zpool", None, 64, 64, "2x96x96x64"),
+        # layer3/layer4 of a 1x192x192x64 input: few output tiles, deep K (split-K on a GPU)
+        _case("deep_3x3x1_256-256", "post", "3x3x1", 256, 256, "1x12x12x4"),
+        _case("deep_3x3x1_512-512", "post", "3x3x1", 512, 512, "1x6x6x2"),
     ]
     for kind in ("post", "pre"):
         for kernel in ("3x3x1", "1x1x3"):
@@ -152,7 +155,7 @@ def _default_cases() -> dict[str, OpCase]:
 DEFAULT_CASES: dict[str, OpCase] = _default_cases()
 #: a GPU subset that runs in well under a minute
 QUICK_CASES = ["dec_3x3x1_80-20", "dec_1x1x3_20-20", "enc_3x3x1_64-64", "stem_zpool_64",
-               "syn_post_3x3x1_C128"]
+               "syn_post_3x3x1_C128", "deep_3x3x1_512-512"]
 #: CPU smoke-test shapes: odd sizes, C not a multiple of 16
 TINY_CASES: dict[str, OpCase] = {c.name: c for c in [
     _case("tiny_pre_3x3x1_6-5", "pre", "3x3x1", 6, 5, "1x6x5x4"),
@@ -167,6 +170,7 @@ GROUPS = {
     "decoder": ["dec_3x3x1_80-20", "dec_1x1x3_20-20"],
     "encoder": ["enc_3x3x1_64-64"],
     "zpool": ["stem_zpool_64"],
+    "deep": ["deep_3x3x1_256-256", "deep_3x3x1_512-512"],
     "synthetic": [n for n in DEFAULT_CASES if n.startswith("syn_")],
     "ahnet": ["dec_3x3x1_80-20", "dec_1x1x3_20-20", "enc_3x3x1_64-64", "stem_zpool_64"],
 }
@@ -487,7 +491,7 @@ def _ours_unavailable(exc: BaseException) -> bool:
     return bool(re.search(r"not built|unavailable|not available|cannot serve", str(exc), re.IGNORECASE))
 
 
-def _build_ours(backend: str) -> Callable[[BuildContext], Callable]:
+def _build_ours(backend: str, split_k: bool = True) -> Callable[[BuildContext], Callable]:
     def build(ctx: BuildContext) -> Callable:
         if backend != "reference" and ctx.device.type != "cuda":
             raise Unavailable(f"the {backend} backend is timed on CUDA tensors only "
@@ -514,8 +518,11 @@ def _build_ours(backend: str) -> Callable[[BuildContext], Callable]:
             fwd = op
         inner = infer_wrap(fwd) if not training else train_wrap(fwd, grad_leaves(case, p))
 
+        from ahnet_fast.kernels.conv import automatic_split_k
+
         def fn(x: torch.Tensor, gy: torch.Tensor | None) -> list[torch.Tensor]:
-            with use_backend(backend):  # backward runs inside too: it resolves the backend at run time
+            # backward runs inside too: it resolves the backend at run time
+            with use_backend(backend), automatic_split_k(split_k):
                 return inner(x, gy)
 
         return fn
@@ -544,6 +551,8 @@ def default_contenders(*, compile: bool = True) -> list[Contender]:
                              note="nn modules, fullgraph; inference with inductor freezing"))
     for backend in ("triton", "cuda", "reference"):
         out.append(Contender(f"ours[{backend}]", "ours", "cl3d", _build_ours(backend)))
+    out.append(Contender("ours[triton] unsplit", "ours", "cl3d", _build_ours("triton", split_k=False), kinds=conv,
+                         note="the Triton conv without its split-K plan (what split-K buys on few-tile convs)"))
     return out
 
 

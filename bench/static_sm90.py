@@ -162,13 +162,51 @@ def record() -> list[dict]:
     return out
 
 
-def record_in_subprocess() -> list[dict]:
+WAVE_INPUT = (1, 1, 192, 192, 64)   # the issue's volume: deep layers have few output tiles
+
+
+def wave_census() -> dict:
+    """CTAs per conv launch of a bf16 channels-last eval forward at WAVE_INPUT, as the launchers
+    plan it for a GPU of kernels.conv.DEFAULT_NUM_SMS SMs: with their split-K plan, and what the
+    same convs would launch unsplit (P x N tiles).  Recorded, not run (runs under the interpreter)."""
+    import torch
+
+    import ahnet_fast
+    from ahnet_fast import AHNet
+    from ahnet_fast.kernels.aot import record_specs
+    from ahnet_fast.kernels.conv import DEFAULT_NUM_SMS
+
+    torch.manual_seed(0)
+    model = AHNet(**MODEL).to(torch.bfloat16).use_gpu_weight_layout().to(memory_format=torch.channels_last_3d).eval()
+    x = torch.randn(*WAVE_INPUT, dtype=torch.bfloat16).to(memory_format=torch.channels_last_3d)
+    with ahnet_fast.use_backend("triton"), torch.no_grad(), record_specs() as log:
+        model(x)
+    convs = []
+    for spec, grid, ints in log.launches:
+        if spec.kernel != "_conv_kernel":
+            continue
+        cx = dict(spec.constexprs)
+        tiles = grid[0] * grid[1]
+        split = grid[2] if len(grid) > 2 else 1
+        convs.append({"kernel": f"{cx['KH']}x{cx['KW']}x{cx['KD']}", "Cin": ints.get("Cin", cx.get("Cin")),
+                      "Cout": ints.get("Cout", cx.get("Cout")), "tiles": tiles, "split": split,
+                      "ctas": tiles * split})
+    sms = DEFAULT_NUM_SMS
+    return {"input": list(WAVE_INPUT), "sms": sms, "convs": len(convs),
+            "under_a_wave_unsplit": sum(c["tiles"] < sms for c in convs),
+            "under_a_wave_planned": sum(c["ctas"] < sms for c in convs),
+            "split": sum(c["split"] > 1 for c in convs),
+            "extra_launches": sum(1 for s, _, _ in log.launches if s.kernel == "_splitk_epilogue_kernel"),
+            "launches": convs}
+
+
+def record_in_subprocess() -> dict:
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-m", "bench.static_sm90", "--record-only"], cwd=ROOT, env=env,
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"recording failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])   # {"launches": [...], "waves": {...}}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -461,7 +499,7 @@ def _label(spec: dict, layers: set) -> str:
     sig = dict(tuple(p) for p in spec["signature"])
     ptr = next(t for _, t in spec["signature"] if t.startswith("*"))[1:]
     if spec["kernel"] == "_conv_kernel":
-        fl = [n for n in ("HAS_PRO", "HAS_BIAS", "HAS_OSC", "HAS_RES", "RELU", "STATS") if cx.get(n)]
+        fl = [n for n in ("HAS_PRO", "HAS_BIAS", "HAS_OSC", "HAS_RES", "RELU", "STATS", "SPLIT") if cx.get(n)]
         if cx["POOL"]:
             fl.append("pool-before" if cx["POOL"] == 1 else "pool-after")
         lay = f"x:{'cl' if cx['XV'] else 'nc'}/{cx['XV']} o:{'cl' if cx['OV'] else 'nc'}/{cx['OV']}"
@@ -474,7 +512,8 @@ def _label(spec: dict, layers: set) -> str:
 
 def build(out_dir: Path, archs: list[int], jobs: int, nvcc: Optional[str]) -> dict:
     t_start = time.perf_counter()
-    launches = record_in_subprocess()
+    recorded = record_in_subprocess()
+    launches, waves = recorded["launches"], recorded["waves"]
     t_rec = time.perf_counter() - t_start
     specs: dict[str, dict] = {}
     layers: dict[str, set] = defaultdict(set)
@@ -536,6 +575,7 @@ def build(out_dir: Path, archs: list[int], jobs: int, nvcc: Optional[str]) -> di
         "model": dict(MODEL, input=list(MODEL_INPUT)),
         "recorded_launches": len(launches), "distinct_specs": len(keys),
         "conv_config_table": conv_table([r["conv_key"] for r in launches if r["conv_key"]]),
+        "waves": waves,
         "triton": triton_rows, "cuda": cuda_rows, "cuda_note": cuda_note,
         "seconds": round(time.perf_counter() - t_start, 1),
     }
@@ -581,6 +621,20 @@ def markdown(rep: dict) -> str:
     if conv:
         L += [f"- max registers {max(r['registers'] or 0 for r in conv)}, max shared memory "
               f"{max(r['shared'] for r in conv)} B (conv)"]
+    w = rep.get("waves")
+    if w:
+        L += ["", f"## Waves: conv launches of a bf16 eval forward at {'x'.join(map(str, w['input']))} "
+              f"on {w['sms']} SMs", "",
+              f"- {w['convs']} conv launches; fewer CTAs than SMs: {w['under_a_wave_unsplit']} unsplit, "
+              f"{w['under_a_wave_planned']} with the launcher's split-K plan ({w['split']} split, "
+              f"{w['extra_launches']} reduction launches)",
+              "", "| conv | launches | tiles | split | CTAs |", "|---|---|---|---|---|"]
+        groups: dict = defaultdict(list)
+        for c in w["launches"]:
+            groups[(c["kernel"], c["Cin"], c["Cout"], c["tiles"], c["split"])].append(c)
+        for (k, ci, co, tiles, split), cs in sorted(groups.items(), key=lambda kv: kv[0][3] * kv[0][4]):
+            if tiles * split < w["sms"] or split > 1:
+                L.append(f"| {k} {ci}->{co} | {len(cs)} | {tiles} | {split} | {tiles * split} |")
     L += ["", "## Triton conv kernel variants", "",
           "| variant (layers) | arch | warps/stages | regs | spill B | smem B | MMA | TMA | widest LDG/STG bits | loop instr/MMA |",
           "|---|---|---|---|---|---|---|---|---|---|"]
@@ -619,8 +673,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--record-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.record_only:
-        launches = record()
-        print(json.dumps(launches))
+        print(json.dumps({"launches": record(), "waves": wave_census()}))
         return 0
     rep = build(Path(args.out), args.archs, args.jobs, args.nvcc)
     bad = _violations(rep["triton"]) + _violations(rep["cuda"])

@@ -31,6 +31,7 @@ _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
 # kernel function name -> (module, attribute); the kernels a launcher in this package can launch
 KERNELS = {
     "_conv_kernel": ("conv", "_conv_kernel"),
+    "_splitk_epilogue_kernel": ("conv", "_splitk_epilogue_kernel"),
     "_stats_partial_kernel": ("batchnorm", "_stats_partial_kernel"),
     "stats_merge_kernel": ("batchnorm", "stats_merge_kernel"),
     "_bn_apply_kernel": ("batchnorm", "_bn_apply_kernel"),

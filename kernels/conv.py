@@ -29,7 +29,8 @@ Everything between the conv and the next conv is thus one read of x and one writ
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+import contextlib
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 import triton
@@ -82,7 +83,7 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.c
 # strides (unit channel stride -> contiguous channel vectors; row offsets divisible by 8 -> 16-byte
 # loads) is passed instead as the XV/OV/RV constexprs, which depend on the layout and the channel
 # count of the buffer only (see _common.vec_align).  Cin/Cout/stride/padding stay specialised.
-_CONV_NO_SPEC = ("M", "H", "W", "D", "Ho", "Wo", "Dr",
+_CONV_NO_SPEC = ("M", "H", "W", "D", "Ho", "Wo", "Dr", "n_split",
                  "sxn", "sxc", "sxh", "sxw", "sxd", "son", "soc", "soh", "sow", "sod",
                  "srn", "src", "srh", "srw", "srd",
                  # weight strides: read only for a weight that is not channels_last_3d (W_CL)
@@ -101,95 +102,28 @@ def _store_tile_stats(v, valid, row_ok, pid_m, co, co_ok, Cout, pcnt_ptr, pmean_
     tl.store(pm2_ptr + po, tm2, mask=co_ok)
 
 
-@triton.jit(do_not_specialize=_CONV_NO_SPEC)
-def _conv_kernel(x_ptr, w_ptr, bias_ptr, isc_ptr, ish_ptr, osc_ptr, osh_ptr, res_ptr, out_ptr,
-                 pcnt_ptr, pmean_ptr, pm2_ptr,
-                 M, Cin, Cout, H, W, D, Ho, Wo, Dr,
-                 sxn, sxc, sxh, sxw, sxd,
-                 swo, swi, swh, sww, swd,
-                 son, soc, soh, sow, sod,
-                 srn, src, srh, srw, srd,
-                 STH, STW, STD, PH, PW, PD,
-                 KH: tl.constexpr, KW: tl.constexpr, KD: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, HAS_PRO: tl.constexpr, IN_RELU: tl.constexpr,
-                 HAS_OSC: tl.constexpr, HAS_OSH: tl.constexpr, POOL: tl.constexpr,
-                 HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr, W_CL: tl.constexpr,
-                 UPCAST: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
-                 I64: tl.constexpr, XV: tl.constexpr, OV: tl.constexpr, RV: tl.constexpr,
-                 CIN_V: tl.constexpr, COUT_V: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    if I64:
-        m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    else:
-        m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    co_ok = co < Cout
-    if COUT_V > 1:
-        # Triton only knows "Cout % 16 == 0"; Cout = 20 still allows 4-wide channel vectors
-        co_ok = tl.max_constancy(co_ok, [COUT_V])
-    row_ok = m < M
-    # row -> (n, ho, wo, dr); dr is the output depth, or the pooled depth j (pair 2j, 2j+1)
+@triton.jit
+def _rows(m, Ho, Wo, Dr):
+    """GEMM row -> (n, ho, wo, dr); dr is the output depth, or the pooled depth j (pair 2j, 2j+1)."""
     dr = m % Dr
     t = m // Dr
     wo = t % Wo
     t = t // Wo
     ho = t % Ho
     n = t // Ho
-    xrow = n * sxn
-    if POOL != 0:
-        d0 = 2 * dr
-    else:
-        d0 = dr
-    acc0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    if W_CL:
-        # channels_last_3d weight (what a GPU model has): offset = co*T*Cin + tap*Cin + ci,
-        # the same address arithmetic as a packed (tap, ci, co) layout, K-contiguous
-        wcol = co * (KH * KW * KD * Cin)
-    else:
-        wcol = co * swo
-    hbase = ho * STH - PH
-    wbase = wo * STW - PW
-    dbase = d0 * STD - PD
-    # one flat loop over (tap, Cin chunk): a single loop is what the software pipeliner
-    # (num_stages) overlaps, even when Cin fits in one chunk (the decoder's 20/80 channels)
-    n_chunks = tl.cdiv(Cin, BLOCK_K)
-    for it in range(0, KH * KW * KD * n_chunks):
-        tap = it // n_chunks
-        k0 = (it - tap * n_chunks) * BLOCK_K
-        kd = tap % KD
-        kw = (tap // KD) % KW
-        kh = tap // (KD * KW)
-        ci = k0 + tl.arange(0, BLOCK_K)
-        ci_ok = ci < Cin
-        if CIN_V > 1:
-            ci_ok = tl.max_constancy(ci_ok, [CIN_V])
-        if I64:
-            cio = ci.to(tl.int64)
-        else:
-            cio = ci
-        hi = hbase + kh
-        wi = wbase + kw
-        # weight rows (the column offsets are loop-invariant): channels_last_3d rows are
-        # contiguous runs of input channels (vectorisable K loads); any other layout is read
-        # through its strides (the interpreter's CPU path; a GPU model's weights are cl3d)
-        if W_CL:
-            brow = tap * Cin + cio
-        else:
-            brow = kh * swh + kw * sww + kd * swd + cio * swi
-        b = tl.load(w_ptr + brow[:, None] + wcol[None, :], mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
-        a = _load_a(x_ptr, isc_ptr, ish_ptr, xrow, dbase + kd, row_ok, ci, ci_ok, cio, H, W, D,
-                    hi, wi, sxc, sxh, sxw, sxd, HAS_PRO, IN_RELU, XV)
-        acc0 = _mma(a, b, acc0, UPCAST, IS_FP32, PRECISION)
-        if POOL != 0:
-            # second output depth of the z-pair: same weight tile
-            a1 = _load_a(x_ptr, isc_ptr, ish_ptr, xrow, dbase + STD + kd, row_ok, ci, ci_ok, cio,
-                         H, W, D, hi, wi, sxc, sxh, sxw, sxd, HAS_PRO, IN_RELU, XV)
-            acc1 = _mma(a1, b, acc1, UPCAST, IS_FP32, PRECISION)
+    return n, ho, wo, dr
 
-    # ---- epilogue (fp32) ----
+
+@triton.jit
+def _epilogue(acc0, acc1, n, ho, wo, dr, row_ok, pid_m, co, co_ok, Cout,
+              bias_ptr, osc_ptr, osh_ptr, res_ptr, out_ptr, pcnt_ptr, pmean_ptr, pm2_ptr,
+              son, soc, soh, sow, sod, srn, src, srh, srw, srd,
+              HAS_BIAS: tl.constexpr, HAS_OSC: tl.constexpr, HAS_OSH: tl.constexpr, POOL: tl.constexpr,
+              HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr, I64: tl.constexpr,
+              OV: tl.constexpr, RV: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Everything after the K loop (fp32): bias, z-pool, affine, residual, ReLU, the store and the
+    statistics partials.  Shared by the conv kernel and the split-K reduction, so a split conv
+    computes exactly what the unsplit one does from the same accumulators."""
     if HAS_BIAS:
         bias = tl.load(bias_ptr + co, mask=co_ok, other=0.0)[None, :]
         acc0 = acc0 + bias
@@ -233,6 +167,166 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, isc_ptr, ish_ptr, osc_ptr, osh_ptr, res
         v = tl.where(v < 0.0, 0.0, v)
     oo = tile_offsets(n * son + ho * soh + wo * sow + dr * sod, coo, soc, OV)
     tl.store(out_ptr + oo, to_dtype(v, out_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit(do_not_specialize=_CONV_NO_SPEC)
+def _conv_kernel(x_ptr, w_ptr, bias_ptr, isc_ptr, ish_ptr, osc_ptr, osh_ptr, res_ptr, out_ptr,
+                 pcnt_ptr, pmean_ptr, pm2_ptr, ws_ptr,
+                 M, Cin, Cout, H, W, D, Ho, Wo, Dr, n_split,
+                 sxn, sxc, sxh, sxw, sxd,
+                 swo, swi, swh, sww, swd,
+                 son, soc, soh, sow, sod,
+                 srn, src, srh, srw, srd,
+                 STH, STW, STD, PH, PW, PD,
+                 KH: tl.constexpr, KW: tl.constexpr, KD: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, HAS_PRO: tl.constexpr, IN_RELU: tl.constexpr,
+                 HAS_OSC: tl.constexpr, HAS_OSH: tl.constexpr, POOL: tl.constexpr,
+                 HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr, W_CL: tl.constexpr,
+                 UPCAST: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
+                 I64: tl.constexpr, XV: tl.constexpr, OV: tl.constexpr, RV: tl.constexpr,
+                 CIN_V: tl.constexpr, COUT_V: tl.constexpr, SPLIT: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if I64:
+        m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    else:
+        m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_ok = co < Cout
+    if COUT_V > 1:
+        # Triton only knows "Cout % 16 == 0"; Cout = 20 still allows 4-wide channel vectors
+        co_ok = tl.max_constancy(co_ok, [COUT_V])
+    row_ok = m < M
+    n, ho, wo, dr = _rows(m, Ho, Wo, Dr)
+    xrow = n * sxn
+    if POOL != 0:
+        d0 = 2 * dr
+    else:
+        d0 = dr
+    acc0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if W_CL:
+        # channels_last_3d weight (what a GPU model has): offset = co*T*Cin + tap*Cin + ci,
+        # the same address arithmetic as a packed (tap, ci, co) layout, K-contiguous
+        wcol = co * (KH * KW * KD * Cin)
+    else:
+        wcol = co * swo
+    hbase = ho * STH - PH
+    wbase = wo * STW - PW
+    dbase = d0 * STD - PD
+    # one flat loop over (tap, Cin chunk): a single loop is what the software pipeliner
+    # (num_stages) overlaps, even when Cin fits in one chunk (the decoder's 20/80 channels)
+    n_chunks = tl.cdiv(Cin, BLOCK_K)
+    n_it = KH * KW * KD * n_chunks
+    pid_k = tl.program_id(2)   # 0 unless split
+    if SPLIT:
+        # split-K: slice pid_k of n_split contiguous, near-equal runs of the K loop (none is
+        # empty: the launcher keeps n_split <= n_it). A runtime count: one compile for any split
+        it_lo = (pid_k * n_it) // n_split
+        it_hi = ((pid_k + 1) * n_it) // n_split
+    else:
+        it_lo = 0
+        it_hi = n_it
+    for it in range(it_lo, it_hi):
+        tap = it // n_chunks
+        k0 = (it - tap * n_chunks) * BLOCK_K
+        kd = tap % KD
+        kw = (tap // KD) % KW
+        kh = tap // (KD * KW)
+        ci = k0 + tl.arange(0, BLOCK_K)
+        ci_ok = ci < Cin
+        if CIN_V > 1:
+            ci_ok = tl.max_constancy(ci_ok, [CIN_V])
+        if I64:
+            cio = ci.to(tl.int64)
+        else:
+            cio = ci
+        hi = hbase + kh
+        wi = wbase + kw
+        # weight rows (the column offsets are loop-invariant): channels_last_3d rows are
+        # contiguous runs of input channels (vectorisable K loads); any other layout is read
+        # through its strides (the interpreter's CPU path; a GPU model's weights are cl3d)
+        if W_CL:
+            brow = tap * Cin + cio
+        else:
+            brow = kh * swh + kw * sww + kd * swd + cio * swi
+        b = tl.load(w_ptr + brow[:, None] + wcol[None, :], mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
+        a = _load_a(x_ptr, isc_ptr, ish_ptr, xrow, dbase + kd, row_ok, ci, ci_ok, cio, H, W, D,
+                    hi, wi, sxc, sxh, sxw, sxd, HAS_PRO, IN_RELU, XV)
+        acc0 = _mma(a, b, acc0, UPCAST, IS_FP32, PRECISION)
+        if POOL != 0:
+            # second output depth of the z-pair: same weight tile
+            a1 = _load_a(x_ptr, isc_ptr, ish_ptr, xrow, dbase + STD + kd, row_ok, ci, ci_ok, cio,
+                         H, W, D, hi, wi, sxc, sxh, sxw, sxd, HAS_PRO, IN_RELU, XV)
+            acc1 = _mma(a1, b, acc1, UPCAST, IS_FP32, PRECISION)
+
+    if SPLIT:
+        # this slice's fp32 partial sums; _splitk_epilogue_kernel adds the slices in a fixed
+        # order (deterministic, no atomics) and runs the epilogue
+        _store_partial(ws_ptr, pid_k, acc0, acc1, m, row_ok, co, co_ok, M, Cout, POOL)
+    else:
+        _epilogue(acc0, acc1, n, ho, wo, dr, row_ok, pid_m, co, co_ok, Cout,
+                  bias_ptr, osc_ptr, osh_ptr, res_ptr, out_ptr, pcnt_ptr, pmean_ptr, pm2_ptr,
+                  son, soc, soh, sow, sod, srn, src, srh, srw, srd,
+                  HAS_BIAS, HAS_OSC, HAS_OSH, POOL, HAS_RES, RELU, STATS, I64, OV, RV, BLOCK_N)
+
+
+# The split-K workspace: (n_split, NACC, M, Cout) fp32, NACC = 2 with a z-pool (both depths of the
+# pair), else 1; row-major, so a tile row is BLOCK_N contiguous fp32 (coalesced, 16-byte vectors).
+@triton.jit
+def _store_partial(ws_ptr, pid_k, acc0, acc1, m, row_ok, co, co_ok, M, Cout, POOL: tl.constexpr):
+    if POOL != 0:
+        rows_k = 2 * M
+    else:
+        rows_k = M
+    off = (pid_k * rows_k + m)[:, None] * Cout + co[None, :]
+    valid = row_ok[:, None] & co_ok[None, :]
+    tl.store(ws_ptr + off, acc0, mask=valid)
+    if POOL != 0:
+        tl.store(ws_ptr + off + M * Cout, acc1, mask=valid)
+
+
+@triton.jit(do_not_specialize=("M", "Ho", "Wo", "Dr", "n_split", "son", "soc", "soh", "sow", "sod",
+                               "srn", "src", "srh", "srw", "srd"))
+def _splitk_epilogue_kernel(ws_ptr, bias_ptr, osc_ptr, osh_ptr, res_ptr, out_ptr,
+                            pcnt_ptr, pmean_ptr, pm2_ptr,
+                            M, Cout, Ho, Wo, Dr, n_split,
+                            son, soc, soh, sow, sod,
+                            srn, src, srh, srw, srd,
+                            HAS_BIAS: tl.constexpr, HAS_OSC: tl.constexpr, HAS_OSH: tl.constexpr,
+                            POOL: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+                            STATS: tl.constexpr, I64: tl.constexpr, OV: tl.constexpr, RV: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Sum the n_split partial tiles of a split conv in slice order, then the conv's epilogue.
+    Same (BLOCK_M, BLOCK_N) tiling as the conv, so the statistics partials have the same rows."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if I64:
+        m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    else:
+        m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_ok = co < Cout
+    row_ok = m < M
+    valid = row_ok[:, None] & co_ok[None, :]
+    if POOL != 0:
+        rows_k = 2 * M
+    else:
+        rows_k = M
+    off = m[:, None] * Cout + co[None, :]
+    acc0 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k in range(0, n_split):
+        base = ws_ptr + k * rows_k * Cout
+        acc0 += tl.load(base + off, mask=valid, other=0.0)
+        if POOL != 0:
+            acc1 += tl.load(base + M * Cout + off, mask=valid, other=0.0)
+    n, ho, wo, dr = _rows(m, Ho, Wo, Dr)
+    _epilogue(acc0, acc1, n, ho, wo, dr, row_ok, pid_m, co, co_ok, Cout,
+              bias_ptr, osc_ptr, osh_ptr, res_ptr, out_ptr, pcnt_ptr, pmean_ptr, pm2_ptr,
+              son, soc, soh, sow, sod, srn, src, srh, srw, srd,
+              HAS_BIAS, HAS_OSC, HAS_OSH, POOL, HAS_RES, RELU, STATS, I64, OV, RV, BLOCK_N)
 
 
 # --------------------------------------------------------------------------- tile table (GPU)
@@ -313,6 +407,65 @@ def _interp_blocks(M: int, Cin: int, Cout: int) -> tuple[int, int, int]:
     return bm, bn, bk
 
 
+# --------------------------------------------------------------------------- split-K
+#
+# A conv whose output has fewer tiles than the GPU has SMs leaves SMs idle for its whole K loop:
+# AH-Net's deep layers at 192x192x64 (layer4's 3x3x1 512->512: 8 tiles of 72 K iterations, on a
+# 132-SM H200).  Such a conv is split along K into n_split slices, each a CTA that writes its fp32
+# partial tile to a workspace; a second launch (_splitk_epilogue_kernel) adds the slices in slice
+# order -- deterministic, no atomics, no cross-CTA ordering -- and runs the unchanged epilogue.
+# The price is that launch (a few microseconds) plus 2 x n_split x (M x Cout) fp32 of workspace
+# traffic; what it saves is (1 - 1/n_split) of the K loop, at roughly 0.2-0.5 us per 64-deep
+# step of a 64x128 bf16 tile when one CTA runs alone on an SM.  So only a deep K loop is split
+# (taps x Cin >= SPLITK_MIN_K, 32 such steps: where the saving passes a launch), and a slice keeps
+# SPLITK_MIN_SLICE_K of it (4 steps of 64: something for the pipeline to overlap).  Counted in K
+# elements, not loop iterations, so that fp32 (16-deep steps of a 32-row tile) splits the same
+# convs.  First-principles thresholds: no GPU has run them.
+
+SPLITK_MIN_K = 2048           # taps x Cin (padded to BLOCK_K) a conv needs before it is split
+SPLITK_MIN_SLICE_K = 256      # K elements a slice keeps at least
+SPLITK_MAX_WORKSPACE = 2**31 - 1   # fp32 elements: workspace offsets stay int32
+DEFAULT_NUM_SMS = 132         # H100/H200 SXM; what a plan recorded without a GPU assumes
+_NUM_SMS: dict = {}
+_AUTO_SPLIT = [True]
+
+
+@contextlib.contextmanager
+def automatic_split_k(enabled: bool) -> Iterator[None]:
+    """Turn the launcher's own split-K plan on or off for the calls inside (an explicit
+    ``split_k=`` still wins): benchmarks time the same op split and unsplit with it."""
+    prev, _AUTO_SPLIT[0] = _AUTO_SPLIT[0], bool(enabled)
+    try:
+        yield
+    finally:
+        _AUTO_SPLIT[0] = prev
+
+
+def num_sms(device: Optional[torch.device] = None) -> int:
+    """Streaming multiprocessors of ``device`` (a CUDA device), else DEFAULT_NUM_SMS."""
+    if device is None or device.type != "cuda":
+        return DEFAULT_NUM_SMS
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _NUM_SMS:
+        _NUM_SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _NUM_SMS[idx]
+
+
+def split_k_plan(tiles: int, k_iters: int, block_k: int, sms: int, acc_elems: int = 0) -> int:
+    """K slices for a conv of ``tiles`` output tiles and a K loop of ``k_iters`` steps of
+    ``block_k`` on ``sms`` SMs: 1 when the tiles already fill a wave or the loop is shallower than
+    SPLITK_MIN_K; else enough slices for a full wave (tiles x n_split >= sms) as far as every
+    slice keeps SPLITK_MIN_SLICE_K of K, and no more than the workspace limit allows.
+    ``acc_elems``: fp32 elements of one slice's partials (M x Cout, x2 with a z-pool)."""
+    depth = k_iters * block_k
+    if tiles >= sms or depth < SPLITK_MIN_K:
+        return 1
+    split = min(cdiv(sms, tiles), depth // SPLITK_MIN_SLICE_K, k_iters)
+    while split > 1 and split * acc_elems > SPLITK_MAX_WORKSPACE:
+        split -= 1
+    return max(split, 1)
+
+
 # --------------------------------------------------------------------------- launcher
 
 def _triple(name: str, v: Union[int, Sequence[int]]) -> tuple[int, int, int]:
@@ -336,6 +489,7 @@ def conv3d_fused(x: torch.Tensor, weight: torch.Tensor, *,
                  out: Optional[torch.Tensor] = None, out_channel_offset: int = 0,
                  compute_stats: bool = False,
                  finalize=None, stats_out: Optional[torch.Tensor] = None,
+                 split_k: Optional[int] = None,
                  ) -> Union[torch.Tensor, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]]:
     """Fused 3D convolution (cross-correlation, like F.conv3d; no dilation, no groups).
 
@@ -359,6 +513,9 @@ def conv3d_fused(x: torch.Tensor, weight: torch.Tensor, *,
     the statistics come back as (mean, var, invstd, scale, shift, next_running_mean,
     next_running_var) from the same merge launch (the training BN's whole statistics step);
     the five statistics are rows of one (5, Cout) fp32 tensor (``stats_out`` when given).
+    split_k: K slices (see split_k_plan): None = the launcher's plan on a GPU (a conv with fewer
+    output tiles than SMs is split so that it fills a wave; never under the interpreter), an int
+    >= 1 forces that many (clamped to the K loop's length; tests and benchmarks).
     Returns out, or (out, (mean, var)) with compute_stats.
     """
     check_tensor5("x", x)
@@ -401,6 +558,8 @@ def conv3d_fused(x: torch.Tensor, weight: torch.Tensor, *,
     if compute_stats and (out_scale is not None or out_shift is not None or zpool == "after_affine" or relu):
         raise ValueError("compute_stats=True needs out_scale/out_shift None, zpool in {'none', 'before_affine'} "
                          "and relu=False: the statistics are of the stored pre-affine value")
+    if split_k is not None and (isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1):
+        raise ValueError(f"split_k must be None (the launcher's plan) or an int >= 1, got {split_k!r}")
     pool = _POOL_CODES[zpool]
     if x.is_cuda and not weight.is_contiguous(memory_format=torch.channels_last_3d):
         # on a GPU the kernel reads channels_last_3d weights (K-contiguous tiles); the fused
@@ -446,7 +605,7 @@ def conv3d_fused(x: torch.Tensor, weight: torch.Tensor, *,
     # a vector is as wide as both the buffer alignment and the channel mask allow: one value
     flags.update(CIN_V=cin_v, COUT_V=cout_v, XV=min(flags["XV"], cin_v),
                  OV=min(flags["OV"], cout_v), RV=min(flags["RV"], cout_v))
-    scalars = [M, Cin, Cout, H, W, D, Ho, Wo, Dr,
+    scalars = [M, Cin, Cout, H, W, D, Ho, Wo, Dr, 1,   # [9]: n_split, set below
                x.stride(0), x.stride(1), x.stride(2), x.stride(3), x.stride(4),
                weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3), weight.stride(4),
                o.stride(0), o.stride(1), o.stride(2), o.stride(3), o.stride(4),
@@ -460,8 +619,33 @@ def conv3d_fused(x: torch.Tensor, weight: torch.Tensor, *,
         bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
         launch = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     P = cdiv(M, bm)
+    Nt = cdiv(Cout, bn)
+    k_iters = KH * KW * KD * cdiv(Cin, launch["BLOCK_K"])
+    acc_elems = M * Cout * (2 if pool else 1)
+    if split_k is None:
+        split = 1 if (interp or not _AUTO_SPLIT[0]) else split_k_plan(P * Nt, k_iters, launch["BLOCK_K"], num_sms(x.device), acc_elems)
+    else:
+        split = max(1, min(split_k, k_iters))
+        if split * acc_elems > SPLITK_MAX_WORKSPACE:
+            raise ValueError(f"split_k={split_k}: a workspace of {split * acc_elems} fp32 elements is over the "
+                             f"int32 offset limit; use a smaller split_k")
+    scalars[9] = split
     parts = stats_partials(P, Cout, x.device) if compute_stats else (dummy, dummy, dummy)
-    _conv_kernel[(P, cdiv(Cout, bn))](*args, *parts, *scalars, **flags, **launch)
+    if split == 1:
+        _conv_kernel[(P, Nt)](*args, *parts, dummy, *scalars, **flags, SPLIT=False, **launch)
+    else:
+        ws = torch.empty(split * acc_elems, device=x.device, dtype=torch.float32)
+        # the partial-sum kernel: the K loop only (its epilogue flags are off, so one compile
+        # serves every fusion of a key), then the reduction with the conv's epilogue
+        k_flags = dict(flags, HAS_BIAS=False, HAS_OSC=False, HAS_OSH=False, HAS_RES=False, RELU=False,
+                       STATS=False, OV=0, RV=0)
+        k_args = [x, weight, dummy, args[3], args[4], dummy, dummy, dummy, dummy]
+        _conv_kernel[(P, Nt, split)](*k_args, dummy, dummy, dummy, ws, *scalars, **k_flags, SPLIT=True, **launch)
+        ep_flags = {k: flags[k] for k in ("HAS_BIAS", "HAS_OSC", "HAS_OSH", "POOL", "HAS_RES", "RELU", "STATS",
+                                          "I64", "OV", "RV")}
+        ep_launch = dict(BLOCK_M=bm, BLOCK_N=bn) if interp else dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+        _splitk_epilogue_kernel[(P, Nt)](ws, args[2], args[5], args[6], args[7], o, *parts, M, Cout, Ho, Wo, Dr,
+                                         split, *o.stride(), *res_strides, **ep_flags, **ep_launch)
     if not compute_stats:
         return o
     return o, merge_stats(*parts, finalize, stats_out)

@@ -62,16 +62,23 @@ def _compile_all() -> None:
           dict(tile, **flags, BATCH_STATS=True, RES_GRAD=True, HAS_ADD=True, I64=True, DV=16, RV=2, AV=16))
     ctypes = {**ptrs(["x_ptr", "w_ptr", "res_ptr", "out_ptr"], "bf16"),
               **ptrs(["bias_ptr", "isc_ptr", "ish_ptr", "osc_ptr", "osh_ptr",
-                      "pcnt_ptr", "pmean_ptr", "pm2_ptr"], "fp32")}
-    for pool, stats in ((1, True), (2, False)):
+                      "pcnt_ptr", "pmean_ptr", "pm2_ptr", "ws_ptr"], "fp32")}
+    for pool, stats, split in ((1, True, False), (2, False, False), (2, False, True)):
         build(conv._conv_kernel, ctypes,
               dict(KH=3, KW=3, KD=1, HAS_BIAS=True, HAS_PRO=True, IN_RELU=True, HAS_OSC=not stats,
                    HAS_OSH=not stats, POOL=pool, HAS_RES=True, RELU=not stats, STATS=stats, W_CL=stats,
                    UPCAST=False,
                    IS_FP32=False, PRECISION="ieee", I64=stats, XV=8, OV=0 if stats else 8, RV=8,
-                   CIN_V=8, COUT_V=4 if stats else 8,
+                   CIN_V=8, COUT_V=4 if stats else 8, SPLIT=split,
                    BLOCK_M=64, BLOCK_N=16, BLOCK_K=16),
               num_warps=2, num_stages=2)
+    # the split-K reduction with the full epilogue (z-pool after the affine, residual, ReLU, stats)
+    build(conv._splitk_epilogue_kernel, ctypes,
+          dict(HAS_BIAS=True, HAS_OSC=True, HAS_OSH=True, POOL=2, HAS_RES=True, RELU=True, STATS=False,
+               I64=False, OV=8, RV=8, BLOCK_M=64, BLOCK_N=32))
+    build(conv._splitk_epilogue_kernel, ctypes,
+          dict(HAS_BIAS=True, HAS_OSC=False, HAS_OSH=False, POOL=1, HAS_RES=False, RELU=False, STATS=True,
+               I64=True, OV=4, RV=0, BLOCK_M=64, BLOCK_N=128))
 
 
 def _ptxas_available() -> bool:
@@ -89,7 +96,7 @@ def test_kernels_compile_for_sm90():
     proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("compiled") == 10
+    assert proc.stdout.count("compiled") == 13
 
 
 if __name__ == "__main__":

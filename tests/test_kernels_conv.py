@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ahnet_fast.kernels.conv import conv3d_fused
+from ahnet_fast.kernels.conv import SPLITK_MIN_K, SPLITK_MIN_SLICE_K, conv3d_fused, split_k_plan
 
 from _kernel_cases import (CL, DEV, DTYPES, K111, K111_S2, K113, K331, K331_S2, check_conv, compose_conv,
                            layout_ok, rand, rel, vec)
@@ -163,6 +163,71 @@ def test_conv_stats(dtype, channels_last, zpool):
         assert rel(var, vr) <= 2 * rel(vt, vr) + 1e-6
 
 
+# ------------------------------------------------------------------------------------------ split-K
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("zpool", ["none", "after_affine"])
+def test_conv_split_k_full_epilogue(dtype, channels_last, zpool):
+    """A conv split along K (prologue over 9 taps, uneven slices) through the separate reduction:
+    bias, pool, affine with a negative scale, residual and ReLU still against float64."""
+    x = rand((2, 9, 3, 5, 4), dtype, channels_last)
+    w = rand((7, 9, 3, 3, 1), dtype, False, scale=0.3)
+    b, osc, osh, isc, ish = vec(7), vec(7), vec(7), vec(9), vec(9)
+    osc[0] = -2.0
+    res = rand((2, 7, 3, 5, 2 if zpool != "none" else 4), dtype, not channels_last)
+    kw = dict(padding=(1, 1, 0), bias=b, in_scale=isc, in_shift=ish, out_scale=osc, out_shift=osh,
+              zpool=zpool, residual=res, relu=True)
+    y = conv3d_fused(x, w, split_k=4, **kw)   # 9 K iterations -> slices of 2, 2, 2, 3
+    check_conv(y, x, w, **kw)
+    assert layout_ok(y, channels_last)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("zpool", ["none", "before_affine"])
+def test_conv_split_k_stats_and_determinism(channels_last, zpool):
+    """Statistics from the reduction's epilogue equal the unsplit conv's to fp32 rounding; the
+    split result is bitwise the same run after run (slices are added in a fixed order)."""
+    x = rand((2, 5, 9, 7, 4), torch.float32, channels_last, shift=3.0)
+    w = rand((6, 5, 1, 1, 3), torch.float32, False, scale=0.3)
+    kw = dict(padding=(0, 0, 1), bias=vec(6, shift=5.0), zpool=zpool, compute_stats=True)
+    y1, (m1, v1) = conv3d_fused(x, w, **kw)
+    y2, (m2, v2) = conv3d_fused(x, w, split_k=3, **kw)
+    y3, (m3, v3) = conv3d_fused(x, w, split_k=3, **kw)
+    kw.pop("compute_stats")
+    check_conv(y2, x, w, **kw)
+    assert rel(m2, m1) <= 1e-6 and rel(v2, v1) <= 1e-5
+    assert torch.equal(y2, y3) and torch.equal(m2, m3) and torch.equal(v2, v3)
+
+
+def test_conv_split_k_into_channel_slice_and_clamped():
+    """Split conv writing a dense-block concat slice (the rest of the buffer untouched); a
+    split_k beyond the K loop's length is clamped (1x1x1 with one K chunk: no split at all)."""
+    buf = torch.full((1, 10, 4, 3, 2), float("nan"), device=DEV).contiguous(memory_format=CL)
+    x = rand((1, 3, 4, 3, 2), torch.float32, True)
+    w = rand((5, 3, 3, 3, 1), torch.float32, False, scale=0.3)
+    conv3d_fused(x, w, padding=(1, 1, 0), out=buf, out_channel_offset=2, split_k=9)
+    check_conv(buf[:, 2:7], x, w, padding=(1, 1, 0))
+    assert torch.isnan(buf[:, :2]).all() and torch.isnan(buf[:, 7:]).all()
+    w1 = rand((5, 3, 1, 1, 1), torch.float32, False, scale=0.3)
+    check_conv(conv3d_fused(x, w1, split_k=8), x, w1)
+
+
+def test_split_k_plan():
+    """Split only when the tiles leave SMs idle and K is deep, enough for a full wave as far as
+    every slice keeps SPLITK_MIN_SLICE_K of K, never past the workspace limit; the same convs in
+    fp32 (16-deep K steps) as in bf16 (64-deep)."""
+    assert split_k_plan(132, 72, 64, 132) == 1                   # a full wave already
+    assert split_k_plan(8, 72, 64, 132) == 17                     # layer4 3x3x1 512->512: 136 CTAs
+    assert split_k_plan(8, 288, 16, 132) == 17                    # the same conv in fp32
+    assert split_k_plan(2, 40, 64, 132) == 40 * 64 // SPLITK_MIN_SLICE_K   # K too shallow for a wave
+    assert split_k_plan(8, SPLITK_MIN_K // 64 - 1, 64, 132) == 1  # too shallow to pay for a launch
+    assert split_k_plan(8, SPLITK_MIN_K // 16 - 1, 16, 132) == 1
+    assert split_k_plan(8, 72, 64, 132, acc_elems=2**28) == 7     # workspace within int32 offsets
+    with pytest.raises(ValueError, match="split_k"):
+        conv3d_fused(torch.randn(1, 2, 3, 3, 2, device=DEV), torch.randn(2, 2, 1, 1, 1, device=DEV), split_k=0)
+
+
 # ------------------------------------------------------------------------------------------ errors
 
 def test_conv_rejects_bad_input():
@@ -247,3 +312,17 @@ def test_conv_gpu_int64_offsets():
     y = conv3d_fused(x, w)
     ref = F.conv3d(x[..., -2:].float(), w.float()).to(torch.bfloat16)
     assert torch.allclose(y[..., -2:].float(), ref.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_conv_gpu_split_k_deep_layer(dtype):
+    """layer4's 3x3x1 512->512 at the 192x192x64 input's deep resolution: few output tiles, so
+    the launcher's own plan splits K; it matches the unsplit conv and the float64 oracle."""
+    x = rand((1, 512, 6, 6, 8), dtype, True)
+    w = rand((512, 512, 3, 3, 1), dtype, True, scale=0.02)
+    kw = dict(padding=(1, 1, 0), bias=vec(512), relu=True)
+    auto = conv3d_fused(x, w, **kw)
+    one = conv3d_fused(x, w, split_k=1, **kw)
+    check_conv(auto, x, w, **kw)
+    assert (auto.float() - one.float()).abs().max() <= 2e-2 * one.float().abs().max() + 1e-3
