@@ -64,17 +64,46 @@ def test_a_recorded_cuda_device_without_cuda_is_one_clear_error(tmp_path, monkey
                    progress=False)
 
 
-def test_train_on_a_cpu_starts_from_cpu_small_and_records_it(tmp_path, capsys):
-    from ahnet_fast.data.mni import build_mni_dataset
+def test_amp_auto_is_bf16_only_where_the_device_has_it(monkeypatch):
+    from ahnet_fast.train import presets
 
+    monkeypatch.setattr(presets, "_cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert presets.resolve_amp("auto", "cpu") == ("bf16", "--amp auto: this CPU has AVX512-BF16")
+    monkeypatch.setattr(presets, "_cpu_flags", lambda: {"avx512f", "amx_tile", "amx_bf16"})
+    assert presets.resolve_amp("auto", torch.device("cpu"))[0] == "bf16"
+    monkeypatch.setattr(presets, "_cpu_flags", lambda: {"avx2", "avx512f"})
+    assert presets.resolve_amp("auto", "cpu") == (
+        "none", "--amp auto: this CPU has no native bf16 (AVX512-BF16 or AMX)")
+    assert presets.resolve_amp("fp16", "cpu") == ("fp16", "") and presets.resolve_amp("none", "cpu") == ("none", "")
+    with pytest.raises(ValueError, match="--amp int8: accepted values are none, bf16, fp16, auto"):
+        presets.resolve_amp("int8", "cpu")
+    # the CPU preset trains the fast model with the precision the CPU has
+    assert PRESETS["cpu-small"]["amp"] == "auto" and PRESETS["cpu-small"]["fast"] is True
+    assert PRESETS["gpu-paper"]["amp"] == "none"
+
+
+@pytest.mark.parametrize("flags,line", [
+    ({"avx512f", "avx512_bf16"}, "precision bf16 (--amp auto: this CPU has AVX512-BF16)"),
+    ({"avx2"}, "precision fp32 (--amp auto: this CPU has no native bf16 (AVX512-BF16 or AMX))"),
+])
+def test_train_on_a_cpu_starts_from_cpu_small_and_records_it(tmp_path, capsys, monkeypatch, flags, line):
+    from ahnet_fast.data.mni import build_mni_dataset
+    from ahnet_fast.train import presets
+
+    monkeypatch.setattr(presets, "_cpu_flags", lambda: flags)
     js = build_mni_dataset(tmp_path / "data", inplane_step=3)
     out = tmp_path / "run"
-    rc = main(["train", str(js), "--out", str(out), "--stages", "2d", "--steps-2d", "1", "--patch-2d", "32,32",
-               "--batch-2d", "2", "--device", "cpu", "--no-progress", "--no-estimate", "--threads", "2"])
+    args = ["train", str(js), "--out", str(out), "--stages", "2d", "--steps-2d", "1", "--patch-2d", "32,32",
+            "--batch-2d", "2", "--device", "cpu", "--no-progress", "--no-estimate", "--threads", "2"]
+    rc = main(args)
     assert rc == 0
     text = capsys.readouterr().out
     assert "[run] preset cpu-small (the default on device cpu" in text
-    assert "[run] device: cpu, 2 torch threads; precision fp32; 0 data worker(s)" in text
+    assert f"[run] device: cpu, 2 torch threads; {line}; 0 data worker(s)" in text
+    assert "model: ahnet_fast.AHNet (fused fast AH-Net; the cpu-small preset" in text
     rec = json.loads((out / "recipe.json").read_text())
     assert rec["preset"] == "cpu-small" and rec["num_workers"] == 0 and rec["lr_schedule"] == "cosine"
     assert rec["model_2d"] == "fcn" and rec["steps_2d"] == 1 and rec["patch_2d"] == [32, 32]
+    # recipe.json keeps the resolved precision; resuming with the same "auto" is not a changed setting
+    assert rec["amp"] == ("bf16" if "avx512_bf16" in flags else "none")
+    assert main([*args, "--resume"]) == 0

@@ -37,7 +37,7 @@ from ahnet_fast.cli.train import (
     progress_enabled,
     run_guarded,
 )
-from ahnet_fast.train.presets import PRESETS
+from ahnet_fast.train.presets import PRESETS, resolve_amp
 
 #: default output folder (relative to the current directory)
 DEFAULT_OUT = "ahnet_demo"
@@ -141,7 +141,7 @@ def run_demo(args: argparse.Namespace) -> int:
     device = torch.device(cfg.device or ("cuda" if cuda else "cpu"))
     model.to(device).eval()
     test_cases = [load_case(r, k, res["intensity"]) for r in spec.test]
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_amp(cfg.amp, device)[0])
     predict = lambda m, im: predict_3d(m, im, None, device, amp)  # noqa: E731
     ev = evaluate(model, test_cases, k, predict)
     seg = predict(model, test_cases[0].image).argmax(0).numpy().astype(np.uint8)

@@ -101,8 +101,9 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--lr-3d", type=float, help="Adam learning rate of the 3D stages (paper 1e-3)")
     s.add_argument("--lr-schedule", choices=["constant", "cosine"],
                    help=f"constant (paper) or cosine decay to 0 within each stage ({_preset_default('lr_schedule')})")
-    s.add_argument("--loss", choices=["ce_then_focal", "ce", "focal"],
-                   help="ce_then_focal (paper): cross-entropy, focal loss once the loss plateaus")
+    s.add_argument("--loss", choices=["ce_then_focal", "ce", "focal", "dice_ce"],
+                   help="ce_then_focal (paper): cross-entropy, focal loss once the loss plateaus; dice_ce: "
+                        f"cross-entropy + soft Dice ({_preset_default('loss')})")
     s.add_argument("--focal-gamma", type=float, help="focal loss gamma (default 2)")
     s.add_argument("--seed", type=int, help="random seed (default 0)")
     m = p.add_argument_group("memory and speed")
@@ -111,8 +112,9 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"3D patch H,W,D (D a multiple of 32; {_preset_default('patch_3d')})")
     m.add_argument("--batch-2d", type=int, help=f"2D micro-batch size ({_preset_default('batch_2d')})")
     m.add_argument("--batch-3d", type=int, help=f"3D micro-batch size ({_preset_default('batch_3d')})")
-    m.add_argument("--amp", choices=["none", "bf16", "fp16"],
-                   help=f"mixed precision (fp16 uses a GradScaler; {_preset_default('amp')})")
+    m.add_argument("--amp", choices=["none", "bf16", "fp16", "auto"],
+                   help="mixed precision: fp16 uses a GradScaler; auto is bf16 where the device computes it "
+                        f"natively (a CPU with AVX512-BF16 or AMX, a GPU with bf16), else fp32 ({_preset_default('amp')})")
     m.add_argument("--checkpointing", action="store_true", default=None,
                    help="activation checkpointing (recompute block activations in backward)")
     m.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")

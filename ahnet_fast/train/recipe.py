@@ -56,6 +56,7 @@ from ahnet_fast.data.loader import PatchDataset
 from ahnet_fast.data.sampling import AugmentConfig
 from ahnet_fast.train import distributed as ddp_util
 from ahnet_fast.train.budget import format_duration
+from ahnet_fast.train.presets import resolve_amp
 from ahnet_fast.train.checkpoint import load_checkpoint, save_checkpoint
 from ahnet_fast.train.models import (
     ENCODER_PREFIXES,
@@ -244,7 +245,8 @@ def evaluate(model: nn.Module, cases: Sequence[Case], num_classes: int,
 # --------------------------------------------------------------------------- recipe
 class _Recipe:
     def __init__(self, cfg: RecipeConfig, log: Callable[[str], None], progress: bool,
-                 overrides: Sequence[str] = (), clock: Callable[[], float] = time.monotonic) -> None:
+                 overrides: Sequence[str] = (), clock: Callable[[], float] = time.monotonic,
+                 amp_why: str = "") -> None:
         self.cfg = cfg
         self.clock = clock
         self.t_start = clock()
@@ -279,6 +281,7 @@ class _Recipe:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {cfg.device}: CUDA is not available on this machine; use --device cpu "
                              "(a resumed run may be continued on another device)")
+        self.amp_why = amp_why
         require_labels(self.spec)
         check_headers(self.spec.training + self.spec.validation)
         self._train_cases: list[Case] | None = None
@@ -534,7 +537,11 @@ class _Recipe:
 
         cls = ahnet_class(c.fast)
         fast = cls is not ReferenceAHNet
-        why = {None: "the default: fast on CUDA, the reference on a CPU", True: "--fast", False: "--reference"}[c.fast]
+        from ahnet_fast.train.presets import PRESETS
+
+        from_preset = c.preset in PRESETS and PRESETS[c.preset].get("fast") == c.fast and c.fast is not None
+        why = (f"the {c.preset} preset; --reference for the plain-PyTorch model" if from_preset else
+               {None: "the default: fast on CUDA, the reference on a CPU", True: "--fast", False: "--reference"}[c.fast])
         mc = self.model_config
         lines = [
             f"model: {'ahnet_fast.AHNet (fused fast AH-Net' if fast else 'ahnet_fast.reference.AHNet (plain PyTorch, the CPU path'}; "
@@ -549,7 +556,8 @@ class _Recipe:
         else:
             lines.append("backend: torch ops (the reference model does not use the fused kernels)")
         threads = f", {torch.get_num_threads()} torch threads" if self.device.type == "cpu" else ""
-        lines.append(f"device: {self.device}{threads}; precision {c.amp if c.amp != 'none' else 'fp32'}; "
+        why_amp = f" ({self.amp_why})" if self.amp_why else ""
+        lines.append(f"device: {self.device}{threads}; precision {c.amp if c.amp != 'none' else 'fp32'}{why_amp}; "
                      f"{c.num_workers} data worker(s)")
         n_tr, n_val = len(self.spec.training), len([r for r in self.spec.validation if r.label])
         if n_val:
@@ -852,6 +860,11 @@ def run_recipe(cfg: RecipeConfig, resume: bool = False, log: Callable[[str], Non
     unknown = sorted(set(overrides) - set(recipe_fields()))
     if unknown:
         raise ValueError(f"--override: unknown setting(s) {unknown}; accepted: {', '.join(recipe_fields())}")
+    # "--amp auto" becomes what the device computes natively before anything else sees it: the
+    # resume check, the warm-up measurement, the stages and recipe.json all see bf16 or none
+    amp, amp_why = resolve_amp(cfg.amp, cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if amp != cfg.amp:
+        cfg = dataclasses.replace(cfg, amp=amp)
     out = Path(cfg.out_dir)
     changed: dict[str, list[Any]] = {}
     if resume:
@@ -869,7 +882,7 @@ def run_recipe(cfg: RecipeConfig, resume: bool = False, log: Callable[[str], Non
                 (out / name).unlink()
             log(f"--overwrite: removed the earlier results in {out}: {', '.join(existing)}")
     ddp_util.barrier()  # every rank has checked the folder before rank 0 writes into it
-    r = _Recipe(cfg, log, progress, overrides=overrides, clock=clock)
+    r = _Recipe(cfg, log, progress, overrides=overrides, clock=clock, amp_why=amp_why)
     saved = _read_saved_record(r.out) if resume else {}
     src = _model_source(r.out / "model.pt")  # a model.pt still here (resumed, or an earlier stage's): the bar
     if src is not None:
