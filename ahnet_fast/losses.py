@@ -57,6 +57,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "soft_dice_loss",
+    "dice_ce_loss",
     "softmax_focal_loss",
     "sigmoid_focal_loss",
     "l2_focal_loss",
@@ -401,3 +403,30 @@ class L2FocalLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}, form={self.form!r}, d_max={self.d_max}, reduction={self.reduction!r}"
+
+
+# --------------------------------------------------------------------------- Dice
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1e-5) -> torch.Tensor:
+    """Soft Dice loss of softmax probabilities, per sample and class, averaged (background included).
+
+    ``logits (B, K, *spatial)``, integer ``target (B, *spatial)`` in ``[0, K)``:
+    ``1 - mean_{b,k} (2 sum p t + smooth) / (sum p + sum t + smooth)``, computed in fp32. A class
+    absent from a sample and not predicted scores 1 (loss 0) through ``smooth``. The formula of
+    MONAI's ``DiceLoss(softmax=True, to_onehot_y=True)`` with its default smoothing.
+    """
+    if logits.dim() < 3 or target.shape != logits.shape[:1] + logits.shape[2:]:
+        raise ValueError(f"soft_dice_loss: logits (B, K, *spatial) and target (B, *spatial) expected, got "
+                         f"{tuple(logits.shape)} and {tuple(target.shape)}")
+    k = logits.shape[1]
+    p = torch.softmax(logits.float(), dim=1)
+    t = F.one_hot(target.long(), k).movedim(-1, 1).to(p.dtype)
+    dims = tuple(range(2, logits.dim()))
+    inter = (p * t).sum(dims)
+    den = p.sum(dims) + t.sum(dims)
+    return 1.0 - ((2.0 * inter + smooth) / (den + smooth)).mean()
+
+
+def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy plus :func:`soft_dice_loss` (equal weights): the Dice term pulls small classes
+    (thin structures a few voxels wide) that cross-entropy, dominated by the large ones, neglects."""
+    return F.cross_entropy(logits.float(), target) + soft_dice_loss(logits, target)

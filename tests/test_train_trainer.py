@@ -1,6 +1,8 @@
 """Trainer: atomic checkpoints, exact resume, activation checkpointing, loss schedule, memory chooser."""
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 
@@ -163,6 +165,20 @@ def test_loss_schedule_switches_on_plateau():
     t.load_state_dict(s.state_dict())
     assert t.current == "focal"
     assert LossSchedule("ce", 1, 0.0).end_epoch(5.0, 1) is False
+
+
+def test_dice_ce_loss_trains_and_never_switches(tmp_path):
+    """loss="dice_ce": cross-entropy + soft Dice from the first step to the last (no plateau
+    switch), logged under its own name; an unknown loss names the accepted ones."""
+    s = LossSchedule("dice_ce", patience=1, min_delta=0.5)
+    assert s.current == "dice_ce" and not s.end_epoch(1.0, 1) and not s.end_epoch(1.0, 2) and s.current == "dice_ce"
+    tr = _trainer(tmp_path, steps=2, spe=1, tiny=True, loss="dice_ce")
+    res = tr.fit()
+    assert res["finished"] and all(math.isfinite(h["loss"]) for h in res["history"])
+    epochs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert {e["loss_fn"] for e in epochs if e.get("event") == "epoch"} == {"dice_ce"}
+    with pytest.raises(ValueError, match="loss must be one of ce_then_focal, ce, focal, dice_ce"):
+        TrainConfig(steps=1, steps_per_epoch=1, batch_size=1, loss="dice")
 
 
 def test_memory_chooser_respects_limit_and_prefers_big():

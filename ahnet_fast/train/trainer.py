@@ -54,6 +54,7 @@ from ahnet_fast.train import distributed as ddp_util
 from ahnet_fast.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from ahnet_fast.train.models import enable_activation_checkpointing
 from ahnet_fast.train.report import json_safe
+from ahnet_fast.losses import dice_ce_loss
 
 __all__ = ["TrainConfig", "LossSchedule", "Trainer", "ValidationCase", "dice_from_counts", "peak_memory_bytes",
            "RESUME_KEYS", "weights_only"]
@@ -66,6 +67,10 @@ RESUME_KEYS = ("optimizer", "scaler", "rng", "epoch_acc")
 def weights_only(payload: dict[str, Any]) -> dict[str, Any]:
     """``payload`` without :data:`RESUME_KEYS` (weights, config and metadata only)."""
     return {k: v for k, v in payload.items() if k not in RESUME_KEYS}
+
+
+#: values of ``loss``: the paper's schedule, its two parts alone, and cross-entropy + soft Dice
+LOSSES = ("ce_then_focal", "ce", "focal", "dice_ce")
 
 
 @dataclass
@@ -81,7 +86,8 @@ class TrainConfig:
         weight_decay: Adam weight decay.
         amp: ``"none"``, ``"bf16"`` or ``"fp16"``.
         checkpointing: activation checkpointing.
-        loss: ``"ce_then_focal"`` (paper), ``"ce"`` or ``"focal"``.
+        loss: ``"ce_then_focal"`` (paper), ``"ce"``, ``"focal"`` or ``"dice_ce"`` (cross-entropy +
+            soft Dice, :func:`ahnet_fast.losses.dice_ce_loss`).
         focal_gamma: focal loss gamma.
         plateau_patience: epochs without ``plateau_min_delta`` relative
             improvement of the epoch loss before switching to the focal loss.
@@ -133,8 +139,8 @@ class TrainConfig:
             )
         if self.amp not in ("none", "bf16", "fp16"):
             raise ValueError(f"amp must be 'none', 'bf16' or 'fp16', got {self.amp!r}")
-        if self.loss not in ("ce_then_focal", "ce", "focal"):
-            raise ValueError(f"loss must be 'ce_then_focal', 'ce' or 'focal', got {self.loss!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.lr_schedule not in ("constant", "cosine"):
@@ -152,7 +158,7 @@ class LossSchedule:
         self.mode = mode
         self.patience = patience
         self.min_delta = min_delta
-        self.current = "focal" if mode == "focal" else "ce"
+        self.current = mode if mode in ("focal", "dice_ce") else "ce"
         self.best = math.inf
         self.bad_epochs = 0
         self.switched_at: int | None = None
@@ -515,6 +521,8 @@ class Trainer:
         logits = logits.float()
         if self.schedule.current == "focal":
             return self.focal(logits, target)
+        if self.schedule.current == "dice_ce":
+            return dice_ce_loss(logits, target)
         return F.cross_entropy(logits, target)
 
     def fit(self, resume: bool = False, stop_at_step: int | None = None, deadline: float | None = None,
