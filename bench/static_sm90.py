@@ -76,7 +76,7 @@ def _conv_key(ints: dict, spec) -> Optional[dict]:
     return dict(Cin=val["Cin"], Cout=val["Cout"], KH=cx["KH"], KW=cx["KW"], KD=cx["KD"],
                 stride=[val["STH"], val["STW"], val["STD"]], dtype=dtype, channels_last=cx["XV"] > 0,
                 pool=cx["POOL"], has_pro=bool(cx["HAS_PRO"]), stats=bool(cx["STATS"]),
-                has_res=bool(cx["HAS_RES"]))
+                has_res=bool(cx["HAS_RES"]), split=bool(cx.get("SPLIT", False)))
 
 
 def _bench_convs(dtype, channels_last: bool):

@@ -26,6 +26,10 @@ Epilogue (fp32): v = acc + bias; zpool "before_affine": max of the z-pair on v, 
   when there is one), exact two-pass on registers,
   merged deterministically by batchnorm.stats_merge_kernel (no atomics).
 Everything between the conv and the next conv is thus one read of x and one write of the output.
+Split-K (a conv with fewer output tiles than SMs and a deep K loop; see split_k_plan): the same
+kernel with SPLIT runs one contiguous slice of the K loop per program_id(2) and stores its fp32
+accumulators to a workspace; _splitk_epilogue_kernel adds the slices in order and runs the same
+_epilogue, so what is stored, pooled and counted in the statistics is unchanged.
 """
 from __future__ import annotations
 
@@ -372,13 +376,14 @@ def _pick_bk(Cin: int, is_fp32: bool, taps: int = 1, has_pro: bool = False) -> i
 def conv_configs(Cin: int, Cout: int, KH: int, KW: int, KD: int,
                  stride: Union[int, Sequence[int]] = 1, dtype: torch.dtype = torch.bfloat16,
                  channels_last: bool = True, pool: Union[int, str] = 0, has_pro: bool = False,
-                 stats: bool = False, has_res: bool = False) -> list[triton.Config]:
+                 stats: bool = False, has_res: bool = False, split: bool = False) -> list[triton.Config]:
     """The config(s) the GPU path of ``conv3d_fused`` launches for this key: a pure function
     (no GPU, no compile), so a CPU can enumerate everything a model will compile.
 
     Key: taps (KH, KW, KD), stride, channel counts, dtype, layout (channel stride 1 or not),
     fusion (pool: 0/1/2 or "none"/"before_affine"/"after_affine"; has_pro: BN+ReLU prologue;
-    stats: BN statistics epilogue; has_res: residual).  Never the spatial size.  Returns a list
+    stats: BN statistics epilogue; has_res: residual; split: the K-slice form of split-K).  Never
+    the spatial size.  Returns a list
     of one config today (the launcher has no runtime search).  Today only the channel counts
     and the dtype change the choice (see the table notes above); the rest is in the key so that
     a table measured on a GPU can distinguish them without new call sites.
@@ -393,6 +398,8 @@ def conv_configs(Cin: int, Cout: int, KH: int, KW: int, KD: int,
         # fp32 at 32x64 spilled with the statistics epilogue (4-12 B, sm_80/sm_90) and with the
         # prologue over several taps (16 B, sm_80)
         bn = min(bn, 32)
+    if is_fp32 and split:
+        bn = min(bn, 32)   # the fp32 K slice's partial store spilled 16 B at 32x64 (sm_90)
     bk = _pick_bk(Cin, is_fp32, KH * KW * KD, has_pro)
     if is_fp32:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=3)]
@@ -610,25 +617,45 @@ def conv3d_fused(x: torch.Tensor, weight: torch.Tensor, *,
                weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3), weight.stride(4),
                o.stride(0), o.stride(1), o.stride(2), o.stride(3), o.stride(4),
                *res_strides, sth, stw, std, ph, pw, pd]
+    acc_elems = M * Cout * (2 if pool else 1)
+    sms = num_sms(x.device)
+
+    def gpu_config(split_cfg: bool) -> dict:
+        (cfg,) = conv_configs(Cin, Cout, KH, KW, KD, (sth, stw, std), x.dtype, flags["XV"] > 0, pool,
+                              flags["HAS_PRO"], flags["STATS"], flags["HAS_RES"], split=split_cfg)
+        return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def plan(launch: dict) -> tuple[int, int]:
+        """(tiles, K-loop steps) of a launch config."""
+        return (cdiv(M, launch["BLOCK_M"]) * cdiv(Cout, launch["BLOCK_N"]),
+                KH * KW * KD * cdiv(Cin, launch["BLOCK_K"]))
+
     if interp:
         bm, bn, bk = _interp_blocks(M, Cin, Cout)
         launch = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
     else:
-        (cfg,) = conv_configs(Cin, Cout, KH, KW, KD, (sth, stw, std), x.dtype, flags["XV"] > 0, pool,
-                              flags["HAS_PRO"], flags["STATS"], flags["HAS_RES"])
-        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-        launch = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    P = cdiv(M, bm)
-    Nt = cdiv(Cout, bn)
-    k_iters = KH * KW * KD * cdiv(Cin, launch["BLOCK_K"])
-    acc_elems = M * Cout * (2 if pool else 1)
+        launch = gpu_config(False)
+    tiles, k_iters = plan(launch)
     if split_k is None:
-        split = 1 if (interp or not _AUTO_SPLIT[0]) else split_k_plan(P * Nt, k_iters, launch["BLOCK_K"], num_sms(x.device), acc_elems)
+        auto = not interp and _AUTO_SPLIT[0]
+        split = split_k_plan(tiles, k_iters, launch["BLOCK_K"], sms, acc_elems) if auto else 1
     else:
         split = max(1, min(split_k, k_iters))
-        if split * acc_elems > SPLITK_MAX_WORKSPACE:
-            raise ValueError(f"split_k={split_k}: a workspace of {split * acc_elems} fp32 elements is over the "
-                             f"int32 offset limit; use a smaller split_k")
+    if split > 1 and not interp:
+        # a K slice may have its own tile (conv_configs(split=True)); plan again with it
+        s_launch = gpu_config(True)
+        if s_launch != launch:
+            s_tiles, s_iters = plan(s_launch)
+            s_split = (split_k_plan(s_tiles, s_iters, s_launch["BLOCK_K"], sms, acc_elems) if split_k is None
+                       else max(1, min(split_k, s_iters)))
+            # a split launch always has the K-slice tile (what conv_configs(split=True) says)
+            launch, k_iters, split = (s_launch, s_iters, s_split) if s_split > 1 else (launch, k_iters, 1)
+    if split * acc_elems > SPLITK_MAX_WORKSPACE:
+        raise ValueError(f"split_k={split_k}: a workspace of {split * acc_elems} fp32 elements is over the "
+                         f"int32 offset limit; use a smaller split_k")
+    bm, bn = launch["BLOCK_M"], launch["BLOCK_N"]
+    P = cdiv(M, bm)
+    Nt = cdiv(Cout, bn)
     scalars[9] = split
     parts = stats_partials(P, Cout, x.device) if compute_stats else (dummy, dummy, dummy)
     if split == 1:
@@ -643,7 +670,8 @@ def conv3d_fused(x: torch.Tensor, weight: torch.Tensor, *,
         _conv_kernel[(P, Nt, split)](*k_args, dummy, dummy, dummy, ws, *scalars, **k_flags, SPLIT=True, **launch)
         ep_flags = {k: flags[k] for k in ("HAS_BIAS", "HAS_OSC", "HAS_OSH", "POOL", "HAS_RES", "RELU", "STATS",
                                           "I64", "OV", "RV")}
-        ep_launch = dict(BLOCK_M=bm, BLOCK_N=bn) if interp else dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=4)
+        # 8 warps: a 64x128 fp32 tile at 4 warps spilled 128-176 B on sm_90 (static report)
+        ep_launch = dict(BLOCK_M=bm, BLOCK_N=bn) if interp else dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=8)
         _splitk_epilogue_kernel[(P, Nt)](ws, args[2], args[5], args[6], args[7], o, *parts, M, Cout, Ho, Wo, Dr,
                                          split, *o.stride(), *res_strides, **ep_flags, **ep_launch)
     if not compute_stats:

@@ -84,7 +84,7 @@ def test_launcher_uses_the_table(census_small):
         val = {**ints, **{k: v for k, v in cx.items() if isinstance(v, int)}}
         (cfg,) = kconv.conv_configs(val["Cin"], val["Cout"], cx["KH"], cx["KW"], cx["KD"],
                                     (val["STH"], val["STW"], val["STD"]), torch.bfloat16, cx["XV"] > 0,
-                                    cx["POOL"], cx["HAS_PRO"], cx["STATS"], cx["HAS_RES"])
+                                    cx["POOL"], cx["HAS_PRO"], cx["STATS"], cx["HAS_RES"], bool(cx["SPLIT"]))
         assert {k: cx[k] for k in cfg.kwargs} == cfg.kwargs
         assert (spec.num_warps, spec.num_stages) == (cfg.num_warps, cfg.num_stages)
         tiles = (-(-val["M"] // cfg.kwargs["BLOCK_M"]), -(-val["Cout"] // cfg.kwargs["BLOCK_N"]))
