@@ -80,6 +80,8 @@ def test_amp_auto_is_bf16_only_where_the_device_has_it(monkeypatch):
     # the CPU preset trains the fast model with the precision the CPU has
     assert PRESETS["cpu-small"]["amp"] == "auto" and PRESETS["cpu-small"]["fast"] is True
     assert PRESETS["gpu-paper"]["amp"] == "none"
+    # the paper's loss schedule on the GPU presets; Dice+CE on the CPU one (module docstring)
+    assert PRESETS["cpu-small"]["loss"] == "dice_ce" and PRESETS["gpu-paper"]["loss"] == "ce_then_focal"
 
 
 @pytest.mark.parametrize("flags,line", [
