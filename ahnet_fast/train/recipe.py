@@ -56,7 +56,7 @@ from ahnet_fast.data.loader import PatchDataset
 from ahnet_fast.data.sampling import AugmentConfig
 from ahnet_fast.train import distributed as ddp_util
 from ahnet_fast.train.budget import format_duration
-from ahnet_fast.train.presets import resolve_amp
+from ahnet_fast.train.presets import PRESETS, resolve_amp
 from ahnet_fast.train.checkpoint import load_checkpoint, save_checkpoint
 from ahnet_fast.train.models import (
     ENCODER_PREFIXES,
@@ -537,14 +537,12 @@ class _Recipe:
 
         cls = ahnet_class(c.fast)
         fast = cls is not ReferenceAHNet
-        from ahnet_fast.train.presets import PRESETS
-
         from_preset = c.preset in PRESETS and PRESETS[c.preset].get("fast") == c.fast and c.fast is not None
         why = (f"the {c.preset} preset; --reference for the plain-PyTorch model" if from_preset else
                {None: "the default: fast on CUDA, the reference on a CPU", True: "--fast", False: "--reference"}[c.fast])
         mc = self.model_config
         lines = [
-            f"model: {'ahnet_fast.AHNet (fused fast AH-Net' if fast else 'ahnet_fast.reference.AHNet (plain PyTorch, the CPU path'}; "
+            f"model: {'ahnet_fast.AHNet (fused fast AH-Net' if fast else 'ahnet_fast.reference.AHNet (plain PyTorch'}; "
             f"{why}), layers {','.join(map(str, mc.get('layers', ())))}, psp {mc.get('psp_block_num')}, "
             f"{mc.get('upsample_mode')} upsampling, {self.k} classes; 2D stage network: {c.model_2d}",
         ]
