@@ -10,7 +10,9 @@ What happens on ``pip install``:
   (torch is deliberately not a build requirement, so the extension is always compiled against the
   torch the user runs): use ``pip install --no-build-isolation ...`` to compile it.
 * ``AHNET_FAST_BUILD_CUDA=0`` never builds it; ``=1`` builds it or fails naming what is missing.
-* ``TORCH_CUDA_ARCH_LIST`` is honoured; with no visible GPU it defaults to ``8.0;9.0``.
+* ``TORCH_CUDA_ARCH_LIST`` is honoured; with no visible GPU it defaults to ``8.0;9.0a`` (a visible
+  compute capability 9.0 GPU builds ``9.0a`` too: the Hopper conv uses wgmma and the TMA, which exist
+  only in the arch-specific sm_90a image; a plain ``9.0`` build runs the WMMA kernels there).
 * ``MAX_JOBS`` (parallel nvcc jobs) is bounded by free memory (about 2.5 GiB per job) unless set.
 * Build metadata (torch / CUDA / nvcc versions, archs, date) is written to
   ``ahnet_fast/_build_info.json``, which ``ahnet_fast._cuda`` checks before loading the extension.
@@ -34,7 +36,7 @@ from typing import Any, Mapping
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 ENV_SWITCH = "AHNET_FAST_BUILD_CUDA"
-DEFAULT_ARCH_LIST = "8.0;9.0"
+DEFAULT_ARCH_LIST = "8.0;9.0a"
 MIN_ARCH = (8, 0)  # bf16 tensor cores, cp.async: the kernels are written for sm_80 and newer
 GIB_PER_NVCC_JOB = 2.5
 BUILD_INFO_NAME = "_build_info.json"
@@ -160,8 +162,10 @@ def resolve_arch_list(env: Mapping[str, str] | None = None,
     """The TORCH_CUDA_ARCH_LIST to build for.
 
     The user's TORCH_CUDA_ARCH_LIST wins (every entry must be >= 8.0). Otherwise the visible GPUs'
-    capabilities, and with no visible GPU DEFAULT_ARCH_LIST ('8.0;9.0'). No Hopper-only (sm_90a)
-    instructions are used, so plain 9.0 is enough.
+    capabilities, and with no visible GPU DEFAULT_ARCH_LIST ('8.0;9.0a'). Compute capability 9.0
+    becomes '9.0a': the wgmma/TMA conv (csrc/cuda/conv_wgmma.cuh) exists only in the sm_90a image, and
+    sm_90a code runs on every 9.0 GPU (H100, H200, GH200). It does not run on later majors, which the
+    plain '9.0' image does not either (no PTX is embedded unless the user asks for '+PTX').
     """
     env = os.environ if env is None else env
     user = env.get("TORCH_CUDA_ARCH_LIST", "").strip()
@@ -174,7 +178,7 @@ def resolve_arch_list(env: Mapping[str, str] | None = None,
         return ";".join(archs)
     caps = sorted({tuple(c) for c in gpu_capabilities or [] if tuple(c) >= MIN_ARCH})
     if caps:
-        return ";".join(f"{a}.{b}" for a, b in caps)
+        return ";".join(f"{a}.{b}{'a' if (a, b) == (9, 0) else ''}" for a, b in caps)
     return DEFAULT_ARCH_LIST
 
 

@@ -15,18 +15,20 @@ probe for launchers exactly as it does in ahnet_fast.kernels.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
 import os
 import threading
 from types import ModuleType
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 __all__ = ["CudaExtensionError", "build_info", "check_build_info", "load", "status", "implemented",
-           "DETERMINISTIC_OPS"]
+           "DETERMINISTIC_OPS", "CONV_KERNELS", "CONV_KERNEL_ENV", "WGMMA_VERIFIED_ON_GPU", "default_conv_kernel",
+           "conv_kernel", "set_conv_kernel", "use_conv_kernel", "wgmma_supported", "conv_launch_counts"]
 
 # ops (ahnet_fast.ops names) whose kernels here reduce without atomics: every reduction writes
 # per-block partials merged in a fixed order, so results are bitwise reproducible
@@ -50,6 +52,34 @@ _WRAPPER_OPS: dict[str, tuple[str, ...]] = {
 
 class CudaExtensionError(RuntimeError):
     """The CUDA extension cannot be used here; the message says why and what to do."""
+
+
+# ------------------------------------------------------------------------------------------------
+# which device path conv3d_fused takes (csrc/cuda/conv_policy.h)
+# ------------------------------------------------------------------------------------------------
+#: "wmma": conv_fused_kernel (WMMA/FMA, sm_80+) everywhere; "wgmma": the Hopper wgmma + TMA kernel
+#: (csrc/cuda/conv_wgmma.cuh) for every call it accepts (bf16/fp16, x channels-last or one channel),
+#: an error on a GPU that cannot run it; "auto": wgmma where the GPU and the call allow, else WMMA
+CONV_KERNELS = ("wmma", "wgmma", "auto")
+CONV_KERNEL_ENV = "AHNET_FAST_CUDA_CONV"
+#: The wgmma kernel was written and compiled for sm_90a on machines without a GPU (its SASS is in
+#: bench/results/static_sm90.md); until tests/test_cuda_conv.py has passed with it on a Hopper GPU,
+#: nothing chooses it unless asked to (set_conv_kernel / AHNET_FAST_CUDA_CONV). The first GPU run
+#: that passes flips this to True, which makes "auto" the default.
+WGMMA_VERIFIED_ON_GPU = False
+
+
+def default_conv_kernel(env: dict[str, str] | None = None) -> str:
+    """The policy the extension starts with: $AHNET_FAST_CUDA_CONV if set, else "auto" once the wgmma
+    kernel is verified on a GPU and "wmma" until then. ValueError naming the accepted values."""
+    env = os.environ if env is None else env
+    name = env.get(CONV_KERNEL_ENV, "").strip().lower()
+    if name:
+        if name not in CONV_KERNELS:
+            raise ValueError(f"{CONV_KERNEL_ENV}={env[CONV_KERNEL_ENV]!r} is not accepted; use one of "
+                             f"{', '.join(CONV_KERNELS)}")
+        return name
+    return "auto" if WGMMA_VERIFIED_ON_GPU else "wmma"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -131,6 +161,11 @@ def _load_uncached() -> ModuleType:
     if compiled is not None and compiled != _release(torch.__version__):
         raise CudaExtensionError(f"{EXTENSION} was compiled against torch {compiled} headers, running torch "
                                  f"{torch.__version__}; {REBUILD_HINT}")
+    if hasattr(module, "set_conv_kernel"):
+        try:
+            module.set_conv_kernel(default_conv_kernel())
+        except ValueError as exc:
+            raise CudaExtensionError(str(exc)) from None
     return module
 
 
@@ -336,6 +371,59 @@ def conv3d_fused(x: torch.Tensor, weight: torch.Tensor, *, stride: tuple[int, in
         mean, var = _op("conv3d_fused", "conv3d_fused_out")(*args, view)
         y = view
     return (y, (mean, var)) if compute_stats else y
+
+
+def _policy_module() -> ModuleType:
+    module = load()
+    if not hasattr(module, "set_conv_kernel"):
+        raise CudaExtensionError(f"{EXTENSION} predates the conv kernel policy (no set_conv_kernel); {REBUILD_HINT}")
+    return module
+
+
+def conv_kernel() -> str:
+    """The current conv3d_fused policy: "wmma", "wgmma" or "auto" (see CONV_KERNELS)."""
+    return _policy_module().conv_kernel()
+
+
+def set_conv_kernel(name: str) -> str:
+    """Set the conv3d_fused policy for this process; returns the previous one. ValueError for a name
+    outside CONV_KERNELS."""
+    if name not in CONV_KERNELS:
+        raise ValueError(f"set_conv_kernel({name!r}): accepted: {', '.join(CONV_KERNELS)}")
+    return _policy_module().set_conv_kernel(name)
+
+
+@contextlib.contextmanager
+def use_conv_kernel(name: str) -> Iterator[None]:
+    """``with use_conv_kernel("wgmma"): ...``: the policy inside the block, restored after it."""
+    previous = set_conv_kernel(name)
+    try:
+        yield
+    finally:
+        set_conv_kernel(previous)
+
+
+def wgmma_supported(device: int | torch.device | None = None) -> bool:
+    """Whether the CUDA device can run the sm_90a wgmma conv: compute capability 9.0 and this build's
+    sm_90a image loaded there (TORCH_CUDA_ARCH_LIST with 9.0a). False without a usable extension or GPU."""
+    try:
+        module = _policy_module()
+    except CudaExtensionError:
+        return False
+    if not torch.cuda.is_available():
+        return False
+    if device is None:
+        index = torch.cuda.current_device()
+    else:
+        dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+    return bool(module.wgmma_supported(int(index)))
+
+
+def conv_launch_counts() -> dict[str, int]:
+    """{"wmma": n, "wgmma": m}: conv3d_fused launches per kernel in this process (tests and benchmarks
+    use it to show which kernel actually ran)."""
+    return dict(_policy_module().conv_launch_counts())
 
 
 # The wrappers are reached through __getattr__ so that one whose kernel the extension lacks (or

@@ -128,7 +128,23 @@ def collect() -> dict[str, Any]:
         "backend_env": os.environ.get("AHNET_FAST_BACKEND", "auto"),
         "backends": {name: {"usable": bool(ok), "reason": why} for name, (ok, why) in backends.items()},
         "backend_status_source": source,
+        "cuda_conv_kernel": _conv_kernel_status(),
     }
+
+
+def _conv_kernel_status() -> dict[str, Any]:
+    """The CUDA conv's kernel policy (wmma / wgmma / auto), whether the wgmma kernel is verified on a
+    GPU (the default policy follows it) and whether this machine's GPU runs it."""
+    from ahnet_fast import _cuda
+
+    out: dict[str, Any] = {"env": os.environ.get(_cuda.CONV_KERNEL_ENV), "verified_on_gpu": _cuda.WGMMA_VERIFIED_ON_GPU}
+    try:
+        out["policy"] = _cuda.conv_kernel()
+    except _cuda.CudaExtensionError as exc:
+        out["policy"] = None
+        out["reason"] = str(exc)
+    out["wgmma_supported"] = _cuda.wgmma_supported()
+    return out
 
 
 def format_report(data: dict[str, Any]) -> str:
@@ -159,6 +175,13 @@ def format_report(data: dict[str, Any]) -> str:
     lines.append(f"backends (AHNET_FAST_BACKEND={data['backend_env']})")
     for name, b in data["backends"].items():
         lines.append(f"  {name:<10} {'usable' if b['usable'] else 'not usable':<11} {b['reason']}")
+    ck = data.get("cuda_conv_kernel")
+    if ck is not None:
+        policy = ck["policy"] or "n/a (no usable extension)"
+        lines.append(f"  cuda conv  kernel policy {policy} (AHNET_FAST_CUDA_CONV={ck['env'] or 'unset'}); sm_90a wgmma "
+                     f"kernel: {'runs on this GPU' if ck['wgmma_supported'] else 'not usable here'}, "
+                     f"{'verified' if ck['verified_on_gpu'] else 'not yet verified'} on a GPU"
+                     f"{'' if ck['verified_on_gpu'] else ' (so not chosen unless asked for)'}")
     return "\n".join(lines)
 
 

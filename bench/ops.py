@@ -491,11 +491,20 @@ def _ours_unavailable(exc: BaseException) -> bool:
     return bool(re.search(r"not built|unavailable|not available|cannot serve", str(exc), re.IGNORECASE))
 
 
-def _build_ours(backend: str, split_k: bool = True) -> Callable[[BuildContext], Callable]:
+def _build_ours(backend: str, split_k: bool = True, conv_kernel: str | None = None) -> Callable[[BuildContext], Callable]:
+    """Our op through one backend; conv_kernel pins the CUDA backend's conv kernel ("wmma"/"wgmma")."""
     def build(ctx: BuildContext) -> Callable:
         if backend != "reference" and ctx.device.type != "cuda":
             raise Unavailable(f"the {backend} backend is timed on CUDA tensors only "
                               "(the Triton interpreter is a checking tool)")
+        kernel_ctx: Callable[[], Any] = contextlib.nullcontext
+        if conv_kernel is not None:
+            from ahnet_fast import _cuda
+
+            if conv_kernel == "wgmma" and not _cuda.wgmma_supported(ctx.device):
+                raise Unavailable("the wgmma conv needs a compute capability 9.0 GPU and a 9.0a build "
+                                  f"({_cuda.status()[1]})")
+            kernel_ctx = lambda: _cuda.use_conv_kernel(conv_kernel)  # noqa: E731
         op_name = {"post": "conv_bn_act", "pre": "bn_act_conv", "zpool": "zmaxpool"}[ctx.case.kind]
         try:
             ops = importlib.import_module("ahnet_fast.ops")
@@ -522,7 +531,7 @@ def _build_ours(backend: str, split_k: bool = True) -> Callable[[BuildContext], 
 
         def fn(x: torch.Tensor, gy: torch.Tensor | None) -> list[torch.Tensor]:
             # backward runs inside too: it resolves the backend at run time
-            with use_backend(backend), automatic_split_k(split_k):
+            with use_backend(backend), automatic_split_k(split_k), kernel_ctx():
                 return inner(x, gy)
 
         return fn
@@ -551,6 +560,8 @@ def default_contenders(*, compile: bool = True) -> list[Contender]:
                              note="nn modules, fullgraph; inference with inductor freezing"))
     for backend in ("triton", "cuda", "reference"):
         out.append(Contender(f"ours[{backend}]", "ours", "cl3d", _build_ours(backend)))
+    out.append(Contender("ours[cuda] wgmma", "ours", "cl3d", _build_ours("cuda", conv_kernel="wgmma"), kinds=conv,
+                         note="the CUDA backend with the sm_90a wgmma + TMA conv (not chosen by default until verified)"))
     out.append(Contender("ours[triton] unsplit", "ours", "cl3d", _build_ours("triton", split_k=False), kinds=conv,
                          note="the Triton conv without its split-K plan (what split-K buys on few-tile convs)"))
     return out

@@ -404,24 +404,34 @@ def analyse_triton(spec_json: dict, arch: int) -> dict:
 # Cout <= 32 else 64x64; vector_loads_ok() decides VEC_A at run time)
 CUDA_CONV_VARIANTS = [(t, bm, bn, vec) for t in ("__nv_bfloat16", "__half", "float")
                       for bm, bn in ((128, 32), (64, 64)) for vec in ("true", "false")]
+# ... and the sm_90a wgmma kernel's (conv_wgmma.cuh: 64 rows, wgmma_tile_n() picks BN, 16-bit only)
+CUDA_WGMMA_VARIANTS = [(t, 64, bn, vec) for t in ("__nv_bfloat16", "__half")
+                       for bn in (8, 24, 64, 80, 128) for vec in ("true", "false")]
 
 
 def analyse_cuda(arch: int, nvcc: str) -> list[dict]:
+    """Both CUDA conv kernels compiled as the build compiles them for `arch` (sm_90 means the sm_90a
+    image: setup.py builds 9.0a for Hopper; the wgmma kernel exists only there)."""
     import importlib.util
     spec = importlib.util.spec_from_file_location("ahnet_fast_setup", ROOT / "setup.py")
     setup_mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(setup_mod)
     flags = setup_mod.extra_compile_args()["nvcc"]
-    src = ['#include "cuda/conv_fused.cuh"', "namespace ahnet_fast_cuda { namespace conv {"]
+    wgmma = arch == 90
+    src = ['#include "cuda/conv_fused.cuh"', '#include "cuda/conv_wgmma.cuh"', "namespace ahnet_fast_cuda { namespace conv {"]
     src += [f"template __global__ void conv_fused_kernel<{t}, {bm}, {bn}, {v}>(const ConvParams);"
             for t, bm, bn, v in CUDA_CONV_VARIANTS]
+    if wgmma:
+        src += [f"template __global__ void hopper::conv_wgmma_kernel<{t}, {bn}, {v}>(const ConvParams, const __grid_constant__ CUtensorMap);"
+                for t, _, bn, v in CUDA_WGMMA_VARIANTS]
     src += ["}}"]
+    target = "90a" if arch == 90 else str(arch)
     with tempfile.TemporaryDirectory() as d:
         cu = Path(d) / "conv_fused_instances.cu"
         cu.write_text("\n".join(src) + "\n")
         cub = Path(d) / "k.cubin"
         cmd = [nvcc, "-cubin", "-std=c++17", f"-I{ROOT / 'csrc'}", *flags, "-Xptxas", "-v",
-               f"-gencode=arch=compute_{arch},code=sm_{arch}", str(cu), "-o", str(cub)]
+               f"-gencode=arch=compute_{target},code=sm_{target}", str(cu), "-o", str(cub)]
         t0 = time.perf_counter()
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
@@ -432,25 +442,43 @@ def analyse_cuda(arch: int, nvcc: str) -> list[dict]:
         smem = _cuda_smem(cub)
     facts = parse_sass(sass)
     out = []
-    for (t, bm, bn, v) in CUDA_CONV_VARIANTS:
-        name = next((n for n in facts if "conv_fused_kernel" in n and _cuda_matches(n, t, bm, bn, v)), None)
+    variants = [("conv_fused_kernel", v) for v in CUDA_CONV_VARIANTS]
+    variants += [("conv_wgmma_kernel", v) for v in CUDA_WGMMA_VARIANTS] if wgmma else []
+    for kernel, (t, bm, bn, v) in variants:
+        name = next((n for n in facts if kernel in n and _cuda_matches(n, kernel, t, bm, bn, v)), None)
         if name is None:
             continue
         info = ptxas.get(name, {})
-        out.append({"kernel": "conv_fused_kernel", "T": t, "BM": bm, "BN": bn, "VEC_A": v == "true",
-                    "arch": arch, "mangled": name, "registers": info.get("registers"),
+        # the wgmma kernel's shared memory is dynamic: the launch's request without the prologue vectors
+        shared = (_wgmma_dynamic_smem(bn) if kernel == "conv_wgmma_kernel"
+                  else smem.get(name, info.get("static_smem")))
+        out.append({"kernel": kernel, "T": t, "BM": bm, "BN": bn, "VEC_A": v == "true",
+                    "arch": arch, "target": f"sm_{target}", "mangled": name, "registers": info.get("registers"),
                     "spill_stores": info.get("spill_stores", 0), "spill_loads": info.get("spill_loads", 0),
-                    "stack": info.get("stack", 0), "shared": smem.get(name, info.get("static_smem")),
+                    "stack": info.get("stack", 0), "shared": shared,
                     "nvcc_s": round(secs, 1), **facts[name]})
     return out
+
+
+def _wgmma_dynamic_smem(bn: int) -> int:
+    """WgSmem<BN>::bytes(cin, false) of conv_wgmma.cuh: two A stages (64 x 128 B), two B stages (BN x
+    128 B) or the fp32 epilogue tile, row coordinates, statistics scratch, two mbarriers, and 1024 B
+    of alignment slack (+8 B per input channel with a BN prologue)."""
+    stages = 2 * (64 * 128 + bn * 128)
+    epilogue = 64 * (bn + 4) * 4
+    return max(stages, epilogue) + 64 * 16 + 3 * 128 * 4 + 16 + 1024
 
 
 _MANGLED_T = {"__nv_bfloat16": "13__nv_bfloat16", "__half": "6__half", "float": "f"}
 
 
-def _cuda_matches(mangled: str, t: str, bm: int, bn: int, vec: str) -> bool:
+def _cuda_matches(mangled: str, kernel: str, t: str, bm: int, bn: int, vec: str) -> bool:
     # _ZN...conv_fused_kernelI13__nv_bfloat16Li128ELi32ELb1EEEvNS0_10ConvParamsE
-    return f"I{_MANGLED_T[t]}Li{bm}ELi{bn}ELb{1 if vec == 'true' else 0}E" in mangled
+    # _ZN...6hopper17conv_wgmma_kernelI13__nv_bfloat16Li24ELb1EEEvNS0_10ConvParamsE14CUtensorMap_st
+    b = 1 if vec == "true" else 0
+    if kernel == "conv_wgmma_kernel":
+        return f"conv_wgmma_kernelI{_MANGLED_T[t]}Li{bn}ELb{b}E" in mangled
+    return f"conv_fused_kernelI{_MANGLED_T[t]}Li{bm}ELi{bn}ELb{b}E" in mangled
 
 
 def _cuda_smem(cubin: Path) -> dict[str, int]:
@@ -653,15 +681,46 @@ def markdown(rep: dict) -> str:
     L += ["", "## CUDA C++ conv (csrc/cuda/conv_fused.cuh, nvcc -Xptxas -v)", ""]
     if rep.get("cuda_note"):
         L += [f"Note: {rep['cuda_note']}", ""]
-    L += ["| T | BM x BN | VEC_A | arch | regs | spill B | smem B | MMA | widest LDG/STG bits | loop instr/MMA |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+    if rep.get("cuda_commit"):
+        L += [f"CUDA section refreshed alone (`python -m bench.static_sm90 --cuda-only`) at commit "
+              f"`{rep['cuda_commit'][:12]}`{' plus uncommitted changes' if rep.get('cuda_dirty') else ''}, "
+              f"{rep.get('cuda_date')}; the Triton sections above are those of the commit in the title.", ""]
+    L += ["conv_wgmma_kernel: sm_90a only (wgmma + TMA); smem is the dynamic request without the BN "
+          "prologue's 8 B per input channel. loop instr/MMA counts SASS instructions per HGMMA "
+          "(one HGMMA is a 64 x BN x 16 MMA of the whole warpgroup; one HMMA a 16 x 8 x 16 of one warp).", "",
+          "| kernel | T | BM x BN | VEC_A | arch | regs | spill B | smem B | MMA | TMA | widest LDG/STG bits | loop instr/MMA |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rep["cuda"]:
         mma = (f"HGMMA x{r['hgmma']}" if r.get("hgmma") else f"HMMA x{r['hmma']}" if r.get("hmma")
                else f"FFMA x{r.get('ffma', 0)}")
-        L.append(f"| {r['T']} | {r['BM']}x{r['BN']} | {r['VEC_A']} | sm_{r['arch']} | {r['registers']} | "
-                 f"{r['spill_stores']} | {r['shared']} | {mma} | {r.get('widest_load_bits')}/"
+        L.append(f"| {r.get('kernel', 'conv_fused_kernel')} | {r['T']} | {r['BM']}x{r['BN']} | {r['VEC_A']} | "
+                 f"{r.get('target', 'sm_%d' % r['arch'])} | {r['registers']} | "
+                 f"{r['spill_stores']} | {r['shared']} | {mma} | {r.get('tma', 0)} | {r.get('widest_load_bits')}/"
                  f"{r.get('widest_store_bits')} | {r.get('main_loop_instr_per_mma')} |")
     return "\n".join(L) + "\n"
+
+
+def refresh_cuda(out_dir: Path, archs: list[int], nvcc: str) -> dict:
+    """Recompile only the CUDA C++ section into the committed report (the Triton sections need a cold
+    ~20-minute compile and do not change when only csrc/ does). Records the commit it describes."""
+    path = out_dir / "static_sm90.json"
+    if not path.is_file():
+        raise SystemExit(f"static_sm90 --cuda-only: {path} does not exist; run the full report first")
+    rep = json.loads(path.read_text())
+    rows: list[dict] = []
+    note = None
+    for a in archs:
+        try:
+            rows += analyse_cuda(a, nvcc)
+        except Exception as exc:
+            note = f"{type(exc).__name__}: {exc}"[:2000]
+    rep.update(cuda=rows, cuda_note=note, cuda_commit=_git("rev-parse", "HEAD"),
+               cuda_dirty=_git("status", "--porcelain", "--untracked-files=no", "--", "csrc").splitlines(),
+               cuda_date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+               nvcc=subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    atomic_write_text(path, json.dumps(rep, separators=(",", ":")) + "\n")
+    atomic_write_text(out_dir / "static_sm90.md", markdown(rep))
+    return rep
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -670,11 +729,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--archs", type=int, nargs="+", default=[90, 80])
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--nvcc", default=shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc")
+    ap.add_argument("--cuda-only", action="store_true",
+                    help="recompile only the CUDA C++ section into the existing report (minutes, not ~20)")
     ap.add_argument("--record-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.record_only:
         print(json.dumps({"launches": record(), "waves": wave_census()}))
         return 0
+    if args.cuda_only:
+        rep = refresh_cuda(Path(args.out), args.archs, args.nvcc)
+        bad = _violations(rep["cuda"])
+        print(f"static_sm90 --cuda-only: {len(rep['cuda'])} CUDA records; {len(bad)} violations")
+        for b in bad:
+            print("  " + b)
+        return 1 if bad else 0
     rep = build(Path(args.out), args.archs, args.jobs, args.nvcc)
     bad = _violations(rep["triton"]) + _violations(rep["cuda"])
     print(f"static_sm90: {len(rep['triton'])} Triton and {len(rep['cuda'])} CUDA records in {rep['seconds']} s; "

@@ -18,6 +18,11 @@
 #include <torch/library.h>
 #include <torch/version.h>  // TORCH_VERSION_MAJOR/MINOR/PATCH
 
+#include <cstring>
+#include <exception>
+
+#include "cuda/conv_policy.h"
+
 TORCH_LIBRARY(ahnet_fast_cuda, m) {
   // (N,C,H,W,D) -> (N,C,H,W,D//2): max over z-pairs, no index tensor.
   m.def("zmaxpool_forward(Tensor x) -> Tensor");
@@ -49,9 +54,61 @@ TORCH_LIBRARY(ahnet_fast_cuda, m) {
 #define AHF_STR2(x) #x
 #define AHF_STR(x) AHF_STR2(x)
 
+// ---- the conv kernel policy (csrc/cuda/conv_policy.h) as plain module functions: they take no
+// tensors, so they are not dispatcher ops. ahnet_fast._cuda wraps them (set_conv_kernel, ...).
+namespace {
+const char* const kModeNames[] = {"wmma", "wgmma", "auto"};
+
+template <typename F>
+PyObject* guarded(F&& body) {
+  try {
+    return body();
+  } catch (const std::exception& exc) {
+    PyErr_SetString(PyExc_RuntimeError, exc.what());
+    return nullptr;
+  }
+}
+
+PyObject* py_conv_kernel(PyObject*, PyObject*) {
+  return guarded([] { return PyUnicode_FromString(kModeNames[ahnet_fast_cuda::conv_kernel_mode()]); });
+}
+
+PyObject* py_set_conv_kernel(PyObject*, PyObject* args) {
+  const char* name = nullptr;
+  if (!PyArg_ParseTuple(args, "s", &name)) return nullptr;
+  for (int mode = 0; mode < 3; ++mode) {
+    if (std::strcmp(name, kModeNames[mode]) == 0) {
+      return guarded([mode] { return PyUnicode_FromString(kModeNames[ahnet_fast_cuda::set_conv_kernel_mode(mode)]); });
+    }
+  }
+  PyErr_Format(PyExc_ValueError, "conv kernel %R is not accepted; use \"wmma\", \"wgmma\" or \"auto\"", PyTuple_GetItem(args, 0));
+  return nullptr;
+}
+
+PyObject* py_wgmma_supported(PyObject*, PyObject* args) {
+  int device = 0;
+  if (!PyArg_ParseTuple(args, "i", &device)) return nullptr;
+  return guarded([device] { return PyBool_FromLong(ahnet_fast_cuda::wgmma_supported(device) ? 1 : 0); });
+}
+
+PyObject* py_conv_launch_counts(PyObject*, PyObject*) {
+  return guarded([] {
+    return Py_BuildValue("{s:L,s:L}", "wmma", static_cast<long long>(ahnet_fast_cuda::conv_launch_count(0)), "wgmma",
+                         static_cast<long long>(ahnet_fast_cuda::conv_launch_count(1)));
+  });
+}
+
+PyMethodDef kMethods[] = {
+    {"conv_kernel", py_conv_kernel, METH_NOARGS, "conv3d_fused's kernel policy: 'wmma', 'wgmma' or 'auto'"},
+    {"set_conv_kernel", py_set_conv_kernel, METH_VARARGS, "set the policy ('wmma', 'wgmma', 'auto'); returns the previous one"},
+    {"wgmma_supported", py_wgmma_supported, METH_VARARGS, "whether CUDA device i can run the sm_90a wgmma conv"},
+    {"conv_launch_counts", py_conv_launch_counts, METH_NOARGS, "{'wmma': n, 'wgmma': m}: conv launches per kernel so far"},
+    {nullptr, nullptr, 0, nullptr}};
+}  // namespace
+
 static PyModuleDef ahnet_fast_c_module = {
     PyModuleDef_HEAD_INIT, "_C",
-    "ahnet_fast CUDA kernels; the ops are torch.ops.ahnet_fast_cuda.*", -1, nullptr};
+    "ahnet_fast CUDA kernels; the ops are torch.ops.ahnet_fast_cuda.*", -1, kMethods};
 
 PyMODINIT_FUNC PyInit__C(void) {
   PyObject* mod = PyModule_Create(&ahnet_fast_c_module);

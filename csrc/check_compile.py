@@ -1,8 +1,9 @@
 """Compile every csrc/ translation unit with nvcc, as `pip install` would, without linking.
 
 Used by CI on a machine without a GPU (and possibly with a CPU build of torch) to prove the sources
-compile for sm_80 and sm_90. The flags are those setup.py gives the extension (imported from it,
-not copied) plus the ones torch's BuildExtension adds itself (torch.utils.cpp_extension's
+compile for sm_80 and sm_90a (the Hopper image, where the wgmma conv lives). The flags are those
+setup.py gives the extension (imported from it, not copied) plus the ones torch's BuildExtension
+adds itself (torch.utils.cpp_extension's
 COMMON_NVCC_FLAGS, -std=c++20, -fPIC, -DTORCH_API_INCLUDE_EXTENSION_H, the extension name, the C++
 ABI flag and the -gencode flags torch derives from TORCH_CUDA_ARCH_LIST).
 
@@ -10,7 +11,7 @@ A CPU build of torch lacks two cmake-generated CUDA headers (c10/cuda/impl/cuda_
 ATen/cuda/CUDAConfig.h), so point --torch-include at the include/ folder of a CUDA build of torch
 (CI unpacks it from that build's wheel; nothing is installed).
 
-    python csrc/check_compile.py [--torch-include DIR] [--archs "8.0;9.0"] [--jobs N] [--out DIR]
+    python csrc/check_compile.py [--torch-include DIR] [--archs "8.0;9.0a"] [--jobs N] [--out DIR]
 """
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ def compile_commands(torch_include: str | None, archs: str, out_dir: str, nvcc: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--torch-include", help="include/ folder of a CUDA build of torch (default: the installed torch)")
-    parser.add_argument("--archs", default="8.0;9.0", help="TORCH_CUDA_ARCH_LIST to compile for (default 8.0;9.0)")
+    parser.add_argument("--archs", default="8.0;9.0a", help="TORCH_CUDA_ARCH_LIST to compile for (default 8.0;9.0a)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--nvcc", default=os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"))
     parser.add_argument("--out", help="folder for the object files (default: a temporary folder)")

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -191,10 +192,11 @@ def test_decide_cuda_build_full_toolchain(setup_mod):
 
 
 def test_arch_list(setup_mod):
-    assert setup_mod.resolve_arch_list({}, []) == "8.0;9.0"  # no visible GPU
+    assert setup_mod.resolve_arch_list({}, []) == "8.0;9.0a"  # no visible GPU: sm_90a for the wgmma conv
     assert setup_mod.resolve_arch_list({"TORCH_CUDA_ARCH_LIST": "9.0"}, [(8, 0)]) == "9.0"  # user wins
     assert setup_mod.resolve_arch_list({"TORCH_CUDA_ARCH_LIST": "8.0 9.0+PTX"}, []) == "8.0;9.0+PTX"
-    assert setup_mod.resolve_arch_list({}, [(9, 0), (8, 6), (9, 0)]) == "8.6;9.0"  # visible GPUs
+    assert setup_mod.resolve_arch_list({}, [(9, 0), (8, 6), (9, 0)]) == "8.6;9.0a"  # visible GPUs (9.0 -> 9.0a)
+    assert setup_mod.resolve_arch_list({"TORCH_CUDA_ARCH_LIST": "8.0;9.0a"}, []) == "8.0;9.0a"
     with pytest.raises(setup_mod.BuildConfigError, match="contains 7.5"):
         setup_mod.resolve_arch_list({"TORCH_CUDA_ARCH_LIST": "7.5;8.0"}, [])
     with pytest.raises(setup_mod.BuildConfigError, match="not understood"):
@@ -268,3 +270,36 @@ def test_setup_py_keeps_kernels_inside_the_package():
     text = (ROOT / "setup.py").read_text()
     assert 'package_dir={"ahnet_fast.kernels": "kernels"}' in text
     assert '+ ["ahnet_fast.kernels"]' in text
+
+
+def test_wgmma_ptx_header_is_what_the_generator_writes():
+    """csrc/cuda/wgmma_ptx.cuh is generated (one asm wrapper per dtype and tile width): never stale."""
+    proc = subprocess.run([sys.executable, str(ROOT / "csrc" / "gen_wgmma_ptx.py"), "--check"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    header = (ROOT / "csrc" / "cuda" / "wgmma_ptx.cuh").read_text()
+    # the tile widths the host can pick (conv_wgmma.cuh, wgmma_tile_n) all have a wrapper
+    wgmma = (ROOT / "csrc" / "cuda" / "conv_wgmma.cuh").read_text()
+    picked = {int(bn) for _, bn in re.findall(r"cout <= (\d+) \? (\d+)", wgmma)} | {128}
+    assert picked == {8, 24, 64, 80, 128}
+    for t in ("__nv_bfloat16", "__half"):
+        for n in picked:
+            assert f"struct Wgmma<{t}, {n}>" in header, (t, n)
+            assert f"m64n{n}k16.f32.{'bf16.bf16' if t == '__nv_bfloat16' else 'f16.f16'}" in header
+
+
+def test_conv_kernel_policy_default_env_and_errors():
+    """The wgmma conv is not chosen unless asked for until it is verified on a GPU; the environment
+    variable and set_conv_kernel accept exactly wmma/wgmma/auto and say so otherwise."""
+    assert _cuda.default_conv_kernel({}) == ("auto" if _cuda.WGMMA_VERIFIED_ON_GPU else "wmma")
+    assert _cuda.default_conv_kernel({"AHNET_FAST_CUDA_CONV": " WGMMA "}) == "wgmma"
+    assert _cuda.default_conv_kernel({"AHNET_FAST_CUDA_CONV": ""}) in ("wmma", "auto")
+    with pytest.raises(ValueError, match=r"AHNET_FAST_CUDA_CONV='fast' is not accepted; use one of wmma, wgmma, auto"):
+        _cuda.default_conv_kernel({"AHNET_FAST_CUDA_CONV": "fast"})
+    with pytest.raises(ValueError, match=r"set_conv_kernel\('fast'\): accepted: wmma, wgmma, auto"):
+        _cuda.set_conv_kernel("fast")
+    if not _cuda.status()[0]:
+        # without a usable extension: nothing can run it, and asking for the policy says why
+        assert _cuda.wgmma_supported() is False
+        with pytest.raises(_cuda.CudaExtensionError):
+            _cuda.conv_kernel()

@@ -10,8 +10,14 @@ its conv3d_fused kernel (skipped, saying why, when the package was installed wit
 shapes exercise both tile shapes of the kernel (128x32 for Cout <= 32, 64x64 above, several N
 tiles above 64), both A-loader paths (16-byte vectors for channels-last x with Cin % 8 == 0,
 element-wise otherwise), partial M/N/K tiles (odd H/W, D = 1, 2, 3; C not a multiple of 16) and
-every fusion option. That the source compiles for sm_80/sm_90 is checked by CI
+every fusion option. That the source compiles for sm_80/sm_90a is checked by CI
 (csrc/check_compile.py compiles every csrc/cuda/*.cu).
+
+Every test runs twice, once per conv kernel policy (ahnet_fast._cuda.set_conv_kernel): "wmma"
+(conv_fused_kernel) and "wgmma" (the sm_90a wgmma + TMA kernel of csrc/cuda/conv_wgmma.cuh, for
+the bf16/fp16 calls with channels-last x or one input channel; the others fall back to WMMA). The
+wgmma half is skipped, saying why, off Hopper. It is the run that may flip
+ahnet_fast._cuda.WGMMA_VERIFIED_ON_GPU.
 """
 from __future__ import annotations
 
@@ -25,9 +31,10 @@ from _kernel_cases import (CL, DEV, DTYPES, K111, K111_S2, K113, K331, K331_S2, 
 pytestmark = pytest.mark.gpu
 
 
-@pytest.fixture(scope="module")
-def conv3d_fused():
-    """The wrapper ahnet_fast._cuda.conv3d_fused (contract signature of kernels/conv.py)."""
+@pytest.fixture(scope="module", params=["wmma", "wgmma"])
+def conv3d_fused(request):
+    """The wrapper ahnet_fast._cuda.conv3d_fused (contract signature of kernels/conv.py), with the
+    conv kernel policy of the parameter set for the module's tests."""
     from ahnet_fast import _cuda
 
     ok, why = _cuda.status()
@@ -35,7 +42,47 @@ def conv3d_fused():
         pytest.skip(f"CUDA extension not usable here: {why}")
     if "conv3d_fused" not in _cuda.implemented():
         pytest.skip(f"the CUDA extension has no conv3d_fused kernel (implemented: {sorted(_cuda.implemented())})")
-    return _cuda.conv3d_fused
+    if request.param == "wgmma" and not _cuda.wgmma_supported():
+        pytest.skip(f"the wgmma conv needs compute capability 9.0 and a 9.0a build; this is "
+                    f"sm_{''.join(map(str, torch.cuda.get_device_capability()))}, built for "
+                    f"{(_cuda.build_info() or {}).get('cuda_arch_list')}")
+    with _cuda.use_conv_kernel(request.param):
+        yield _cuda.conv3d_fused
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_wgmma_kernel_takes_the_calls_it_accepts(dtype):
+    """Under "wgmma" the Hopper kernel really runs (launch counters) for channels-last x and for one
+    input channel in any layout, and WMMA takes NCDHW x with several channels and fp32; each output
+    tile width (8, 24, 64, 80, 128) and both gathers are checked against float64."""
+    from ahnet_fast import _cuda
+
+    if not _cuda.status()[0] or not _cuda.wgmma_supported():
+        pytest.skip("needs the CUDA extension on a compute capability 9.0 GPU with a 9.0a build")
+    cases = [  # (geometry, shape, cout, channels_last, expected kernel)
+        (K331, (1, 1, 9, 7, 4), 1, False, "wgmma"),      # one channel, NCDHW: element gather, N tile 8
+        (K331, (2, 80, 9, 7, 3), 20, True, "wgmma"),     # decoder 3x3x1 80->20: vector gather, N tile 24
+        (K113, (2, 20, 5, 6, 8), 20, True, "wgmma"),     # decoder 1x1x3 20->20: element gather (Cin % 8 != 0)
+        (K111, (1, 64, 6, 5, 4), 64, True, "wgmma"),     # N tile 64
+        (K111, (1, 104, 6, 5, 4), 80, True, "wgmma"),    # N tile 80, K = 104: a partial chunk
+        (K331_S2, (1, 128, 9, 9, 2), 130, True, "wgmma"),  # two N tiles of 128, stride 2
+        (K331, (1, 16, 5, 5, 3), 20, False, "wmma"),     # NCDHW with 16 channels: WMMA
+    ]
+    with _cuda.use_conv_kernel("wgmma"):
+        for geom, shape, cout, cl, expect in cases:
+            (k, stride, padding) = geom
+            x = rand(shape, dtype, cl)
+            w = rand((cout, shape[1], *k), dtype, False, scale=0.3)
+            before = _cuda.conv_launch_counts()
+            y = _cuda.conv3d_fused(x, w, stride=stride, padding=padding)
+            torch.cuda.synchronize()
+            after = _cuda.conv_launch_counts()
+            assert after[expect] == before[expect] + 1, (shape, cout, cl, expect, before, after)
+            check_conv(y, x, w, stride=stride, padding=padding)
+        x = rand((1, 16, 5, 5, 3), torch.float32, True)
+        before = _cuda.conv_launch_counts()
+        _cuda.conv3d_fused(x, rand((8, 16, 3, 3, 1), torch.float32, False), padding=(1, 1, 0))
+        assert _cuda.conv_launch_counts()["wmma"] == before["wmma"] + 1  # fp32 stays on the FMA kernel
 
 
 # ------------------------------------------------------------------------------------------ plain conv

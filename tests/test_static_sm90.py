@@ -100,8 +100,19 @@ def test_16bit_conv_main_loops_use_wgmma_on_sm90(report):
     sm80 = [r for r in report["triton"] if r["spec"]["kernel"] == "_conv_kernel" and r["arch"] == 80
             and dict(map(tuple, r["spec"]["signature"]))["x_ptr"] == "*bf16"]
     assert sm80 and all(r["hmma"] > 0 and r["hgmma"] == 0 for r in sm80)
-    # the CUDA C++ conv is WMMA (mma.sync) only: no wgmma, a known gap of csrc
-    assert all(r["hgmma"] == 0 for r in report["cuda"])
+    # the CUDA C++ conv: conv_fused_kernel is WMMA (mma.sync, HMMA) on every arch; conv_wgmma_kernel
+    # (csrc/cuda/conv_wgmma.cuh) exists in the sm_90a image only and is wgmma (HGMMA) fed by the TMA,
+    # with the MMA inside its main loop, for every output-tile width and both gathers
+    fused = [r for r in report["cuda"] if r.get("kernel", "conv_fused_kernel") == "conv_fused_kernel"]
+    assert fused and all(r["hgmma"] == 0 for r in fused)
+    assert all(r["hmma"] > 0 for r in fused if r["T"] != "float")
+    wg = [r for r in report["cuda"] if r.get("kernel") == "conv_wgmma_kernel"]
+    assert {(r["T"], r["BN"], r["VEC_A"]) for r in wg} == {
+        (t, bn, v) for t in ("__nv_bfloat16", "__half") for bn in (8, 24, 64, 80, 128) for v in (True, False)}
+    for r in wg:
+        assert r["arch"] == 90 and r["target"] == "sm_90a", r["mangled"]
+        assert r["hgmma"] > 0 and r["hmma"] == 0 and r["tma"] > 0, r["mangled"]
+        assert r["main_loop_mma"] and r["main_loop_mma"] >= 4, r["mangled"]  # 4 k16 steps per 64-wide chunk
 
 
 def test_channels_last_activations_move_in_16_byte_vectors(report):

@@ -10,6 +10,13 @@
 // Host-side work per call: argument checks, the weight repacked to (taps, Cin_pad, Cout_pad)
 // zero-filled (two small ops), one kernel launch, and with compute_stats the merge of the per-tile
 // (count, mean, M2) partials in fp32 with torch ops (fixed shapes and order: deterministic).
+//
+// Two device paths: conv_fused_kernel (conv_fused.cuh: WMMA for bf16/fp16, FMA for fp32; sm_80 and
+// newer) and, on Hopper, conv_wgmma_kernel (conv_wgmma.cuh: wgmma + TMA, bf16/fp16, x channels-last
+// or Cin == 1), chosen per call by the process-wide policy set_conv_kernel_mode(): "wmma" (the
+// default until the wgmma path has passed its GPU tests: ahnet_fast._cuda.WGMMA_VERIFIED_ON_GPU),
+// "wgmma" (wherever the call and the device allow; an error on a device without the sm_90a image)
+// or "auto" (wgmma wherever allowed, silently WMMA elsewhere).
 // x, residual and out are read/written with their own strides: channels_last_3d, contiguous and
 // channel slices of either need no copy. `out` must not overlap x or residual.
 #include <ATen/ops/arange.h>
@@ -19,10 +26,65 @@
 #include <tuple>
 #include <vector>
 
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
+
+#include <array>
+#include <atomic>
+#include <mutex>
+
 #include "common.cuh"
 #include "conv_fused.cuh"
+#include "conv_policy.h"
+#include "conv_wgmma.cuh"
 
 namespace ahnet_fast_cuda {
+
+// ---- the process-wide kernel policy and launch counters (ahnet_fast._cuda reads and sets them)
+namespace {
+std::atomic<int> g_conv_kernel_mode{kConvKernelWmma};
+std::atomic<int64_t> g_conv_launches[2] = {{0}, {0}};  // [0] conv_fused_kernel, [1] conv_wgmma_kernel
+
+// Whether `device` runs the sm_90a image of this library (compute capability 9.0 and the driver
+// loaded the image built for compute_90a, where conv_wgmma_kernel has a body): asked once per
+// device with a one-thread probe kernel.
+bool device_runs_sm90a(int device) {
+  static std::mutex mu;
+  static std::array<int, 64> known{};  // 0 unknown, 1 yes, 2 no
+  if (device < 0 || device >= static_cast<int>(known.size())) return false;
+  std::lock_guard<std::mutex> lock(mu);
+  if (known[device] == 0) {
+    int major = 0, minor = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    bool yes = false;
+    if (major == 9 && minor == 0) {
+      const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+      int* flag = nullptr;
+      C10_CUDA_CHECK(cudaMalloc(&flag, sizeof(int)));
+      conv::hopper::wgmma_probe_kernel<<<1, 1>>>(flag);
+      int host = 0;
+      const cudaError_t launched = cudaGetLastError();
+      const cudaError_t copied = cudaMemcpy(&host, flag, sizeof(int), cudaMemcpyDeviceToHost);
+      C10_CUDA_CHECK(cudaFree(flag));
+      C10_CUDA_CHECK(launched);
+      C10_CUDA_CHECK(copied);
+      yes = host == 1;
+    }
+    known[device] = yes ? 1 : 2;
+  }
+  return known[device] == 1;
+}
+}  // namespace
+
+int conv_kernel_mode() { return g_conv_kernel_mode.load(); }
+int set_conv_kernel_mode(int mode) {
+  TORCH_CHECK(mode == kConvKernelWmma || mode == kConvKernelWgmma || mode == kConvKernelAuto,
+              "ahnet_fast_cuda: conv kernel mode ", mode, " is not one of wmma/wgmma/auto");
+  return g_conv_kernel_mode.exchange(mode);
+}
+bool wgmma_supported(int device) { return device_runs_sm90a(device); }
+int64_t conv_launch_count(int kernel) { return g_conv_launches[kernel == 0 ? 0 : 1].load(); }
+
 namespace {
 
 using conv::ConvParams;
@@ -161,16 +223,101 @@ void launch(const ConvParams& p, unsigned int blocks, cudaStream_t stream) {
   }
 }
 
+// ---- sm_90 wgmma path (conv_wgmma.cuh)
+using conv::hopper::WgSmem;
+
+// Whether this call runs conv_wgmma_kernel under the current policy (an error when the policy is
+// "wgmma" and the device cannot run it).
+template <typename T>
+bool use_wgmma(const char* op, const ConvCall& c) {
+  const int mode = g_conv_kernel_mode.load();
+  if (mode == kConvKernelWmma || std::is_same_v<T, float>) return false;
+  const int device = c.x.get_device();
+  if (!device_runs_sm90a(device)) {
+    TORCH_CHECK(mode != kConvKernelWgmma, "ahnet_fast_cuda::", op, ": the conv kernel is set to \"wgmma\" but GPU ",
+                device, " cannot run it (it needs compute capability 9.0 and a build for TORCH_CUDA_ARCH_LIST "
+                "9.0a); use set_conv_kernel(\"wmma\") or \"auto\"");
+    return false;
+  }
+  // the element-wise gather walks channels fastest: x channels-last, or one channel (any layout)
+  const bool layout_ok = c.x.stride(1) == 1 || c.Cin == 1;
+  const int64_t K = c.KH * c.KW * c.KD * c.Cin;
+  const bool fits = K <= (int64_t{1} << 30) && c.KH < 256 && c.KW < 256 && c.KD < 256 &&
+                    WgSmem<128>::bytes(static_cast<int>(c.Cin), true) <= 232448;
+  return layout_ok && fits;
+}
+
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault,
+                                                             &found);
+    TORCH_CHECK(err == cudaSuccess && found == cudaDriverEntryPointSuccess && ptr != nullptr,
+                "ahnet_fast_cuda: the CUDA driver has no cuTensorMapEncodeTiled (", cudaGetErrorString(err),
+                "); the sm_90 wgmma conv needs a CUDA 12+ driver");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
+  }();
+  return fn;
+}
+
+template <typename T, int BN>
+void launch_wgmma_bn(const ConvParams& p, const at::Tensor& wp, unsigned int blocks, cudaStream_t stream) {
+  // the packed weights (Cout_pad, k_pad), K contiguous, as a 2-D tensor map: box 64 x BN, 128-byte swizzle
+  CUtensorMap map;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(p.k_pad), static_cast<cuuint64_t>(p.cout_pad)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(p.k_pad) * sizeof(T)};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(conv::hopper::kBK), static_cast<cuuint32_t>(BN)};
+  const cuuint32_t estrides[2] = {1, 1};
+  const CUresult enc = tensor_map_encoder()(
+      &map, std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2,
+      const_cast<void*>(wp.const_data_ptr()), dims, strides, box, estrides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+      CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TORCH_CHECK(enc == CUDA_SUCCESS, "ahnet_fast_cuda::conv3d_fused: cuTensorMapEncodeTiled failed (CUresult ",
+              static_cast<int>(enc), ") for packed weights ", p.cout_pad, " x ", p.k_pad);
+  const size_t smem = WgSmem<BN>::bytes(p.Cin, p.in_scale != nullptr);
+  const bool vec = p.sxc == 1 && p.Cin % 8 == 0 && p.sxn % 8 == 0 && p.sxh % 8 == 0 && p.sxw % 8 == 0 &&
+                   p.sxd % 8 == 0 && reinterpret_cast<uintptr_t>(p.x) % 16 == 0;
+  auto kernel = vec ? conv::hopper::conv_wgmma_kernel<T, BN, true> : conv::hopper::conv_wgmma_kernel<T, BN, false>;
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  }
+  kernel<<<blocks, conv::kThreads, smem, stream>>>(p, map);
+}
+
+template <typename T>
+void launch_wgmma(const ConvParams& p, const at::Tensor& wp, int BN, unsigned int blocks, cudaStream_t stream) {
+  switch (BN) {
+    case 8: return launch_wgmma_bn<T, 8>(p, wp, blocks, stream);
+    case 24: return launch_wgmma_bn<T, 24>(p, wp, blocks, stream);
+    case 64: return launch_wgmma_bn<T, 64>(p, wp, blocks, stream);
+    case 80: return launch_wgmma_bn<T, 80>(p, wp, blocks, stream);
+    default: return launch_wgmma_bn<T, 128>(p, wp, blocks, stream);
+  }
+}
+
 template <typename T>
 std::tuple<at::Tensor, at::Tensor> run_typed(const char* op, const ConvCall& c, const at::Tensor& out,
                                              const std::string& what) {
-  const conv::TileShape ts = conv::tile_shape<T>(static_cast<int>(c.Cout));
+  const bool wg = use_wgmma<T>(op, c);
+  const conv::TileShape ts = wg ? conv::TileShape{conv::hopper::kBM, conv::hopper::wgmma_tile_n(static_cast<int>(c.Cout)),
+                                                  conv::hopper::kBK}
+                                : conv::tile_shape<T>(static_cast<int>(c.Cout));
   const int64_t taps = c.KH * c.KW * c.KD;
   const int64_t cin_pad = round_up(c.Cin, ts.BK), cout_pad = round_up(c.Cout, ts.BN);
-  // (Cout, Cin, KH, KW, KD) -> (taps, Cin_pad, Cout_pad), zero-filled: every B tile is in bounds
-  // and 16-byte aligned, and the padded channels contribute exact zeros
-  at::Tensor wp = at::zeros({taps, cin_pad, cout_pad}, c.weight.options().memory_format(at::MemoryFormat::Contiguous));
-  wp.narrow(1, 0, c.Cin).narrow(2, 0, c.Cout).copy_(c.weight.permute({2, 3, 4, 1, 0}).reshape({taps, c.Cin, c.Cout}));
+  const int64_t K = taps * c.Cin, k_pad = round_up(K, conv::hopper::kBK);
+  at::Tensor wp;
+  if (wg) {
+    // (Cout, Cin, KH, KW, KD) -> (Cout_pad, K_pad) with k = tap*Cin + ci, zero-filled: the TMA boxes
+    // are always in bounds, and the padded rows/columns contribute exact zeros
+    wp = at::zeros({cout_pad, k_pad}, c.weight.options().memory_format(at::MemoryFormat::Contiguous));
+    wp.narrow(0, 0, c.Cout).narrow(1, 0, K).copy_(c.weight.permute({0, 2, 3, 4, 1}).reshape({c.Cout, K}));
+  } else {
+    // (Cout, Cin, KH, KW, KD) -> (taps, Cin_pad, Cout_pad), zero-filled: every B tile is in bounds
+    // and 16-byte aligned, and the padded channels contribute exact zeros
+    wp = at::zeros({taps, cin_pad, cout_pad}, c.weight.options().memory_format(at::MemoryFormat::Contiguous));
+    wp.narrow(1, 0, c.Cin).narrow(2, 0, c.Cout).copy_(c.weight.permute({2, 3, 4, 1, 0}).reshape({taps, c.Cin, c.Cout}));
+  }
 
   const bool pooled = c.pool != conv::kPoolNone;
   const int64_t Dc = pooled ? 2 * (c.Do / 2) : c.Do;
@@ -217,6 +364,8 @@ std::tuple<at::Tensor, at::Tensor> run_typed(const char* op, const ConvCall& c, 
   p.pad_d = static_cast<int>(c.pad[2]);
   p.cin_pad = static_cast<int>(cin_pad);
   p.cout_pad = static_cast<int>(cout_pad);
+  p.K = static_cast<int>(K);
+  p.k_pad = static_cast<int>(k_pad);
   p.n_tiles = static_cast<int>(n_tiles);
   p.pool = c.pool;
   p.in_relu = c.in_relu;
@@ -232,8 +381,12 @@ std::tuple<at::Tensor, at::Tensor> run_typed(const char* op, const ConvCall& c, 
   }
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  launch<T>(p, static_cast<unsigned int>(m_tiles * n_tiles), stream);
+  if constexpr (!std::is_same_v<T, float>) {  // no fp32 wgmma kernel (use_wgmma is false for fp32)
+    if (wg) launch_wgmma<T>(p, wp, ts.BN, static_cast<unsigned int>(m_tiles * n_tiles), stream);
+  }
+  if (!wg) launch<T>(p, static_cast<unsigned int>(m_tiles * n_tiles), stream);
   AHF_CHECK_LAUNCH(op, what);
+  g_conv_launches[wg ? 1 : 0].fetch_add(1, std::memory_order_relaxed);
 
   if (!c.stats) {
     const at::Tensor none = at::empty({0}, c.x.options().dtype(at::kFloat));

@@ -73,6 +73,7 @@ struct ConvParams {
   int KH, KW, KD;
   int st_h, st_w, st_d, pad_h, pad_w, pad_d;
   int cin_pad, cout_pad;   // packed weight dims: multiples of BK and BN
+  int K, k_pad;            // sm_90 wgmma path only (conv_wgmma.cuh): taps*Cin, rounded up to 64
   int n_tiles;             // ceil(Cout / BN)
   int pool;                // PoolMode
   bool in_relu, relu;
@@ -426,6 +427,120 @@ __device__ __forceinline__ float pre_affine(const float* c, int pool, int r, int
   return c[r * LDC + col] + bias;
 }
 
+// Row -> (n, ho, wo, d) for the BM rows of the tile starting at GEMM row m0 (n = -1 past the last
+// row). The divisions run once per tile row, before the main loop.
+template <int BM>
+__device__ __forceinline__ void tile_rows(const ConvParams& p, int64_t m0, int4* rows) {
+  for (int r = threadIdx.x; r < BM; r += kThreads) {
+    const int64_t m = m0 + r;
+    int4 info = make_int4(-1, 0, 0, 0);
+    if (m < p.M) {
+      int64_t q = m / p.Dc;
+      info.w = static_cast<int>(m - q * p.Dc);
+      const int64_t q2 = q / p.Wo;
+      info.z = static_cast<int>(q - q2 * p.Wo);
+      q = q2 / p.Ho;
+      info.y = static_cast<int>(q2 - q * p.Ho);
+      info.x = static_cast<int>(q);
+    }
+    rows[r] = info;
+  }
+}
+
+// The fused epilogue of one BM x BN output tile (M tile mt starting at row m0 = mt*BM, first output
+// channel n0), shared by the WMMA kernel below and the sm_90 wgmma kernel (conv_wgmma.cuh): c holds
+// the fp32 accumulators (row stride LDC) in shared memory, rows the tile's row coordinates, red
+// kThreads x 3 floats of scratch for the statistics. Called by all kThreads threads (it has a
+// barrier). m0 is passed rather than recomputed from mt: recomputing it made ptxas allocate the
+// fp32 64x64 element-wise kernel at 128 registers with an 8-byte spill.
+template <typename T, int BM, int BN, int LDC>
+__device__ __forceinline__ void conv_epilogue(const ConvParams& p, const float* c, const int4* rows,
+                                              float (*red)[kThreads], int64_t mt, int64_t m0, int n0) {
+  using E = Elem<T>;
+  using bits = typename E::bits;
+  const bool pooled = p.pool != kPoolNone;
+  const int R = pooled ? BM / 2 : BM;                 // output rows of this tile
+  const int64_t m_out = pooled ? p.M / 2 : p.M;       // output rows in total (M is even with a pool)
+  const int64_t r0 = pooled ? m0 / 2 : m0;
+  const int64_t left = m_out - r0;
+  const int rows_valid = left < R ? static_cast<int>(left) : R;
+
+  if (p.part_mean != nullptr) {
+    // Per-channel (mean, M2) of the pre-affine value over this tile's valid output rows: G row
+    // groups per channel, each exact two-pass, merged in a fixed order (Chan et al.).
+    constexpr int G = kThreads / BN;
+    const int col = threadIdx.x % BN, g = threadIdx.x / BN;
+    const float bias = (p.bias != nullptr && n0 + col < p.Cout) ? __ldg(p.bias + n0 + col) : 0.f;
+    float cnt = 0.f, sum = 0.f;
+    for (int r = g; r < rows_valid; r += G) {
+      sum += pre_affine<LDC>(c, p.pool, r, col, bias);
+      cnt += 1.f;
+    }
+    const float mean = cnt > 0.f ? sum / cnt : 0.f;
+    float m2 = 0.f;
+    for (int r = g; r < rows_valid; r += G) {
+      const float dv = pre_affine<LDC>(c, p.pool, r, col, bias) - mean;
+      m2 = fmaf(dv, dv, m2);
+    }
+    red[0][threadIdx.x] = cnt;
+    red[1][threadIdx.x] = mean;
+    red[2][threadIdx.x] = m2;
+    __syncthreads();
+    if (g == 0 && n0 + col < p.Cout) {
+      float n = cnt, mu = mean, q = m2;
+      for (int h = 1; h < G; ++h) {
+        const int s = h * BN + col;
+        const float nb = red[0][s];
+        if (nb == 0.f) continue;
+        const float nn = n + nb, delta = red[1][s] - mu;
+        mu += delta * (nb / nn);
+        q += red[2][s] + delta * delta * (n * nb / nn);
+        n = nn;
+      }
+      const int64_t o = mt * p.Cout + n0 + col;
+      p.part_mean[o] = mu;
+      p.part_m2[o] = q;
+    }
+  }
+
+  // bias, pool, affine, residual, ReLU, store
+  const bits* res = static_cast<const bits*>(p.residual);
+  bits* out = static_cast<bits*>(p.out);
+  for (int e = threadIdx.x; e < R * BN; e += kThreads) {
+    int r, col;
+    if (p.out_channel_fast) {
+      r = e / BN;
+      col = e % BN;
+    } else {
+      r = e % R;
+      col = e / R;
+    }
+    const int co = n0 + col;
+    if (r >= rows_valid || co >= p.Cout) continue;
+    const float bias = p.bias != nullptr ? __ldg(p.bias + co) : 0.f;
+    const float sc = p.out_scale != nullptr ? __ldg(p.out_scale + co) : 1.f;
+    const float sh = p.out_shift != nullptr ? __ldg(p.out_shift + co) : 0.f;
+    float v;
+    if (p.pool == kPoolAfterAffine) {
+      // affine on both, then the max: max(s*a, s*b) != s*max(a, b) when s < 0
+      const float a = fmaf(c[(2 * r) * LDC + col] + bias, sc, sh);
+      const float b = fmaf(c[(2 * r + 1) * LDC + col] + bias, sc, sh);
+      v = pool_pick_second(a, b) ? b : a;
+    } else {
+      v = fmaf(pre_affine<LDC>(c, p.pool, r, col, bias), sc, sh);
+    }
+    const int4 row = rows[pooled ? 2 * r : r];
+    const int64_t dout = pooled ? row.w / 2 : row.w;
+    if (res != nullptr) {
+      v += E::to_f(res[static_cast<int64_t>(row.x) * p.srn + static_cast<int64_t>(co) * p.src +
+                       static_cast<int64_t>(row.y) * p.srh + static_cast<int64_t>(row.z) * p.srw + dout * p.srd]);
+    }
+    if (p.relu) v = relu_keep_nan(v);
+    out[static_cast<int64_t>(row.x) * p.son + static_cast<int64_t>(co) * p.soc + static_cast<int64_t>(row.y) * p.soh +
+        static_cast<int64_t>(row.z) * p.sow + dout * p.sod] = E::from_f(v);
+  }
+}
+
 template <typename T, int BM, int BN, bool VEC_A>
 __global__ void __launch_bounds__(kThreads) conv_fused_kernel(const ConvParams p) {
   using E = Elem<T>;
@@ -440,21 +555,7 @@ __global__ void __launch_bounds__(kThreads) conv_fused_kernel(const ConvParams p
   const int n0 = static_cast<int>(tile - mt * p.n_tiles) * BN;
   const int64_t m0 = mt * BM;
 
-  // row -> (n, ho, wo, d) once per tile
-  for (int r = threadIdx.x; r < BM; r += kThreads) {
-    const int64_t m = m0 + r;
-    int4 info = make_int4(-1, 0, 0, 0);
-    if (m < p.M) {
-      int64_t q = m / p.Dc;
-      info.w = static_cast<int>(m - q * p.Dc);
-      const int64_t q2 = q / p.Wo;
-      info.z = static_cast<int>(q - q2 * p.Wo);
-      q = q2 / p.Ho;
-      info.y = static_cast<int>(q2 - q * p.Ho);
-      info.x = static_cast<int>(q);
-    }
-    sm.rows[r] = info;
-  }
+  tile_rows<BM>(p, m0, sm.rows);
   __syncthreads();
 
   // ---- main loop: taps x input-channel chunks, two shared-memory stages
@@ -491,87 +592,7 @@ __global__ void __launch_bounds__(kThreads) conv_fused_kernel(const ConvParams p
   acc.store(sm.c);
   __syncthreads();
 
-  const bool pooled = p.pool != kPoolNone;
-  const int R = pooled ? BM / 2 : BM;                 // output rows of this tile
-  const int64_t m_out = pooled ? p.M / 2 : p.M;       // output rows in total (M is even with a pool)
-  const int64_t r0 = pooled ? m0 / 2 : m0;
-  const int64_t left = m_out - r0;
-  const int rows_valid = left < R ? static_cast<int>(left) : R;
-
-  if (p.part_mean != nullptr) {
-    // Per-channel (mean, M2) of the pre-affine value over this tile's valid output rows: G row
-    // groups per channel, each exact two-pass, merged in a fixed order (Chan et al.).
-    constexpr int G = kThreads / BN;
-    const int col = threadIdx.x % BN, g = threadIdx.x / BN;
-    const float bias = (p.bias != nullptr && n0 + col < p.Cout) ? __ldg(p.bias + n0 + col) : 0.f;
-    float cnt = 0.f, sum = 0.f;
-    for (int r = g; r < rows_valid; r += G) {
-      sum += pre_affine<Smem::LDC>(sm.c, p.pool, r, col, bias);
-      cnt += 1.f;
-    }
-    const float mean = cnt > 0.f ? sum / cnt : 0.f;
-    float m2 = 0.f;
-    for (int r = g; r < rows_valid; r += G) {
-      const float dv = pre_affine<Smem::LDC>(sm.c, p.pool, r, col, bias) - mean;
-      m2 = fmaf(dv, dv, m2);
-    }
-    sm.red[0][threadIdx.x] = cnt;
-    sm.red[1][threadIdx.x] = mean;
-    sm.red[2][threadIdx.x] = m2;
-    __syncthreads();
-    if (g == 0 && n0 + col < p.Cout) {
-      float n = cnt, mu = mean, q = m2;
-      for (int h = 1; h < G; ++h) {
-        const int s = h * BN + col;
-        const float nb = sm.red[0][s];
-        if (nb == 0.f) continue;
-        const float nn = n + nb, delta = sm.red[1][s] - mu;
-        mu += delta * (nb / nn);
-        q += sm.red[2][s] + delta * delta * (n * nb / nn);
-        n = nn;
-      }
-      const int64_t o = mt * p.Cout + n0 + col;
-      p.part_mean[o] = mu;
-      p.part_m2[o] = q;
-    }
-  }
-
-  // bias, pool, affine, residual, ReLU, store
-  const bits* res = static_cast<const bits*>(p.residual);
-  bits* out = static_cast<bits*>(p.out);
-  for (int e = threadIdx.x; e < R * BN; e += kThreads) {
-    int r, col;
-    if (p.out_channel_fast) {
-      r = e / BN;
-      col = e % BN;
-    } else {
-      r = e % R;
-      col = e / R;
-    }
-    const int co = n0 + col;
-    if (r >= rows_valid || co >= p.Cout) continue;
-    const float bias = p.bias != nullptr ? __ldg(p.bias + co) : 0.f;
-    const float sc = p.out_scale != nullptr ? __ldg(p.out_scale + co) : 1.f;
-    const float sh = p.out_shift != nullptr ? __ldg(p.out_shift + co) : 0.f;
-    float v;
-    if (p.pool == kPoolAfterAffine) {
-      // affine on both, then the max: max(s*a, s*b) != s*max(a, b) when s < 0
-      const float a = fmaf(sm.c[(2 * r) * Smem::LDC + col] + bias, sc, sh);
-      const float b = fmaf(sm.c[(2 * r + 1) * Smem::LDC + col] + bias, sc, sh);
-      v = pool_pick_second(a, b) ? b : a;
-    } else {
-      v = fmaf(pre_affine<Smem::LDC>(sm.c, p.pool, r, col, bias), sc, sh);
-    }
-    const int4 row = sm.rows[pooled ? 2 * r : r];
-    const int64_t dout = pooled ? row.w / 2 : row.w;
-    if (res != nullptr) {
-      v += E::to_f(res[static_cast<int64_t>(row.x) * p.srn + static_cast<int64_t>(co) * p.src +
-                       static_cast<int64_t>(row.y) * p.srh + static_cast<int64_t>(row.z) * p.srw + dout * p.srd]);
-    }
-    if (p.relu) v = relu_keep_nan(v);
-    out[static_cast<int64_t>(row.x) * p.son + static_cast<int64_t>(co) * p.soc + static_cast<int64_t>(row.y) * p.soh +
-        static_cast<int64_t>(row.z) * p.sow + dout * p.sod] = E::from_f(v);
-  }
+  conv_epilogue<T, BM, BN, Smem::LDC>(p, sm.c, sm.rows, sm.red, mt, m0, n0);
 }
 
 // ---------------------------------------------------------------------------------------------
