@@ -462,11 +462,11 @@ def analyse_cuda(arch: int, nvcc: str) -> list[dict]:
 
 def _wgmma_dynamic_smem(bn: int) -> int:
     """WgSmem<BN>::bytes(cin, false) of conv_wgmma.cuh: two A stages (64 x 128 B), two B stages (BN x
-    128 B) or the fp32 epilogue tile, row coordinates, statistics scratch, two mbarriers, and 1024 B
-    of alignment slack (+8 B per input channel with a BN prologue)."""
+    128 B) or the fp32 epilogue tile, row coordinates and gather geometry, statistics scratch, two
+    mbarriers, and 1024 B of alignment slack (+8 B per input channel with a BN prologue)."""
     stages = 2 * (64 * 128 + bn * 128)
     epilogue = 64 * (bn + 4) * 4
-    return max(stages, epilogue) + 64 * 16 + 3 * 128 * 4 + 16 + 1024
+    return max(stages, epilogue) + 64 * (16 + 16 + 8) + 3 * 128 * 4 + 16 + 1024
 
 
 _MANGLED_T = {"__nv_bfloat16": "13__nv_bfloat16", "__half": "6__half", "float": "f"}

@@ -60,8 +60,10 @@ struct WgSmem {
   static constexpr int kStages = 2 * (kAStageBytes + kBStageBytes);
   static constexpr int kEpilogue = kBM * kLDC * 4;
   static constexpr int kMain = kStages > kEpilogue ? kStages : kEpilogue;
-  static constexpr int kRows = kMain;                       // int4[kBM]
-  static constexpr int kRed = kRows + kBM * 16;             // float[3][kThreads]
+  static constexpr int kRows = kMain;                       // int4[kBM]: (n, ho, wo, d) for the epilogue
+  static constexpr int kGeo = kRows + kBM * 16;             // int4[kBM]: (h0, w0, d0, -) of the gather
+  static constexpr int kBase = kGeo + kBM * 16;             // int64_t[kBM]: element offset of (n, h0, w0, d0)
+  static constexpr int kRed = kBase + kBM * 8;              // float[3][kThreads]
   static constexpr int kBar = kRed + 3 * kThreads * 4;      // uint64_t[2]
   static constexpr int kScale = kBar + 16;                  // float[Cin] scale, then float[Cin] shift
   // dynamic shared memory a launch requests: everything + the prologue vectors + alignment slack
@@ -136,10 +138,30 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
 __device__ __forceinline__ int swz(int r, int g) { return r * kRowBytes + ((g ^ (r & 7)) << 4); }
 
 // ---------------------------------------------------------------------------------------------
-// a thread's reduction column(s): position (tap, ci) stepped forward 64 columns per chunk
+// gather geometry: per tile row once, per thread column once per chunk, per (row, column) 3 adds
 // ---------------------------------------------------------------------------------------------
+// The window origin (h0, w0, d0) = (ho*st_h - pad_h, wo*st_w - pad_w, d*st_d - pad_d) of each tile
+// row and the element offset of (n, h0, w0, d0) (it may point before x: only origin + tap is read).
+// Rows past the last one get h0 far below zero, so every tap of theirs is out of bounds.
+__device__ __forceinline__ void tile_geometry(const ConvParams& p, const int4* rows, int4* geo, int64_t* base) {
+  for (int r = threadIdx.x; r < kBM; r += kThreads) {  // the rows tile_rows wrote in this thread
+    const int4 row = rows[r];
+    if (row.x < 0) {
+      geo[r] = make_int4(-(1 << 30), 0, 0, 0);
+      base[r] = 0;
+      continue;
+    }
+    const int h0 = row.y * p.st_h - p.pad_h, w0 = row.z * p.st_w - p.pad_w, d0 = row.w * p.st_d - p.pad_d;
+    geo[r] = make_int4(h0, w0, d0, 0);
+    base[r] = static_cast<int64_t>(row.x) * p.sxn + static_cast<int64_t>(h0) * p.sxh +
+              static_cast<int64_t>(w0) * p.sxw + static_cast<int64_t>(d0) * p.sxd;
+  }
+}
+
+// A thread's reduction column: position (tap, ci) of column k, stepped forward 64 columns per chunk.
 struct KPos {
   int ci, kh, kw, kd;  // kh >= KH: past the last column (k >= K)
+  int64_t toff;        // kh*sxh + kw*sxw + kd*sxd + ci*sxc
 
   // column k (division once, before the main loop)
   __device__ __forceinline__ void init(const ConvParams& p, int k) {
@@ -148,6 +170,11 @@ struct KPos {
     kd = tap % p.KD;
     kw = (tap / p.KD) % p.KW;
     kh = tap / (p.KD * p.KW);
+    set_offset(p);
+  }
+  __device__ __forceinline__ void set_offset(const ConvParams& p) {
+    toff = static_cast<int64_t>(kh) * p.sxh + static_cast<int64_t>(kw) * p.sxw + static_cast<int64_t>(kd) * p.sxd +
+           static_cast<int64_t>(ci) * p.sxc;
   }
   __device__ __forceinline__ void advance(const ConvParams& p) {
     ci += kBK;
@@ -161,17 +188,16 @@ struct KPos {
         }
       }
     }
+    set_offset(p);
   }
   __device__ __forceinline__ bool valid(const ConvParams& p) const { return kh < p.KH; }
-  // element offset of (row, ci) for this column's tap, or -1 in the padding / past the last row
-  __device__ __forceinline__ int64_t offset(const ConvParams& p, const int4 row) const {
-    if (row.x < 0) return -1;
-    const int hi = row.y * p.st_h - p.pad_h + kh;
-    const int wi = row.z * p.st_w - p.pad_w + kw;
-    const int di = row.w * p.st_d - p.pad_d + kd;
-    if (hi < 0 || hi >= p.H || wi < 0 || wi >= p.W || di < 0 || di >= p.D) return -1;
-    return static_cast<int64_t>(row.x) * p.sxn + static_cast<int64_t>(hi) * p.sxh +
-           static_cast<int64_t>(wi) * p.sxw + static_cast<int64_t>(di) * p.sxd + static_cast<int64_t>(ci) * p.sxc;
+  // element offset of this column for a row with window origin g and origin offset b, or -1 in
+  // the padding / past the last row
+  __device__ __forceinline__ int64_t offset(const ConvParams& p, const int4 g, int64_t b) const {
+    const bool in = static_cast<unsigned>(g.x + kh) < static_cast<unsigned>(p.H) &&
+                    static_cast<unsigned>(g.y + kw) < static_cast<unsigned>(p.W) &&
+                    static_cast<unsigned>(g.z + kd) < static_cast<unsigned>(p.D);
+    return in ? b + toff : -1;
   }
 };
 
@@ -189,15 +215,23 @@ struct AGather<T, true> {
   Vec16<bits> v[NV];
   unsigned ok = 0;
   KPos pos;
+  int4 g[NV];  // this thread's rows' geometry, kept in registers for the whole main loop
+  int64_t b[NV];
 
-  __device__ __forceinline__ void init(const ConvParams& p) { pos.init(p, (threadIdx.x & 7) * 8); }
-  __device__ __forceinline__ void load(const ConvParams& p, const int4* rows) {
+  __device__ __forceinline__ void init(const ConvParams& p, const int4* geo, const int64_t* base) {
+    pos.init(p, (threadIdx.x & 7) * 8);
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      g[i] = geo[(threadIdx.x >> 3) + 16 * i];
+      b[i] = base[(threadIdx.x >> 3) + 16 * i];
+    }
+  }
+  __device__ __forceinline__ void load(const ConvParams& p, const int4*, const int64_t*) {
     ok = 0;
     const bool col_ok = pos.valid(p);
 #pragma unroll
     for (int i = 0; i < NV; ++i) {
-      const int r = (threadIdx.x >> 3) + 16 * i;
-      const int64_t off = col_ok ? pos.offset(p, rows[r]) : -1;
+      const int64_t off = col_ok ? pos.offset(p, g[i], b[i]) : -1;
       if (off >= 0) {
         v[i].u = __ldg(reinterpret_cast<const uint4*>(static_cast<const bits*>(p.x) + off));
         ok |= 1u << i;
@@ -245,14 +279,14 @@ struct AGather<T, false> {
   unsigned ok = 0;
   KPos pos;
 
-  __device__ __forceinline__ void init(const ConvParams& p) { pos.init(p, threadIdx.x & 63); }
-  __device__ __forceinline__ void load(const ConvParams& p, const int4* rows) {
+  __device__ __forceinline__ void init(const ConvParams& p, const int4*, const int64_t*) { pos.init(p, threadIdx.x & 63); }
+  __device__ __forceinline__ void load(const ConvParams& p, const int4* geo, const int64_t* base) {
     ok = 0;
     const bool col_ok = pos.valid(p);
 #pragma unroll
     for (int i = 0; i < NE; ++i) {
       const int r = (threadIdx.x >> 6) + 2 * i;
-      const int64_t off = col_ok ? pos.offset(p, rows[r]) : -1;
+      const int64_t off = col_ok ? pos.offset(p, geo[r], base[r]) : -1;
       if (off >= 0) {
         v[i] = __ldg(static_cast<const bits*>(p.x) + off);
         ok |= 1u << i;
@@ -321,6 +355,8 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgmma_kernel(const ConvParam
   const uint32_t bar0 = smem_u32(base + Smem::kBar);
   auto bar = [bar0](int s) { return bar0 + 8u * static_cast<uint32_t>(s); };
   int4* rows = reinterpret_cast<int4*>(base + Smem::kRows);
+  int4* geo = reinterpret_cast<int4*>(base + Smem::kGeo);
+  int64_t* origin = reinterpret_cast<int64_t*>(base + Smem::kBase);
   float(*red)[kThreads] = reinterpret_cast<float(*)[kThreads]>(base + Smem::kRed);
   const bool prologue = p.in_scale != nullptr;
   float* s_scale = reinterpret_cast<float*>(base + Smem::kScale);
@@ -331,6 +367,7 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgmma_kernel(const ConvParam
   const int n0 = static_cast<int>(tile - mt * p.n_tiles) * BN;
 
   tile_rows<kBM>(p, mt * kBM, rows);
+  tile_geometry(p, rows, geo, origin);  // same rows per thread as tile_rows: no barrier between
   if (prologue) {  // BN scale/shift once per tile
     for (int c = threadIdx.x; c < p.Cin; c += kThreads) {
       s_scale[c] = __ldg(p.in_scale + c);
@@ -347,7 +384,7 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgmma_kernel(const ConvParam
   const float* sc = prologue ? s_scale : nullptr;
   const int chunks = p.k_pad / kBK;
   AGather<T, VEC_A> ga;
-  ga.init(p);
+  ga.init(p, geo, origin);
   WgAcc<BN> acc;
   acc.zero();
 
@@ -356,7 +393,7 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgmma_kernel(const ConvParam
     mbar_expect_tx(bar(0), Smem::kBStageBytes);
     tma_load_2d(smem_u32(b_stage(0)), &wmap, 0, n0, bar(0));
   }
-  ga.load(p, rows);
+  ga.load(p, geo, origin);
   ga.store(p, sc, s_shift, a_stage(0));
   ga.pos.advance(p);
   fence_proxy_async();
@@ -371,7 +408,7 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgmma_kernel(const ConvParam
     for (int s = 0; s < kBK / 16; ++s) Wgmma<T, BN>::mma(acc.d, desc_sw128(a0 + 32 * s), desc_sw128(b0 + 32 * s));
     wgmma_commit();
     if (it + 1 < chunks) {
-      ga.load(p, rows);  // next chunk's global loads, in flight while the tensor cores work
+      ga.load(p, geo, origin);  // next chunk's global loads, in flight while the tensor cores work
       wgmma_wait<1>();   // chunk it-1's wgmma (the last reader of the other stage) is done ...
       __syncthreads();   // ... in every warp
       if (threadIdx.x == 0) {
