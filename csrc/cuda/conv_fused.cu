@@ -276,8 +276,7 @@ void launch_wgmma_bn(const ConvParams& p, const at::Tensor& wp, unsigned int blo
   TORCH_CHECK(enc == CUDA_SUCCESS, "ahnet_fast_cuda::conv3d_fused: cuTensorMapEncodeTiled failed (CUresult ",
               static_cast<int>(enc), ") for packed weights ", p.cout_pad, " x ", p.k_pad);
   const size_t smem = WgSmem<BN>::bytes(p.Cin, p.in_scale != nullptr);
-  const bool vec = p.sxc == 1 && p.Cin % 8 == 0 && p.sxn % 8 == 0 && p.sxh % 8 == 0 && p.sxw % 8 == 0 &&
-                   p.sxd % 8 == 0 && reinterpret_cast<uintptr_t>(p.x) % 16 == 0;
+  const bool vec = conv::vector_loads_ok<T>(p);  // the same 16-byte rule as the WMMA kernel's gather
   auto kernel = vec ? conv::hopper::conv_wgmma_kernel<T, BN, true> : conv::hopper::conv_wgmma_kernel<T, BN, false>;
   if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
