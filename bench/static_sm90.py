@@ -20,8 +20,12 @@ No GPU is needed.  Three steps:
      SASS                        ``cuobjdump -sass`` of the cubin (the one shipped with Triton):
                                  HGMMA (wgmma) / HMMA (mma.sync) / FFMA counts, TMA (UTMALDG,
                                  UTMASTG, UBLKCP), widest global load (LDG, LDGSTS) and store
-                                 (STG) in bits, and instructions per MMA in the main loop (the
-                                 backward-branch loop holding the most MMAs).
+                                 (STG) in bits, instructions per MMA in the main loop (the
+                                 backward-branch loop holding the most MMAs), and how many
+                                 wgmma groups its waits leave in flight (WARPGROUP.DEPBAR.LE
+                                 gsb0, 0xN: 1 = the MMA overlaps the next loads and prologue),
+     wgmma serialization         ptxas's C7515 note (it then waits for every wgmma whatever the
+                                 PTX asks).
 3. the CUDA C++ conv kernels (csrc/cuda/conv_fused.cuh is torch-free): every instantiation the
    launcher in conv_fused.cu can pick, compiled with nvcc ``-cubin -Xptxas -v`` and the flags of
    setup.py, and the same SASS reading.  (batchnorm.cu / zmaxpool.cu need torch's CUDA headers
@@ -314,8 +318,13 @@ def parse_sass(sass: str) -> dict[str, dict]:
                     j = next(k for k, (a, _, _) in enumerate(ins) if a >= target)
                     n_mma = sum(is_mma[j:i + 1])
                     if n_mma:
-                        loops.append((n_mma, -(i + 1 - j), i + 1 - j))
+                        loops.append((n_mma, -(i + 1 - j), i + 1 - j, j, i))
         main = max(loops) if loops else None
+        # wgmma groups a main-loop wait leaves in flight: WARPGROUP.DEPBAR.LE gsb0, 0xN waits until
+        # at most N are pending; the smallest N in the loop (0: every MMA is waited for before
+        # the next iteration's loads and prologue; 1: one MMA overlaps them)
+        waits = ([int(m.group(1), 16) for _, op, rest in ins[main[3]:main[4] + 1] if op.startswith("WARPGROUP.DEPBAR")
+                  for m in [re.search(r"gsb0,\s*0x([0-9a-f]+)", rest)] if m] if main else [])
         out[fn] = {
             "instructions": len(ins),
             "hgmma": sum(op.startswith("HGMMA") for op in ops),
@@ -330,6 +339,7 @@ def parse_sass(sass: str) -> dict[str, dict]:
             "main_loop_instructions": main[2] if main else None,
             "main_loop_mma": main[0] if main else None,
             "main_loop_instr_per_mma": round(main[2] / main[0], 2) if main else None,
+            "main_loop_wgmma_in_flight": min(waits) if waits else None,
         }
     return out
 
@@ -388,9 +398,12 @@ def analyse_triton(spec_json: dict, arch: int) -> dict:
                             f"--gpu-name={gpu_name}", str(ptx), "-o", str(Path(d) / "v.cubin")],
                            capture_output=True, text=True)
         info = parse_ptxas(p.stdout + p.stderr).get(name, {})
+        # ptxas C7515: "wgmma.mma_async instructions are serialized due to ...": every wgmma is
+        # waited for at once, whatever wait_group the PTX asks for (the K loop loses its overlap)
+        serialized = "C7515" in (p.stdout + p.stderr)
         sass = subprocess.run([triton_tool("cuobjdump"), "-sass", str(cub)], capture_output=True, text=True).stdout
     rec.update(registers=info.get("registers"), spill_stores=info.get("spill_stores", 0),
-               spill_loads=info.get("spill_loads", 0), stack=info.get("stack", 0))
+               spill_loads=info.get("spill_loads", 0), stack=info.get("stack", 0), wgmma_serialized=serialized)
     facts = parse_sass(sass)
     rec.update(facts.get(name) or next(iter(facts.values()), {}))
     return rec
@@ -530,7 +543,9 @@ def _label(spec: dict, layers: set) -> str:
         fl = [n for n in ("HAS_PRO", "HAS_BIAS", "HAS_OSC", "HAS_RES", "RELU", "STATS", "SPLIT") if cx.get(n)]
         if cx["POOL"]:
             fl.append("pool-before" if cx["POOL"] == 1 else "pool-after")
-        lay = f"x:{'cl' if cx['XV'] else 'nc'}/{cx['XV']} o:{'cl' if cx['OV'] else 'nc'}/{cx['OV']}"
+        # x:cl/8+pad: x read across its channel padding in whole vectors (XPAD)
+        lay = (f"x:{'cl' if cx['XV'] else 'nc'}/{cx['XV']}{'+pad' if cx.get('XPAD') else ''} "
+               f"o:{'cl' if cx['OV'] else 'nc'}/{cx['OV']}")
         tile = f"{cx['BLOCK_M']}x{cx['BLOCK_N']}x{cx['BLOCK_K']}"
         stride = "s2" if sig.get("STH") != "constexpr" else "s1"
         return (f"conv {cx['KH']}x{cx['KW']}x{cx['KD']} {stride} {ptr} {tile} {lay} "
@@ -567,7 +582,8 @@ def build(out_dir: Path, archs: list[int], jobs: int, nvcc: Optional[str]) -> di
                     r = fut.result()
                 except Exception as exc:
                     r = {"arch": a, "error": f"{type(exc).__name__}: {exc}"[:2000]}
-                r.update(spec=specs[k], label=_label(specs[k], layers[k]), origins=sorted(origins[k]))
+                r.update(spec=specs[k], label=_label(specs[k], layers[k]), layers=sorted(layers[k]),
+                         origins=sorted(origins[k]))
                 triton_rows.append(r)
                 if (i + 1) % 25 == 0:
                     print(f"  {i + 1}/{len(futs)} compiled ({time.perf_counter() - t_start:.0f} s)", flush=True)
@@ -644,8 +660,14 @@ def markdown(rep: dict) -> str:
     L += [f"  - {b}" for b in bad[:50]]
     conv = [r for r in rep["triton"] if r["spec"]["kernel"] == "_conv_kernel" and "error" not in r]
     c16 = [r for r in conv if r["arch"] == 90 and "*fp32" not in {t for _, t in r["spec"]["signature"][:1]}]
+    heads = [r for r in c16 if dict(map(tuple, r["spec"]["constexprs"]))["BLOCK_N"] < 16]
+    c16 = [r for r in c16 if r not in heads]
     L += [f"- 16-bit conv variants on sm_90 using wgmma (HGMMA): "
-          f"{sum(1 for r in c16 if r.get('hgmma'))}/{len(c16)}"]
+          f"{sum(1 for r in c16 if r.get('hgmma'))}/{len(c16)}; small-head variants (Cout <= 4) on FMAs, "
+          f"no MMA: {sum(1 for r in heads if not r.get('hgmma') and not r.get('hmma'))}/{len(heads)}"]
+    L += [f"- of those wgmma variants, main loop keeps a wgmma in flight across iterations "
+          f"(WARPGROUP.DEPBAR.LE gsb0, 0x1): {sum(1 for r in c16 if r.get('main_loop_wgmma_in_flight'))}/{len(c16)}; "
+          f"serialized by ptxas (C7515): {sum(1 for r in c16 if r.get('wgmma_serialized'))}"]
     if conv:
         L += [f"- max registers {max(r['registers'] or 0 for r in conv)}, max shared memory "
               f"{max(r['shared'] for r in conv)} B (conv)"]
@@ -664,14 +686,18 @@ def markdown(rep: dict) -> str:
             if tiles * split < w["sms"] or split > 1:
                 L.append(f"| {k} {ci}->{co} | {len(cs)} | {tiles} | {split} | {tiles * split} |")
     L += ["", "## Triton conv kernel variants", "",
-          "| variant (layers) | arch | warps/stages | regs | spill B | smem B | MMA | TMA | widest LDG/STG bits | loop instr/MMA |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+          "| variant (layers) | arch | warps/stages | regs | spill B | smem B | MMA | TMA | widest LDG/STG bits | "
+          "loop instr/MMA | wgmma in flight |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in conv:
         mma = (f"HGMMA x{r['hgmma']}" if r.get("hgmma") else f"HMMA x{r['hmma']}" if r.get("hmma")
                else f"FFMA x{r.get('ffma', 0)}")
+        fl = (("serialized (C7515)" if r.get("wgmma_serialized") else str(r.get("main_loop_wgmma_in_flight")))
+              if r.get("hgmma") else "-")
         L.append(f"| {r['label']} | sm_{r['arch']} | {r['num_warps']}/{r['num_stages']} | {r['registers']} | "
                  f"{r['spill_stores']} | {r['shared']} | {mma} | {r.get('tma', 0)} | "
-                 f"{r.get('widest_load_bits')}/{r.get('widest_store_bits')} | {r.get('main_loop_instr_per_mma')} |")
+                 f"{r.get('widest_load_bits')}/{r.get('widest_store_bits')} | {r.get('main_loop_instr_per_mma')} | "
+                 f"{fl} |")
     other = [r for r in rep["triton"] if r["spec"]["kernel"] != "_conv_kernel" and "error" not in r]
     L += ["", "## Triton BN / z-pool kernels", "",
           "| kernel | arch | regs | spill B | smem B | widest LDG/STG bits |", "|---|---|---|---|---|---|"]

@@ -202,6 +202,18 @@ def max_offset(t: torch.Tensor) -> int:
     return sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
 
 
+def channel_room(t: torch.Tensor, extra: int) -> bool:
+    """True when reading ``extra`` elements past the last channel of every (n, h, w, d) row of
+    the channels-last ``t`` stays inside its storage: the rows' channel padding, or the channels
+    after a slice (read, never used: the conv zeroes them in registers)."""
+    if extra <= 0:
+        return True
+    if t.size(1) > 1 and t.stride(1) != 1:
+        return False
+    elems = t.untyped_storage().nbytes() // t.element_size()
+    return t.storage_offset() + max_offset(t) + extra < elems
+
+
 def needs_i64(*tensors: Optional[torch.Tensor], extra: int = 0) -> bool:
     """True when any offset or flat index could overflow int32 (so kernels must use int64)."""
     lim = _I32_LIMIT // 2  # margin: offsets are formed as sums of two partial products
@@ -266,24 +278,13 @@ def tile_offsets(rows, cols, cstride, V: tl.constexpr):
     compiler turns into wide loads/stores even though no stride is specialised.  The multiple
     is written as (rows // V) * V (exact, since V divides rows) rather than tl.multiple_of: the
     hint attribute does not survive the layout conversions before a store or an elementwise
-    load (the static report showed 16-bit accesses), the arithmetic does.  V == 0: any channel
-    stride (the contiguous kind)."""
+    load, nor the conv's pipelined K loop (the static report showed 16-bit accesses: the
+    decoder's 3x3x1 80->20 loaded its A tile with scalar ld.global.b16 under the hint and with
+    128-bit cp.async under the arithmetic), the arithmetic does.  V == 0: any channel stride
+    (the contiguous kind)."""
     if V > 0:
         if V > 1:
             rows = (rows // V) * V
-        return rows[:, None] + cols[None, :]
-    else:
-        return rows[:, None] + (cols * cstride)[None, :]
-
-
-@triton.jit
-def tile_offsets_hint(rows, cols, cstride, V: tl.constexpr):
-    """tile_offsets with a tl.multiple_of hint instead of the arithmetic: no extra instructions,
-    and enough where the offsets feed a load directly (the conv main loop, 128-bit loads in the
-    static report)."""
-    if V > 0:
-        if V > 1:
-            rows = tl.multiple_of(rows, V)
         return rows[:, None] + cols[None, :]
     else:
         return rows[:, None] + (cols * cstride)[None, :]

@@ -16,9 +16,20 @@ overlap the loads of step k+1 with the MMA of step k even when Cin fits in one c
       (a repack is a copy launch per conv per optimizer step); any other layout is read as is.
   acc += tl.dot(A, B) with fp32 accumulation (tensor cores for bf16/fp16; fp32 uses TF32 only if
   torch.backends.cuda.matmul.allow_tf32, else IEEE).
+  Row offsets enter the address as (rows // V) * V, not as a tl.multiple_of hint: with the hint
+  Triton lost the alignment inside the pipelined loop and loaded A with scalar 2-byte loads;
+  with the arithmetic the A and B tiles are 16-/8-byte cp.async copies into a multi-stage
+  buffer, and the pipeliner keeps one wgmma in flight across iterations (wait_group 1) -- the
+  static report (bench/results/static_sm90.md) is where this is checked.
+  Channel padding (XPAD): when x's rows are 16-byte aligned but Cin is not a multiple of the
+  vector (a decoder tensor of 20 channels in a 24-channel buffer, a dense block's 1044 of 1088),
+  the A load covers Cin rounded up to the vector -- memory that exists, checked on the host by
+  _common.channel_room -- and the extra channels are zeroed in registers.
 Prologue (pre-activation BN): A = relu(A*in_scale[ci] + in_shift[ci]) in fp32, rounded back to the
   input dtype (as the unfused composition would store it), then zeroed where the tap falls in
   the padding -- padding is applied AFTER the transform.
+Small heads (Cout <= FMA_MAX_COUT): tl.dot needs N >= 16, so the K loop is fp32 FMAs over an
+  exact next_pow2(Cout)-wide tile instead of a 16-wide MMA that would discard 75-94 % of it.
 Epilogue (fp32): v = acc + bias; zpool "before_affine": max of the z-pair on v, then the affine;
   "after_affine": affine on both, then the max (max(a*s) != s*max(a) when s < 0); + residual;
   ReLU; store into out (optionally a channel slice of a bigger buffer, for dense-block concat);
@@ -40,9 +51,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (cdiv, check_channel_vec, check_tensor5, check_zpool, interp_tiles,
+from ._common import (cdiv, channel_room, check_channel_vec, check_tensor5, check_zpool, interp_tiles,
                       needs_i64, next_pow2, pow2_part, prepare_output, stats_partials, tile_offsets,
-                      tile_offsets_hint, to_dtype, vec_align)
+                      to_dtype, vec_align)
 from .batchnorm import merge_stats, tile_stats
 from .zpool import pair_take_second
 
@@ -50,13 +61,22 @@ _POOL_CODES = {"none": 0, "before_affine": 1, "after_affine": 2}
 
 
 @triton.jit
-def _load_a(x_ptr, isc_ptr, ish_ptr, xrow, d_in, row_ok, ci, ci_ok, cio, H, W, D, hi, wi,
-            sxc, sxh, sxw, sxd, HAS_PRO: tl.constexpr, IN_RELU: tl.constexpr, XV: tl.constexpr):
-    """A tile [BLOCK_M, BLOCK_K] of one tap at input depth d_in, with the BN+ReLU prologue."""
+def _load_a(x_ptr, isc_ptr, ish_ptr, xrow, d_in, row_ok, ci, ci_ok, ci_ld, cio, H, W, D, hi, wi,
+            sxc, sxh, sxw, sxd, HAS_PRO: tl.constexpr, IN_RELU: tl.constexpr, XV: tl.constexpr,
+            XPAD: tl.constexpr):
+    """A tile [BLOCK_M, BLOCK_K] of one tap at input depth d_in, with the BN+ReLU prologue.
+    XPAD: the load covers the channels ``ci_ld`` (Cin rounded up to a full vector, inside the
+    buffer's channel padding) so that it is one aligned 16-byte vector per row; what lies past
+    Cin is zeroed in registers (it may be anything, NaN included)."""
     ok = row_ok & (hi >= 0) & (hi < H) & (wi >= 0) & (wi < W) & (d_in >= 0) & (d_in < D)
     base = xrow + hi * sxh + wi * sxw + d_in * sxd
     am = ok[:, None] & ci_ok[None, :]
-    a = tl.load(x_ptr + tile_offsets_hint(base, cio, sxc, XV), mask=am, other=0.0)
+    if XPAD:
+        a = tl.load(x_ptr + tile_offsets(base, cio, sxc, XV), mask=ok[:, None] & ci_ld[None, :], other=0.0)
+        if not HAS_PRO:
+            a = tl.where(am, a, 0.0).to(x_ptr.dtype.element_ty)
+    else:
+        a = tl.load(x_ptr + tile_offsets(base, cio, sxc, XV), mask=am, other=0.0)
     if HAS_PRO:
         sc = tl.load(isc_ptr + ci, mask=ci_ok, other=0.0)
         sh = tl.load(ish_ptr + ci, mask=ci_ok, other=0.0)
@@ -69,8 +89,15 @@ def _load_a(x_ptr, isc_ptr, ish_ptr, xrow, d_in, row_ok, ci, ci_ok, cio, H, W, D
 
 
 @triton.jit
-def _mma(a, b, acc, UPCAST: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr):
-    if UPCAST:
+def _mma(a, b, acc, UPCAST: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
+         FMA: tl.constexpr):
+    if FMA:
+        # a few output channels (the head's Cout = 1..4): tl.dot needs N >= 16, so an MMA would
+        # compute 16 columns to keep 1..4 (75-94 % of it thrown away). fp32 FMAs over the
+        # [BLOCK_M, BLOCK_K, BLOCK_N] products instead: exact products of the 16-bit inputs,
+        # fp32 sums, every multiply useful (N is next_pow2(Cout))
+        acc += tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+    elif UPCAST:
         # interpreter: bf16 dot multiplies raw bit patterns -> do it in fp32 (exact products)
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     elif IS_FP32:
@@ -87,7 +114,7 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.c
 # strides (unit channel stride -> contiguous channel vectors; row offsets divisible by 8 -> 16-byte
 # loads) is passed instead as the XV/OV/RV constexprs, which depend on the layout and the channel
 # count of the buffer only (see _common.vec_align).  Cin/Cout/stride/padding stay specialised.
-_CONV_NO_SPEC = ("M", "H", "W", "D", "Ho", "Wo", "Dr", "n_split",
+_CONV_NO_SPEC = ("M", "H", "W", "D", "Ho", "Wo", "Dr", "n_split", "Cin_ld",
                  "sxn", "sxc", "sxh", "sxw", "sxd", "son", "soc", "soh", "sow", "sod",
                  "srn", "src", "srh", "srw", "srd",
                  # weight strides: read only for a weight that is not channels_last_3d (W_CL)
@@ -176,7 +203,7 @@ def _epilogue(acc0, acc1, n, ho, wo, dr, row_ok, pid_m, co, co_ok, Cout,
 @triton.jit(do_not_specialize=_CONV_NO_SPEC)
 def _conv_kernel(x_ptr, w_ptr, bias_ptr, isc_ptr, ish_ptr, osc_ptr, osh_ptr, res_ptr, out_ptr,
                  pcnt_ptr, pmean_ptr, pm2_ptr, ws_ptr,
-                 M, Cin, Cout, H, W, D, Ho, Wo, Dr, n_split,
+                 M, Cin, Cout, H, W, D, Ho, Wo, Dr, n_split, Cin_ld,
                  sxn, sxc, sxh, sxw, sxd,
                  swo, swi, swh, sww, swd,
                  son, soc, soh, sow, sod,
@@ -188,7 +215,7 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, isc_ptr, ish_ptr, osc_ptr, osh_ptr, res
                  HAS_RES: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr, W_CL: tl.constexpr,
                  UPCAST: tl.constexpr, IS_FP32: tl.constexpr, PRECISION: tl.constexpr,
                  I64: tl.constexpr, XV: tl.constexpr, OV: tl.constexpr, RV: tl.constexpr,
-                 CIN_V: tl.constexpr, COUT_V: tl.constexpr, SPLIT: tl.constexpr,
+                 CIN_V: tl.constexpr, COUT_V: tl.constexpr, XPAD: tl.constexpr, SPLIT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -214,6 +241,12 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, isc_ptr, ish_ptr, osc_ptr, osh_ptr, res
         # channels_last_3d weight (what a GPU model has): offset = co*T*Cin + tap*Cin + ci,
         # the same address arithmetic as a packed (tap, ci, co) layout, K-contiguous
         wcol = co * (KH * KW * KD * Cin)
+        if CIN_V > 1:
+            # Cin is a multiple of CIN_V, and so is every weight row offset: written as
+            # arithmetic (see tile_offsets) so that Triton knows the B rows are CIN_V-aligned and
+            # copies them with cp.async (8 bytes for 20 or 1044 input channels), which is what
+            # lets the pipeliner keep the wgmma in flight across iterations
+            wcol = (wcol // CIN_V) * CIN_V
     else:
         wcol = co * swo
     hbase = ho * STH - PH
@@ -221,7 +254,10 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, isc_ptr, ish_ptr, osc_ptr, osh_ptr, res
     dbase = d0 * STD - PD
     # one flat loop over (tap, Cin chunk): a single loop is what the software pipeliner
     # (num_stages) overlaps, even when Cin fits in one chunk (the decoder's 20/80 channels)
-    n_chunks = tl.cdiv(Cin, BLOCK_K)
+    # at least one chunk (Cin >= 1 always): a K loop LLVM can prove non-empty has no zero-trip
+    # edge that sets the accumulators with plain moves -- ptxas saw those as "non wgmma
+    # instructions defining accumulator registers" (C7515) and serialized every wgmma
+    n_chunks = tl.maximum(tl.cdiv(Cin, BLOCK_K), 1)
     n_it = KH * KW * KD * n_chunks
     pid_k = tl.program_id(2)   # 0 unless split
     if SPLIT:
@@ -242,6 +278,11 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, isc_ptr, ish_ptr, osc_ptr, osh_ptr, res
         ci_ok = ci < Cin
         if CIN_V > 1:
             ci_ok = tl.max_constancy(ci_ok, [CIN_V])
+        if XPAD:
+            # Cin_ld = Cin rounded up to XV inside x's channel padding: an XV-constant mask
+            ci_ld = tl.max_constancy(ci < Cin_ld, [XV])
+        else:
+            ci_ld = ci_ok
         if I64:
             cio = ci.to(tl.int64)
         else:
@@ -252,18 +293,21 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, isc_ptr, ish_ptr, osc_ptr, osh_ptr, res
         # contiguous runs of input channels (vectorisable K loads); any other layout is read
         # through its strides (the interpreter's CPU path; a GPU model's weights are cl3d)
         if W_CL:
-            brow = tap * Cin + cio
+            if CIN_V > 1:
+                brow = ((tap * Cin) // CIN_V) * CIN_V + cio
+            else:
+                brow = tap * Cin + cio
         else:
             brow = kh * swh + kw * sww + kd * swd + cio * swi
         b = tl.load(w_ptr + brow[:, None] + wcol[None, :], mask=ci_ok[:, None] & co_ok[None, :], other=0.0)
-        a = _load_a(x_ptr, isc_ptr, ish_ptr, xrow, dbase + kd, row_ok, ci, ci_ok, cio, H, W, D,
-                    hi, wi, sxc, sxh, sxw, sxd, HAS_PRO, IN_RELU, XV)
-        acc0 = _mma(a, b, acc0, UPCAST, IS_FP32, PRECISION)
+        a = _load_a(x_ptr, isc_ptr, ish_ptr, xrow, dbase + kd, row_ok, ci, ci_ok, ci_ld, cio, H, W, D,
+                    hi, wi, sxc, sxh, sxw, sxd, HAS_PRO, IN_RELU, XV, XPAD)
+        acc0 = _mma(a, b, acc0, UPCAST, IS_FP32, PRECISION, BLOCK_N < 16)
         if POOL != 0:
             # second output depth of the z-pair: same weight tile
-            a1 = _load_a(x_ptr, isc_ptr, ish_ptr, xrow, dbase + STD + kd, row_ok, ci, ci_ok, cio,
-                         H, W, D, hi, wi, sxc, sxh, sxw, sxd, HAS_PRO, IN_RELU, XV)
-            acc1 = _mma(a1, b, acc1, UPCAST, IS_FP32, PRECISION)
+            a1 = _load_a(x_ptr, isc_ptr, ish_ptr, xrow, dbase + STD + kd, row_ok, ci, ci_ok, ci_ld, cio,
+                         H, W, D, hi, wi, sxc, sxh, sxw, sxd, HAS_PRO, IN_RELU, XV, XPAD)
+            acc1 = _mma(a1, b, acc1, UPCAST, IS_FP32, PRECISION, BLOCK_N < 16)
 
     if SPLIT:
         # this slice's fp32 partial sums; _splitk_epilogue_kernel adds the slices in a fixed
@@ -338,7 +382,8 @@ def _splitk_epilogue_kernel(ws_ptr, bias_ptr, osc_ptr, osh_ptr, res_ptr, out_ptr
 # One fixed config per key, no runtime search: an autotuner keyed on the output size compiled
 # ~116 kernels and benchmarked 152 configs for one AH-Net forward, and again for every new input
 # size.  The tile is decided by what the GEMM looks like, never by the spatial size:
-#   BLOCK_N  follows Cout: 16..128 for bf16/fp16 (tl.dot needs >= 16), 16..64 for fp32,
+#   BLOCK_N  follows Cout: 16..128 for bf16/fp16 (tl.dot needs >= 16), 16..64 for fp32; a head
+#            with Cout <= 4 gets exactly next_pow2(Cout) and FMAs (an MMA would be 16 wide),
 #   BLOCK_K  bf16/fp16: 64 from 64 input channels up (one variant for all the dense-block widths
 #            84..1084), below that the largest of 64/32/16 that pads Cin by <= 25 % (20 -> 32,
 #            one chunk); fp32: 16,
@@ -354,6 +399,10 @@ def _splitk_epilogue_kernel(ws_ptr, bias_ptr, osc_ptr, osh_ptr, res_ptr, out_ptr
 # buffers unused (a second stage count would be a second compile of the same tile).  These are
 # the largest spill-free tiles, not measured optima: nothing here has run on a GPU.
 
+# Up to this many output channels (a segmentation head's classes) the conv runs its K loop on
+# FMAs over an exact next_pow2(Cout)-wide tile instead of a 16-wide MMA (_mma, _pick_bn).
+FMA_MAX_COUT = 4
+
 SM90_SMEM_LIMIT = 232448   # bytes of shared memory one block may use on sm_90 (227 KB)
 
 
@@ -362,7 +411,9 @@ def _pick_bk(Cin: int, is_fp32: bool, taps: int = 1, has_pro: bool = False) -> i
         return 16   # fp32 at BLOCK_K 32 spilled (12-36 B on sm_90/sm_80, 64x32 and 64x64 tiles)
     if has_pro and taps > 1 and 64 < Cin < 128 and Cin % 64:
         # the decoder's 3x3x1 80->20 with the BN+ReLU prologue spilled 8 B on sm_80 at BLOCK_K 64
-        # (K-contiguous weight tiles); 32 also wastes less of K (3 chunks for 80: 83 % useful)
+        # (K-contiguous weight tiles); 32 also wastes less of K (3 chunks for 80: 83 % useful).
+        # The exact 16 (5 chunks) compiled to 176 main-loop instructions per 64x32x16 wgmma
+        # against 228 per two at 32 (sm_90): 5.4 vs 4.2 instructions per 1k useful K x MACs, so 32
         return 32
     if Cin >= 64:
         return 64   # one K tile for every wide layer: the decoder's 84..1084-channel inputs share it
@@ -393,7 +444,7 @@ def conv_configs(Cin: int, Cout: int, KH: int, KW: int, KD: int,
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"conv_configs: unsupported dtype {dtype}")
     is_fp32 = dtype == torch.float32
-    bn = min(max(next_pow2(Cout), 16), 64 if is_fp32 else 128)
+    bn = _pick_bn(Cout, 64 if is_fp32 else 128)
     if is_fp32 and (stats or (has_pro and KH * KW * KD > 1)):
         # fp32 at 32x64 spilled with the statistics epilogue (4-12 B, sm_80/sm_90) and with the
         # prologue over several taps (16 B, sm_80)
@@ -406,9 +457,17 @@ def conv_configs(Cin: int, Cout: int, KH: int, KW: int, KD: int,
     return [triton.Config({"BLOCK_M": 64, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=8, num_stages=3)]
 
 
+def _pick_bn(Cout: int, cap: int) -> int:
+    """BLOCK_N: Cout's power of two, at least 16 (tl.dot's minimum) and at most ``cap``; below
+    FMA_MAX_COUT the tile is exactly next_pow2(Cout) and the K loop runs on FMAs (see _mma)."""
+    if Cout <= FMA_MAX_COUT:
+        return next_pow2(Cout)
+    return min(max(next_pow2(Cout), 16), cap)
+
+
 def _interp_blocks(M: int, Cin: int, Cout: int) -> tuple[int, int, int]:
     """One config for the interpreter: few, wide programs (it pays per program and per op)."""
-    bn = min(max(next_pow2(Cout), 16), 64)
+    bn = _pick_bn(Cout, 64)
     bk = min(max(next_pow2(Cin), 16), 64)
     bm = min(max(next_pow2(M), 16), 128)
     return bm, bn, bk
@@ -609,10 +668,17 @@ def conv3d_fused(x: torch.Tensor, weight: torch.Tensor, *,
 
     cin_v = cvec(Cin) if flags["XV"] > 0 else 1
     cout_v = cvec(Cout)
+    # x in a buffer with channel padding (the fast AH-Net's decoder buffers: 20 channels in 24,
+    # a dense block's 1084 in 1088): load Cin rounded up to a full aligned vector and zero the
+    # rest in registers, where the channel mask alone would allow only Cin's power-of-two part
+    xv = min(flags["XV"], vmax)
+    cin_ld = cdiv(Cin, xv) * xv if xv > 1 else Cin
+    xpad = cin_ld > Cin and cin_v < xv and channel_room(x, cin_ld - Cin)
     # a vector is as wide as both the buffer alignment and the channel mask allow: one value
-    flags.update(CIN_V=cin_v, COUT_V=cout_v, XV=min(flags["XV"], cin_v),
+    flags.update(CIN_V=cin_v, COUT_V=cout_v, XV=xv if xpad else min(flags["XV"], cin_v), XPAD=xpad,
                  OV=min(flags["OV"], cout_v), RV=min(flags["RV"], cout_v))
     scalars = [M, Cin, Cout, H, W, D, Ho, Wo, Dr, 1,   # [9]: n_split, set below
+               cin_ld if xpad else Cin,
                x.stride(0), x.stride(1), x.stride(2), x.stride(3), x.stride(4),
                weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3), weight.stride(4),
                o.stride(0), o.stride(1), o.stride(2), o.stride(3), o.stride(4),

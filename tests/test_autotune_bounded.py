@@ -117,7 +117,11 @@ def test_conv_configs_is_a_small_pure_table(dtype, channels_last, pool):
                 # output channels a tile (spills at 64)
                 narrow = args[10] or (args[9] and k != (1, 1, 1))
                 cap = (32 if narrow else 64) if dtype == torch.float32 else 128
-                assert min(bm, bn, bk) >= 16 and bn >= min(max(cout, 16), cap) and bk <= 64
+                if cout <= kconv.FMA_MAX_COUT:
+                    # a small head: an exact power-of-two tile on FMAs, no 16-wide MMA
+                    assert bn == kconv.next_pow2(cout) and min(bm, bk) >= 16 and bk <= 64
+                else:
+                    assert min(bm, bn, bk) >= 16 and bn >= min(max(cout, 16), cap) and bk <= 64
                 if dtype == torch.float32:
                     assert bk <= 32
                 # fp32 accumulators per thread stay <= 64 registers (two with a z-pool)

@@ -326,3 +326,74 @@ def test_conv_gpu_split_k_deep_layer(dtype):
     one = conv3d_fused(x, w, split_k=1, **kw)
     check_conv(auto, x, w, **kw)
     assert (auto.float() - one.float()).abs().max() <= 2e-2 * one.float().abs().max() + 1e-3
+
+
+# ------------------------------------------------------------------------------ padded channels, small heads
+
+def _padded(x, cpad, fill=float("nan")):
+    """x's values in the first C channels of a channels-last buffer of ``cpad`` channels whose
+    padding holds ``fill``; returns the (N, C, ...) view (the fast AH-Net's decoder buffers)."""
+    buf = torch.full((x.shape[0], cpad, *x.shape[2:]), fill, dtype=x.dtype, device=DEV).contiguous(memory_format=CL)
+    buf[:, :x.shape[1]] = x
+    return buf[:, :x.shape[1]]
+
+
+def _launch_flags(fn):
+    """The constexprs of the conv launches ``fn`` makes (recorded, not run)."""
+    from ahnet_fast.kernels.aot import record_specs
+    with record_specs() as log:
+        fn()
+    return [dict(spec.constexprs) for spec, _grid, _ints in log.launches if spec.kernel == "_conv_kernel"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("geom,cin,with_pro", [(K331, 20, True), (K113, 20, True), (K111, 20, False),
+                                                (K111, 12, True), (K331, 127, True)])
+def test_conv_reads_channel_padding_as_vectors(dtype, geom, cin, with_pro):
+    """x in a channel-padded buffer (20 of 24, 12 of 16, 127 of 128; the padding NaN): the load
+    covers the padding as whole vectors and zeroes it in registers, so nothing of it reaches the
+    result; a dense x of the same shape does not take that path (its last row has no room)."""
+    (k, stride, padding) = geom
+    vmax = 16 // torch.empty((), dtype=dtype).element_size()
+    cpad = -(-cin // vmax) * vmax
+    dense = rand((2, cin, 3, 4, 3), dtype, True)
+    x = _padded(dense, cpad)
+    w = rand((20, cin, *k), dtype, False, scale=0.2)
+    kw = dict(stride=stride, padding=padding)
+    if with_pro:
+        kw.update(in_scale=vec(cin), in_shift=vec(cin))
+    y = conv3d_fused(x, w, **kw)
+    assert not torch.isnan(y).any()
+    check_conv(y, dense, w, **kw)
+    (flags,) = _launch_flags(lambda: conv3d_fused(x, w, **kw))
+    # fp32 20 and 12 channels are whole 16-byte vectors already: no padding to read
+    assert flags["XPAD"] == (cin % vmax != 0) and flags["XV"] == vmax
+    (dflags,) = _launch_flags(lambda: conv3d_fused(dense, w, **kw))
+    assert not dflags["XPAD"]
+
+
+def test_conv_padding_read_never_leaves_the_storage():
+    """A channel slice at the very end of its storage has no room for the rounded-up read: the
+    launcher keeps the exact channel mask there."""
+    buf = rand((1, 24, 2, 2, 2), torch.bfloat16, True)
+    tail = buf.flatten()[4:].view(-1)   # storage that ends right after the last real channel
+    x = torch.as_strided(tail, (1, 20, 2, 2, 2), (24 * 8, 1, 24 * 4, 24 * 2, 24))
+    w = rand((8, 20, 1, 1, 1), torch.bfloat16, False)
+    (flags,) = _launch_flags(lambda: conv3d_fused(x, w))
+    assert not flags["XPAD"]
+    check_conv(conv3d_fused(x, w), x, w)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cout", [1, 2, 3, 4])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv_small_head_runs_on_fma(dtype, cout, channels_last):
+    """A head with 1..4 output channels: an exact next_pow2(Cout)-wide tile on FMAs (no 16-wide
+    MMA), with the BN+ReLU prologue, the bias and several K chunks."""
+    x = rand((2, 70, 4, 3, 2), dtype, channels_last)
+    w = rand((cout, 70, 3, 3, 1), dtype, False, scale=0.2)
+    kw = dict(padding=(1, 1, 0), bias=vec(cout), in_scale=vec(70), in_shift=vec(70))
+    y = conv3d_fused(x, w, **kw)
+    check_conv(y, x, w, **kw)
+    (flags,) = _launch_flags(lambda: conv3d_fused(x, w, **kw))
+    assert flags["BLOCK_N"] == 1 << (cout - 1).bit_length()
