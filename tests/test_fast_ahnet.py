@@ -195,6 +195,61 @@ def test_dense_block_writes_into_one_buffer_in_inference():
     assert _rel(got, want) <= 1e-5
 
 
+@pytest.mark.interpreter
+def test_dense_block_inference_reads_channel_padded_buffers():
+    """bf16 channels-last inference on the fused path: the concat buffer (124 -> 128 channels)
+    and each layer's 20-channel tensors live in channel-padded buffers, the convs reading
+    them load whole 16-byte vectors (XPAD), bn2+ReLU runs in the bottleneck conv's epilogue
+    (the 3x3x1 without a prologue), the outputs keep their logical shapes, and the block
+    matches the reference module (float64) within twice a bf16 torch run's error."""
+    from ahnet_fast.kernels.aot import record_specs
+
+    torch.manual_seed(8)
+    fast = FastAHNet(**SMALL, psp_block_num=0, upsample_mode="nearest").eval()
+    ref = fast.to_reference().eval()
+    x = _fresh_input((1, 64, 6, 5, 4)).to(memory_format=torch.channels_last_3d)
+    fast16 = fast.to(torch.bfloat16).use_gpu_weight_layout()
+    with torch.no_grad():
+        want = ref.double().dense3(x.double())
+        torch_bf16 = ref.to(torch.bfloat16).dense3(x.to(torch.bfloat16))
+        with use_backend("triton"):
+            got = fast16.dense3(x.to(torch.bfloat16))
+            with record_specs() as log:
+                fast16.dense3(x.to(torch.bfloat16))
+    assert got.shape == (1, 124, 6, 5, 4) and got.stride(1) == 1 and got.stride(-1) == 128
+    assert _rel(got.double(), want) <= 2 * _rel(torch_bf16.double(), want) + 1e-3
+    convs = [dict(s.constexprs) for s, _g, _i in log.launches if s.kernel == "_conv_kernel"]
+    padded = [c for c in convs if c["XPAD"]]
+    # per layer: the 1x1x3 and last 1x1x1 read 20-in-24 buffers; layer 2 reads 84 channels of
+    # the 128-channel concat buffer (64 and 104 are whole vectors already)
+    assert len(convs) == 12 and len(padded) == 7 and all(c["XV"] == 8 for c in padded)
+    # bn2 + ReLU folded into the bottleneck 1x1x1's epilogue: the 3x3x1 has no prologue
+    k331 = [c for c in convs if c["KH"] == 3]
+    bottleneck = [c for c in convs if c["KH"] == 1 and c["KD"] == 1 and c["HAS_OSC"]]
+    assert len(k331) == 3 and not any(c["HAS_PRO"] for c in k331)
+    assert len(bottleneck) == 3 and all(c["HAS_PRO"] and c["HAS_OSH"] and c["RELU"] for c in bottleneck)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_dense_block_inference_fold_float32(backend):
+    """The same inference forms (bn2+ReLU in the bottleneck's epilogue, the 3x3x1 on the
+    activation) in float32 on a custom-op backend: the reference model's numbers to 1e-5."""
+    torch.manual_seed(9)
+    fast = FastAHNet(**SMALL, psp_block_num=0, upsample_mode="nearest").eval()
+    for m in fast.modules():   # non-trivial running statistics, so that the folded affine matters
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.running_mean.normal_(0.0, 0.2)
+            m.running_var.uniform_(0.5, 2.0)
+    ref = fast.to_reference().eval()
+    x = _fresh_input((1, 64, 6, 5, 4)).to(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        want = ref.double().dense3(x.double())
+        with use_backend(backend):
+            got = fast.dense3(x)
+    assert _rel(got.double(), want) <= 1e-5
+
+
 @pytest.fixture
 def conv_launch_log(monkeypatch):
     """Records the weight shape of every call of the Triton conv launcher (wrapped where the

@@ -6,9 +6,10 @@ import threading
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from ahnet_fast.ops import (BackendUnavailableError, backend_status, bn_act_conv, conv_bn_act, get_backend,
-                            triton_backend, use_backend, zmaxpool)
+from ahnet_fast.ops import (BackendUnavailableError, activated_conv, backend_status, bn_act_conv, conv_bn_act,
+                            get_backend, triton_backend, use_backend, zmaxpool)
 from ahnet_fast.ops import _backend
 
 
@@ -179,6 +180,59 @@ def test_bn_act_conv_into_slice_leaves_the_rest(backend):
     assert view.data_ptr() == buf[:, 3:].data_ptr() and view.shape == ref.shape
     torch.testing.assert_close(buf[:, 3:8], ref)
     assert torch.isnan(buf[:, :3]).all() and torch.isnan(buf[:, 8:]).all()
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_inference_fold_of_the_next_bn(backend):
+    """bn_act_conv(out_affine=..., out_relu=True) then activated_conv == the unfolded chain
+    relu(bn2(conv1(relu(bn1(x))))) -> conv2, in float32 against float64 (auto = the CPU
+    composite path); the slices of the buffers around the results are left alone."""
+    x, w1, w2 = _x(2, 6, 4, 3, 3), _x(8, 6, 1, 1, 1), _x(5, 8, 3, 3, 1)
+    g1, b1, rm1, rv1 = _x(6), _x(6), _x(6) * 0.1, torch.rand(6) + 0.5
+    g2, b2, rm2, rv2 = _x(8), _x(8), _x(8) * 0.1, torch.rand(8) + 0.5
+    cb2 = _x(5)
+    scale2 = g2 / torch.sqrt(rv2 + 1e-5)
+    shift2 = b2 - rm2 * scale2
+
+    def chain(t, dt):
+        t = t.to(dt)
+        a = F.conv3d(torch.relu((t - rm1.to(dt).view(1, -1, 1, 1, 1)) / torch.sqrt(rv1.to(dt) + 1e-5).view(1, -1, 1, 1, 1)
+                                * g1.to(dt).view(1, -1, 1, 1, 1) + b1.to(dt).view(1, -1, 1, 1, 1)), w1.to(dt))
+        z = torch.relu((a - rm2.to(dt).view(1, -1, 1, 1, 1)) / torch.sqrt(rv2.to(dt) + 1e-5).view(1, -1, 1, 1, 1)
+                       * g2.to(dt).view(1, -1, 1, 1, 1) + b2.to(dt).view(1, -1, 1, 1, 1))
+        return z, F.conv3d(z, w2.to(dt), cb2.to(dt), padding=(1, 1, 0))
+
+    zbuf = torch.full((2, 10, 4, 3, 3), float("nan"))
+    obuf = torch.full((2, 7, 4, 3, 3), float("nan"))
+    with use_backend(backend), torch.no_grad():
+        z = bn_act_conv(x, g1, b1, rm1, rv1, w1, out=zbuf, out_channel_offset=1, out_affine=(scale2, shift2),
+                        out_relu=True)
+        o = activated_conv(z, w2, conv_bias=cb2, padding=(1, 1, 0), out=obuf, out_channel_offset=2)
+    z64, o64 = chain(x, torch.float64)
+    assert (z - z64).abs().max() <= 1e-5 * z64.abs().max()
+    assert (o - o64).abs().max() <= 1e-5 * o64.abs().max()
+    assert torch.isnan(zbuf[:, :1]).all() and torch.isnan(zbuf[:, 9:]).all()
+    assert torch.isnan(obuf[:, :2]).all()
+
+
+def test_inference_fold_errors():
+    x, w = _x(2, 3, 3, 3, 4), _x(5, 3, 3, 3, 1)
+    g, b, rm, rv = _x(3), _x(3), torch.zeros(3), torch.ones(3)
+    buf = torch.empty(2, 5, 3, 3, 4)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="inference form"):
+            bn_act_conv(x, g, b, rm, rv, w, padding=(1, 1, 0), out_affine=(torch.ones(5), torch.zeros(5)))
+        with pytest.raises(ValueError, match="inference form"):
+            bn_act_conv(x, g, b, rm, rv, w, padding=(1, 1, 0), out=buf, residual=torch.zeros(2, 5, 3, 3, 4),
+                        out_affine=(torch.ones(5), torch.zeros(5)))
+        with pytest.raises(ValueError, match=r"out_affine scale must be a floating \(5,\) tensor"):
+            bn_act_conv(x, g, b, rm, rv, w, padding=(1, 1, 0), out=buf, out_affine=(torch.ones(3), torch.zeros(5)))
+        with pytest.raises(TypeError, match="pair of tensors"):
+            bn_act_conv(x, g, b, rm, rv, w, padding=(1, 1, 0), out=buf, out_affine=torch.ones(5))
+        with pytest.raises(ValueError, match="cannot hold the result"):
+            activated_conv(x, w, padding=(1, 1, 0), out=torch.empty(2, 4, 3, 3, 4))
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        activated_conv(x.requires_grad_(True), w, padding=(1, 1, 0), out=buf)
 
 
 def test_bn_act_conv_into_errors():

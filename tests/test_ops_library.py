@@ -126,7 +126,17 @@ def test_opcheck_bn_act_conv_and_zmaxpool():
     with torch.no_grad():
         _opcheck(OPS.bn_act_conv_into.default, (x.detach(), g.detach(), b.detach(), torch.zeros(3), torch.ones(3),
                                                 w.detach(), None, res.detach(), [1, 1, 1], [0, 0, 1], False, 1e-5,
-                                                True, buf, 2, None, None, 0.1, "reference"))
+                                                True, buf, 2, None, None, 0.1, False, None, None, False,
+                                                "reference"))
+        # the inference fold: the next layer's eval BN+ReLU in the epilogue, and a conv of an
+        # already activated input (no BN arguments, statistics come back as markers)
+        _opcheck(OPS.bn_act_conv_into.default, (x.detach(), g.detach(), b.detach(), torch.zeros(3), torch.ones(3),
+                                                w.detach(), None, None, [1, 1, 1], [0, 0, 1], False, 1e-5,
+                                                True, buf, 2, None, None, 0.1, False, torch.rand(5), torch.randn(5),
+                                                True, "reference"))
+        _opcheck(OPS.bn_act_conv_into.default, (x.detach(), None, None, None, None, w.detach(), cb.detach(),
+                                                res.detach(), [1, 1, 1], [0, 0, 1], False, 1e-5, False, buf, 2,
+                                                None, None, 0.1, True, None, None, False, "reference"))
     _opcheck(OPS.zmaxpool.default, (_p(2, 3, 3, 3, 5, dtype=torch.float32), "reference"))
 
 

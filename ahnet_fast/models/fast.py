@@ -18,7 +18,15 @@ What runs fused (3D; see ``ahnet_fast.ops`` for the op contracts):
 - dense blocks: when autograd is not recording (inference) the block allocates its concat
   buffer once and each layer writes its new features straight into its channel slice, so no
   ``torch.cat`` copies the growing feature map; in training the ``torch.cat`` form is kept
-  (autograd needs the separate tensors).
+  (autograd needs the separate tensors);
+- inference on the fused (GPU) path, invisible in values, shapes and layouts: the concat
+  buffers, the head's concatenation and each Pseudo3D layer's 20-channel tensors are views of
+  buffers whose channel count is rounded up to 16 bytes (``channel_padded_empty``), so the
+  convs reading them load aligned 16-byte vectors; and bn2 + ReLU of each Pseudo3D layer runs
+  in the epilogue of the 1x1x1 before it (the bottleneck has no other reader), so the 3x3x1
+  reads an activated input with no prologue (``bn_act_conv(out_affine=...)`` then
+  ``activated_conv``). Training keeps the per-tap prologue: the BN needs the batch statistics
+  of the whole bottleneck output before it can be applied.
 
 What stays plain torch: the stem's 2x2x2 (or 3x3x3) max-pool, the transposed convs and
 interpolations of the upsampling, the PSP branch (1-channel convs), and the skip additions.
@@ -33,7 +41,7 @@ once per forward (the recomputation does not update them again).
 from __future__ import annotations
 
 import contextlib
-from typing import ClassVar
+from typing import ClassVar, Sequence
 
 import torch
 import torch.nn as nn
@@ -53,8 +61,11 @@ from ahnet_fast.models.ahnet import (
 )
 from ahnet_fast.models.validation import check_input
 from ahnet_fast.nn.functional import (
+    activated_conv_modules,
     bn_act_conv_chain_modules,
+    bn_act_conv_fold_modules,
     bn_act_conv_modules,
+    bn_sync_group,
     chainable,
     conv_args,
     conv_bn_act_modules,
@@ -145,6 +156,32 @@ class FusedFinal(Final):
         return self.up(bn_act_conv_modules(x, self.norm, self.conv, out=buf))
 
 
+def channel_padded_empty(like: Tensor, channels: int, spatial: Sequence[int] | None = None) -> Tensor:
+    """An uninitialised ``(N, channels, *spatial)`` tensor with ``like``'s dtype, device and
+    memory format (``spatial`` defaults to like's). On the fused path in channels-last it is
+    the first ``channels`` channels of a buffer whose channel count is rounded up to 16 bytes
+    (20 -> 24 in bf16, 1084 -> 1088): every (n, h, w, d) row then starts 16-byte aligned and the
+    convs that read it load whole aligned 16-byte vectors, the padding included and zeroed in
+    registers (kernels/conv.py, XPAD), where 20 channels at a 40-byte pitch allow 8-byte
+    vectors at most. A view; its values, shape and layout kind are what a dense tensor's would
+    be. The composite (CPU) path gets a dense tensor: its convs want contiguous inputs."""
+    spatial = tuple(like.shape[2:]) if spatial is None else tuple(spatial)
+    fmt = memory_format(like)
+    vec = 16 // like.element_size()
+    if like.dim() != 5 or fmt != torch.channels_last_3d or channels % vec == 0 or _composite(like):
+        return torch.empty((like.shape[0], channels, *spatial), dtype=like.dtype, device=like.device,
+                           memory_format=fmt)
+    padded = -(-channels // vec) * vec
+    buf = torch.empty((like.shape[0], padded, *spatial), dtype=like.dtype, device=like.device, memory_format=fmt)
+    return buf.narrow(1, 0, channels)
+
+
+def _conv_out_spatial(x: Tensor, conv: nn.Module) -> tuple[int, ...]:
+    """The output spatial size of ``conv`` (3-D, no dilation) on ``x``."""
+    stride, padding = conv_args(conv)
+    return tuple((s + 2 * p - k) // st + 1 for s, p, k, st in zip(x.shape[2:], padding, conv.kernel_size, stride))
+
+
 class FusedPseudo3DLayer(Pseudo3DLayer):
     """Four pre-activation convs (1x1x1 in->80, 3x3x1 80->20, 1x1x3 20->20, 1x1x1 20->20)."""
 
@@ -159,11 +196,37 @@ class FusedPseudo3DLayer(Pseudo3DLayer):
             summed, s4 = bn_act_conv_chain_modules(x3x3x1, self.bn3, self.conv3, residual=x3x3x1, stats=s3,
                                                    next_bn=self.bn4)
             return bn_act_conv_chain_modules(summed, self.bn4, self.conv4, stats=s4)[0]
-        a = bn_act_conv_modules(x, self.bn1, self.conv1)
-        x3x3x1 = bn_act_conv_modules(a, self.bn2, self.conv2)
-        # x3x3x1 + conv1x1x3(...): the sum is the 1x1x3 conv's epilogue, not a pass of its own
-        summed = bn_act_conv_modules(x3x3x1, self.bn3, self.conv3, residual=x3x3x1)
+        if _plain_path() or x.dim() != 5 or _composite(x):
+            a = bn_act_conv_modules(x, self.bn1, self.conv1)
+            x3x3x1 = bn_act_conv_modules(a, self.bn2, self.conv2)
+            # x3x3x1 + conv1x1x3(...): the sum is the 1x1x3 conv's epilogue, not a pass of its own
+            summed = bn_act_conv_modules(x3x3x1, self.bn3, self.conv3, residual=x3x3x1)
+        else:
+            if self._foldable():
+                # the bottleneck's only reader is bn2 -> ReLU -> 3x3x1: that eval BN+ReLU runs in
+                # the 1x1x1's epilogue, once per element, and the 3x3x1 (9 taps) loads an
+                # activated input without a prologue
+                z = channel_padded_empty(x, self.conv1.out_channels, _conv_out_spatial(x, self.conv1))
+                bn_act_conv_fold_modules(x, self.bn1, self.conv1, self.bn2, z)
+                x3x3x1 = channel_padded_empty(z, self.conv2.out_channels, _conv_out_spatial(z, self.conv2))
+                activated_conv_modules(z, self.conv2, x3x3x1)
+            else:
+                a = bn_act_conv_modules(x, self.bn1, self.conv1)
+                x3x3x1 = channel_padded_empty(a, self.conv2.out_channels, _conv_out_spatial(a, self.conv2))
+                bn_act_conv_modules(a, self.bn2, self.conv2, out=x3x3x1)
+            # inference: the two growth-channel tensors (20 channels) in channel-padded buffers,
+            # so that the 1x1x3 and the last 1x1x1 read them in 16-byte vectors
+            summed = channel_padded_empty(x3x3x1, self.conv3.out_channels, _conv_out_spatial(x3x3x1, self.conv3))
+            bn_act_conv_modules(x3x3x1, self.bn3, self.conv3, residual=x3x3x1, out=summed)
         return bn_act_conv_modules(summed, self.bn4, self.conv4, out=out, out_channel_offset=out_channel_offset)
+
+    def _foldable(self) -> bool:
+        """True when bn2 (+ReLU) can run in conv1's epilogue: both BNs in eval mode with running
+        statistics and not synchronised (x3x3x1 has two readers, bn3 and the residual, so bn3
+        cannot fold the same way; the dense block's buffer has many)."""
+        bn1, bn2 = self.bn1, self.bn2
+        return (not bn1.training and not bn2.training and bn2.running_mean is not None
+                and bn2.running_var is not None and not bn_sync_group(bn1)[0] and not bn_sync_group(bn2)[0])
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.cat([x, self.new_features(x)], 1)
@@ -185,8 +248,9 @@ class FusedDenseBlock(DenseBlock):
             return super().forward(a if b is None else a + b)
         growth = layers[0].conv4.out_channels
         c0 = a.shape[1]
-        buf = torch.empty((a.shape[0], c0 + growth * len(layers), *a.shape[2:]), dtype=a.dtype, device=a.device,
-                          memory_format=memory_format(a))
+        # channel-padded (1084 -> 1088 in bf16): every layer's input slice buf[:, :c] and the
+        # next block's input rows start 16-byte aligned
+        buf = channel_padded_empty(a, c0 + growth * len(layers))
         if b is None:
             buf[:, :c0].copy_(a)
         else:
@@ -359,8 +423,7 @@ class FastAHNet(ReferenceAHNet):
             return self.final(cat_channels(parts, memory_format(d4)), out_format)
         # inference: one concatenation (not PSP's own plus this one), laid out like d4: torch.cat
         # would pick NCDHW for 1-channel maps followed by a channels-last d4
-        buf = torch.empty((d4.shape[0], sum(p.shape[1] for p in parts), *d4.shape[2:]), dtype=d4.dtype,
-                          device=d4.device, memory_format=memory_format(d4))
+        buf = channel_padded_empty(d4, sum(p.shape[1] for p in parts))
         return self.final(torch.cat(parts, dim=1, out=buf), out_format)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -20,10 +20,14 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from ahnet_fast.ops import _backend, _running, bn_act_conv, conv_bn_act, sync_bn_act_conv, sync_conv_bn_act
+from ahnet_fast.ops import (_backend, _running, activated_conv, bn_act_conv, conv_bn_act, sync_bn_act_conv,
+                            sync_conv_bn_act)
+from ahnet_fast.ops._plan import cached
+from ahnet_fast.ops._util import bn_affine, running_stats, stat_dtype
 from ahnet_fast.ops.bn_act_conv import NextBN, bn_act_conv_chain
 
-__all__ = ["bn_act_conv_modules", "bn_running_args", "bn_sync_group", "conv_args", "conv_bn_act_modules", "recomputing"]
+__all__ = ["activated_conv_modules", "bn_act_conv_fold_modules", "bn_act_conv_modules", "bn_running_args",
+           "bn_sync_group", "conv_args", "conv_bn_act_modules", "eval_affine", "recomputing"]
 
 Tensor = torch.Tensor
 
@@ -170,6 +174,53 @@ def bn_act_conv_modules(x: Tensor, bn: nn.Module, conv: nn.Module, *, relu: bool
     if sync and res5 is not None:
         res = res + res5 if out is None else res.add_(res5)
     return res.squeeze(-1) if four else res
+
+
+def eval_affine(bn: nn.Module, dtype: torch.dtype = torch.float32) -> Optional[tuple[Tensor, Tensor]]:
+    """(scale, shift), (C,) in ``dtype`` (the BN precision: float64 for float64 activations,
+    else fp32), of an eval-mode BatchNorm with running statistics, such that bn(y) = y * scale
+    + shift per channel; None for a BN that normalises with batch statistics (training, or no
+    running statistics) or a synchronised one. Built once per layer and rebuilt when a
+    parameter or buffer changes (``ops._plan.cached``), so an eval forward launches nothing for
+    it; callers must not write into the tensors."""
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.training or bn.running_mean is None:
+        return None
+    if bn.running_var is None or bn_sync_group(bn)[0]:
+        return None
+    rm, rv, w, b, eps = bn.running_mean, bn.running_var, bn.weight, bn.bias, float(bn.eps)
+
+    def build() -> tuple[Tensor, Tensor]:
+        mean, invstd, _var = running_stats(rm, rv, eps, dtype)
+        scale, shift = bn_affine(mean, invstd, None if w is None else w.detach(), None if b is None else b.detach())
+        return scale.contiguous(), shift.contiguous()
+
+    return cached("fold_bn_affine", (rm, rv, w, b), build, extra=(eps, dtype))
+
+
+def bn_act_conv_fold_modules(x: Tensor, bn: nn.Module, conv: nn.Module, next_bn: nn.Module, out: Tensor) -> Tensor:
+    """Inference: ``relu(next_bn(conv(relu(bn(x)))))`` into ``out`` (same shape as the conv's
+    output): a pre-activation conv whose output has exactly one reader, the next pre-activation
+    layer, gets that layer's eval BN+ReLU in its epilogue (``next_bn`` must be an eval BN with
+    running statistics, see :func:`eval_affine`); the next conv then runs on the activation
+    with :func:`activated_conv_modules`, without a prologue."""
+    aff = eval_affine(next_bn, stat_dtype(x.dtype))
+    if aff is None:
+        raise ValueError("bn_act_conv_fold_modules needs next_bn in eval mode with running statistics")
+    w = _weight5d(conv, x)
+    stride, padding = conv_args(conv)
+    use_batch, factor, rm, rv = bn_running_args(bn)
+    return bn_act_conv(_as5d(x, "x"), bn.weight, bn.bias, rm, rv, w, conv_bias=conv.bias, stride=stride,
+                       padding=padding, training=use_batch, momentum=factor, eps=bn.eps, out=_as5d(out, "out"),
+                       out_affine=aff, out_relu=True)
+
+
+def activated_conv_modules(x: Tensor, conv: nn.Module, out: Tensor, *, residual: Optional[Tensor] = None) -> Tensor:
+    """Inference: ``conv(x) [+ residual]`` into ``out`` for an already activated ``x`` (see
+    :func:`bn_act_conv_fold_modules` and ahnet_fast.ops.activated_conv)."""
+    w = _weight5d(conv, x)
+    stride, padding = conv_args(conv)
+    return activated_conv(_as5d(x, "x"), w, conv_bias=conv.bias, stride=stride, padding=padding,
+                          out=_as5d(out, "out"), residual=None if residual is None else _as5d(residual, "residual"))
 
 
 def chainable(x: Tensor, *bns: nn.Module) -> bool:

@@ -268,9 +268,13 @@ class FusedPipeline:
     # -- BN -> act -> conv -------------------------------------------------------------------------
     def bn_act_conv_forward(self, x, bn_weight, bn_bias, running_mean, running_var, weight, conv_bias, stride,
                             padding, training, eps, relu, out=None, out_channel_offset=0, residual=None,
-                            update=None, stats=None, next_bn=None):
+                            update=None, stats=None, next_bn=None, pre_activated=False, out_affine=None):
         """(out, mean, invstd, var, next_running_mean, next_running_var, out_stats, out_next_running_mean,
         out_next_running_var); see conv_bn_act_forward for ``update``.
+
+        Inference forms (``bn_act_conv_into``): ``pre_activated``: x is already the activation,
+        the conv runs without a prologue (mean/invstd/var None); ``out_affine`` = (scale, shift,
+        relu): the next pre-activation layer's eval BN (+ReLU) applied in the epilogue.
 
         ``stats`` (training): x's batch statistics as a (5, Cin) fp32 tensor (rows mean, var,
         invstd, scale, shift) computed by x's producer: no statistics pass over x here.
@@ -279,7 +283,9 @@ class FusedPipeline:
         that BN's next running statistics), from this conv's epilogue and merge launch."""
         L = self.launchers()
         nxt = (None, None)
-        if training and stats is not None:
+        if pre_activated:
+            mean = var = invstd = scale = shift = None
+        elif training and stats is not None:
             mean, var, invstd, scale, shift = stats.unbind(0)
         elif training:
             st = L.channel_stats(x, **self._finalize_arg(bn_weight, bn_bias, eps, update))
@@ -294,6 +300,8 @@ class FusedPipeline:
                 # the next BN's statistics from this conv's epilogue, finalized in its merge
                 buf = torch.empty((5, weight.shape[0]), dtype=torch.float32, device=x.device)
                 kw = dict(compute_stats=True, stats_out=buf, **self._finalize_arg(*_next_args(next_bn)))
+            if out_affine is not None:
+                kw.update(out_scale=_f32(out_affine[0]), out_shift=_f32(out_affine[1]), relu=bool(out_affine[2]))
             o = self._conv(x, weight, conv_bias, stride, padding, True, in_scale=scale, in_shift=shift,
                            in_relu=relu, residual=residual, out=out, out_channel_offset=out_channel_offset, **kw)
             if fused_next:
@@ -302,10 +310,13 @@ class FusedPipeline:
             elif next_bn is not None:
                 ostats = self._stats_of(o, next_bn)
             return (o, mean, invstd, var, *nxt, *ostats)
-        z = L.bn_act_apply(x, scale, shift, relu=relu)
+        z = x if pre_activated else L.bn_act_apply(x, scale, shift, relu=relu)
         o = F.conv3d(z, weight, conv_bias, list(stride), list(padding))
         if residual is not None:
             o = o.add_(residual)
+        if out_affine is not None:
+            o = L.bn_act_apply(o, _f32(out_affine[0]).contiguous(), _f32(out_affine[1]).contiguous(),
+                               relu=bool(out_affine[2]))
         if next_bn is not None:
             ostats = self._stats_of(o, next_bn)
         if out is not None:

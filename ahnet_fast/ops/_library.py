@@ -31,9 +31,12 @@ Ops (all tensors (N, C, H, W, D); "marker" = a 0-element tensor for a result not
   statistics given as ``next_*``; its next running statistics come back as out_next_*), from
   this conv's epilogue; the next op takes them as ``stats`` (training), and then returns markers
   for mean/invstd/var (outputs may not alias inputs).
-* ``bn_act_conv_into(..., out!, out_channel_offset, update_mean?, update_var?, momentum, backend)
-  -> (mean, invstd, var, next_mean, next_var)``: writes into ``out[:, off:off+Cout]`` (mutates
-  ``out``; no autograd).
+* ``bn_act_conv_into(..., out!, out_channel_offset, update_mean?, update_var?, momentum,
+  pre_activated, out_scale?, out_shift?, out_relu, backend) -> (mean, invstd, var, next_mean,
+  next_var)``: writes into ``out[:, off:off+Cout]`` (mutates ``out``; no autograd; inference).
+  ``pre_activated``: x is already relu(bn(.)) (no BN arguments, mean/invstd/var are markers);
+  ``out_scale/out_shift/out_relu``: the eval-mode BN (+ReLU) of the next pre-activation layer
+  applied in the conv's epilogue, so that layer's conv reads an activated input.
 * ``bn_act_conv_backward(...) -> (grad_x, grad_bn_weight, grad_bn_bias, grad_weight, grad_conv_bias)``
 """
 from __future__ import annotations
@@ -356,26 +359,32 @@ def bn_act_conv_into_op(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optiona
                         conv_bias: Optional[Tensor], residual: Optional[Tensor], stride: list[int],
                         padding: list[int], training: bool, eps: float, relu: bool, out: Tensor,
                         out_channel_offset: int, update_mean: Optional[Tensor], update_var: Optional[Tensor],
-                        momentum: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                        momentum: float, pre_activated: bool, out_scale: Optional[Tensor],
+                        out_shift: Optional[Tensor], out_relu: bool,
+                        backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     impl = _backend.select("bn_act_conv", backend, [x, weight, conv_bias, bn_weight, bn_bias,
                                                     running_mean, running_var, out, residual, update_mean,
-                                                    update_var])
+                                                    update_var, out_scale, out_shift])
+    out_affine = (out_scale, out_shift, bool(out_relu)) if out_scale is not None else None
     _, mean, invstd, var, next_mean, next_var, *_ = impl.bn_act_conv_forward(
         x, bn_weight, bn_bias, running_mean, running_var, weight, conv_bias, stride, padding, training, eps, relu,
-        out, out_channel_offset, residual=residual, update=_running_update(update_mean, update_var, momentum))
+        out, out_channel_offset, residual=residual, update=_running_update(update_mean, update_var, momentum),
+        **({"pre_activated": True} if pre_activated else {}), **({"out_affine": out_affine} if out_affine else {}))
     sdt = stat_dtype(x.dtype)
-    return _unalias((_conform(mean, x, dtype=sdt), _conform(invstd, x, dtype=sdt), _conform(var, x, dtype=sdt),
+    want = not pre_activated   # an activated input has no BN of its own: markers
+    return _unalias((_conform(mean, x, dtype=sdt, want=want), _conform(invstd, x, dtype=sdt, want=want),
+                     _conform(var, x, dtype=sdt, want=want),
                      *_conform_next(next_mean, next_var, update_mean, update_var, x)),
                     [x, bn_weight, bn_bias, running_mean, running_var, weight, conv_bias, residual, out,
-                     update_mean, update_var])
+                     update_mean, update_var, out_scale, out_shift])
 
 
 @bn_act_conv_into_op.register_fake
 def _bn_act_conv_into_fake(x, bn_weight, bn_bias, running_mean, running_var, weight, conv_bias, residual, stride,
                            padding, training, eps, relu, out, out_channel_offset, update_mean, update_var,
-                           momentum, backend):
-    return (_stat_empty(x, x.shape[1]), _stat_empty(x, x.shape[1]), _stat_empty(x, x.shape[1]),
-            *_next_fake(update_mean, update_var, x))
+                           momentum, pre_activated, out_scale, out_shift, out_relu, backend):
+    st = (lambda: empty_marker(x)) if pre_activated else (lambda: _stat_empty(x, x.shape[1]))
+    return (st(), st(), st(), *_next_fake(update_mean, update_var, x))
 
 
 @torch.library.custom_op(f"{NS}::bn_act_conv_backward", mutates_args=())

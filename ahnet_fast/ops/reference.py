@@ -234,17 +234,35 @@ def _pre_activation(x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, b
     return z.to(x.dtype)
 
 
+def _out_affine(o: torch.Tensor, out_affine: Optional[tuple]) -> torch.Tensor:
+    """relu(o * scale + shift) per channel (the relu iff out_affine[2]), in the BN's precision."""
+    if out_affine is None:
+        return o
+    scale, shift, relu = out_affine
+    sd = stat_dtype(o.dtype)
+    t = o.to(sd) * bcast(scale.to(sd)) + bcast(shift.to(sd))
+    return (torch.relu(t) if relu else t).to(o.dtype)
+
+
 def bn_act_conv_forward(x: torch.Tensor, bn_weight: Optional[torch.Tensor], bn_bias: Optional[torch.Tensor],
                         running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                         weight: torch.Tensor, conv_bias: Optional[torch.Tensor], stride: Sequence[int],
                         padding: Sequence[int], training: bool, eps: float, relu: bool,
                         out: Optional[torch.Tensor] = None, out_channel_offset: int = 0,
                         residual: Optional[torch.Tensor] = None, update: Optional[tuple] = None,
-                        stats: Optional[torch.Tensor] = None, next_bn: Optional[tuple] = None
+                        stats: Optional[torch.Tensor] = None, next_bn: Optional[tuple] = None,
+                        pre_activated: bool = False, out_affine: Optional[tuple] = None
                         ) -> tuple[Optional[torch.Tensor], ...]:
     """(out, mean, invstd, var, next_running_mean, next_running_var, out_stats, out_next_running_mean,
-    out_next_running_var); ``stats``/``next_bn`` as in the fused pipeline (_fused.py): x's given
-    (5, Cin) statistics, and the next BN's statistics of the output."""
+    out_next_running_var); ``stats``/``next_bn``/``pre_activated``/``out_affine`` as in the fused
+    pipeline (_fused.py): x's given (5, Cin) statistics, the next BN's statistics of the output,
+    an input that is already the activation, the next layer's eval BN (+ReLU) on the output."""
+    if pre_activated:
+        o = F.conv3d(x, weight, conv_bias, list(stride), list(padding))
+        o = _out_affine(o.add_(residual) if residual is not None else o, out_affine)
+        if out is not None:
+            out.narrow(1, out_channel_offset, o.shape[1]).copy_(o)
+        return (o if out is None else out, None, None, None, None, None, None, None, None)
     if training and stats is not None:
         mean, var, invstd = stats[0], stats[1], stats[2]
         nxt: tuple = (None, None)
@@ -256,6 +274,7 @@ def bn_act_conv_forward(x: torch.Tensor, bn_weight: Optional[torch.Tensor], bn_b
     o = F.conv3d(z, weight, conv_bias, list(stride), list(padding))
     if residual is not None:
         o = o.add_(residual)
+    o = _out_affine(o, out_affine)
     ostats: tuple = (None, None, None)
     if next_bn is not None:
         gamma, beta, neps, nrm, nrv, nmom = next_bn

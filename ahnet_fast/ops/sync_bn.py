@@ -297,7 +297,7 @@ def sync_bn_act_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[T
             raise RuntimeError("bn_act_conv(out=...) is not differentiable: call it under torch.no_grad() or "
                                "torch.inference_mode(), or without out= when gradients are needed")
         bn_act_conv_into_op(x, bn_weight, bn_bias, mean, var, weight, conv_bias, None, stride_, padding_, False,
-                            float(eps), bool(relu), out, off, None, None, 0.0, backend)
+                            float(eps), bool(relu), out, off, None, None, 0.0, False, None, None, False, backend)
         res = out.narrow(1, off, o_shape[1])
     _update_running(running_mean, running_var, mean, var, total, float(momentum))
     return res
