@@ -264,11 +264,13 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, isc_ptr, ish_ptr, osc_ptr, osh_ptr, res
         # split-K: slice pid_k of n_split contiguous, near-equal runs of the K loop (none is
         # empty: the launcher keeps n_split <= n_it). A runtime count: one compile for any split
         it_lo = (pid_k * n_it) // n_split
-        it_hi = ((pid_k + 1) * n_it) // n_split
+        # at least one step (true already; said so that the loop is provably non-empty, see n_chunks)
+        n_mine = tl.maximum(((pid_k + 1) * n_it) // n_split - it_lo, 1)
     else:
         it_lo = 0
-        it_hi = n_it
-    for it in range(it_lo, it_hi):
+        n_mine = n_it
+    for step in range(0, n_mine):
+        it = it_lo + step
         tap = it // n_chunks
         k0 = (it - tap * n_chunks) * BLOCK_K
         kd = tap % KD
@@ -387,7 +389,7 @@ def _splitk_epilogue_kernel(ws_ptr, bias_ptr, osc_ptr, osh_ptr, res_ptr, out_ptr
 #   BLOCK_K  bf16/fp16: 64 from 64 input channels up (one variant for all the dense-block widths
 #            84..1084), below that the largest of 64/32/16 that pads Cin by <= 25 % (20 -> 32,
 #            one chunk); fp32: 16,
-#   BLOCK_M  64, warps 8 (fp32: 32 rows, 4 warps), stages 3, for every key.
+#   BLOCK_M  64, warps 8 (fp32: 32 rows, 4 warps), stages 3 (16-bit NCDHW: 2), for every key.
 # Why so uniform: the static report (bench/static_sm90.py, bench/results/static_sm90.md) showed
 # that every 128-row tile spills on sm_90 whatever the warps (128x64x64/w4: 2.6 KB, 128x128x64/w8:
 # 1.3 KB, 128x32x32/w4: 1 KB; sm_80 likewise): the per-row index and address arithmetic of the
@@ -454,7 +456,11 @@ def conv_configs(Cin: int, Cout: int, KH: int, KW: int, KD: int,
     bk = _pick_bk(Cin, is_fp32, KH * KW * KD, has_pro)
     if is_fp32:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=3)]
-    return [triton.Config({"BLOCK_M": 64, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=8, num_stages=3)]
+    # NCDHW (channel stride != 1): A is a gather of 2-byte elements that cannot be a cp.async, so
+    # a third stage holds registers for nothing: the 1x1x3 20->20 with the prologue spilled 4 B on
+    # sm_80 at 3 stages and none at 2 (75 instead of 82 main-loop instructions per MMA)
+    stages = 3 if channels_last else 2
+    return [triton.Config({"BLOCK_M": 64, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=8, num_stages=stages)]
 
 
 def _pick_bn(Cout: int, cap: int) -> int:
