@@ -93,18 +93,8 @@ def bn_act_conv(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor
             x, bn_weight, bn_bias, rm, rv, weight, conv_bias, residual, stride_, padding_, bool(training),
             float(eps), bool(relu), um, uv, float(momentum), *_NO_CHAIN, backend)
     else:
-        _checks.tensor5("out", out)
-        _checks.same("out", out, x)
-        off = int(out_channel_offset)
-        want = [o_shape[0], None, *o_shape[2:]]
-        if (out.shape[0] != want[0] or list(out.shape[2:]) != want[2:] or off < 0
-                or off + o_shape[1] > out.shape[1]):
-            raise ValueError(f"out {tuple(out.shape)} with out_channel_offset={off} cannot hold the result "
-                             f"{tuple(o_shape)}: need (N, >= offset + Cout, Ho, Wo, Do)")
-        if _checks.any_requires_grad(x, weight, conv_bias, bn_weight, bn_bias, residual) or (
-                torch.is_grad_enabled() and out.requires_grad):
-            raise RuntimeError("bn_act_conv(out=...) is not differentiable: call it under torch.no_grad() or "
-                               "torch.inference_mode(), or without out= when gradients are needed")
+        off = _check_out_into("bn_act_conv", x, o_shape, out, out_channel_offset,
+                              (x, weight, conv_bias, bn_weight, bn_bias, residual))
         if use_composite:
             res = composite.bn_act_conv(x, bn_weight, bn_bias, running_mean, running_var, weight, conv_bias, stride_,
                                         padding_, bool(training), float(momentum), float(eps), bool(relu), out, off)
@@ -125,9 +115,9 @@ _NO_CHAIN = (None, None, None, None, None, 0.0, 0.0, False)
 _NO_FOLD = (False, None, None, False)
 
 
-def _check_out_into(x: Tensor, o_shape: Sequence[int], out: Tensor, out_channel_offset: int,
+def _check_out_into(what: str, x: Tensor, o_shape: Sequence[int], out: Tensor, out_channel_offset: int,
                     tensors: Sequence[Optional[Tensor]]) -> int:
-    """Checks of an ``out=`` call (shape, device, no autograd); returns the channel offset."""
+    """Checks of an ``out=`` call of ``what`` (shape, device, no autograd); returns the channel offset."""
     _checks.tensor5("out", out)
     _checks.same("out", out, x)
     off = int(out_channel_offset)
@@ -136,7 +126,7 @@ def _check_out_into(x: Tensor, o_shape: Sequence[int], out: Tensor, out_channel_
         raise ValueError(f"out {tuple(out.shape)} with out_channel_offset={off} cannot hold the result "
                          f"{tuple(o_shape)}: need (N, >= offset + Cout, Ho, Wo, Do)")
     if _checks.any_requires_grad(*tensors) or (torch.is_grad_enabled() and out.requires_grad):
-        raise RuntimeError("the out= forms are not differentiable: call them under torch.no_grad() or "
+        raise RuntimeError(f"{what}(out=...) is not differentiable: call it under torch.no_grad() or "
                            "torch.inference_mode(), or without out= when gradients are needed")
     return off
 
@@ -161,7 +151,8 @@ def _into(x: Tensor, weight: Tensor, conv_bias: Optional[Tensor], stride_: list[
     running_var, eps, relu) of x's eval BN, or None for an input that is already activated;
     ``out_affine`` (scale, shift) or None, then a ReLU if out_relu."""
     bn_w, bn_b, rm, rv, eps, relu = bn if bn is not None else (None, None, None, None, 0.0, False)
-    off = _check_out_into(x, o_shape, out, out_channel_offset, (x, weight, conv_bias, bn_w, bn_b, residual))
+    off = _check_out_into("bn_act_conv" if bn is not None else "activated_conv", x, o_shape, out, out_channel_offset,
+                          (x, weight, conv_bias, bn_w, bn_b, residual))
     aff = _check_affine(out_affine, o_shape[1], x) if out_affine is not None else None
     res = out.narrow(1, off, o_shape[1])
     if _backend.composite_path(x):
