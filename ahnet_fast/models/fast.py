@@ -74,7 +74,7 @@ from ahnet_fast.nn.functional import (
 from ahnet_fast.nn.sync import convert_sync_batchnorm
 from ahnet_fast.ops import _running
 from ahnet_fast.ops._backend import composite_path
-from ahnet_fast.ops._util import memory_format
+from ahnet_fast.ops._util import conv_out_shape, memory_format
 from ahnet_fast.ops.composite import cat_channels, conv3d
 
 __all__ = [
@@ -147,11 +147,7 @@ class FusedFinal(Final):
                 # 4-8x smaller than the output (its gradient goes back channels-last)
                 c = _ToCallerFormat.apply(c, out_format)
             return self.up(c)
-        stride, padding = conv_args(self.conv)
-        n, _, *spatial = x.shape
-        k = self.conv.kernel_size
-        shape = (n, self.conv.out_channels, *((s + 2 * p - kk) // st + 1 for s, p, kk, st in zip(spatial, padding, k,
-                                                                                                 stride)))
+        shape = (x.shape[0], self.conv.out_channels, *_conv_out_spatial(x, self.conv))
         buf = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=out_format)
         return self.up(bn_act_conv_modules(x, self.norm, self.conv, out=buf))
 
@@ -176,10 +172,10 @@ def channel_padded_empty(like: Tensor, channels: int, spatial: Sequence[int] | N
     return buf.narrow(1, 0, channels)
 
 
-def _conv_out_spatial(x: Tensor, conv: nn.Module) -> tuple[int, ...]:
+def _conv_out_spatial(x: Tensor, conv: nn.Module) -> list[int]:
     """The output spatial size of ``conv`` (3-D, no dilation) on ``x``."""
     stride, padding = conv_args(conv)
-    return tuple((s + 2 * p - k) // st + 1 for s, p, k, st in zip(x.shape[2:], padding, conv.kernel_size, stride))
+    return conv_out_shape(x.shape, conv.weight.shape, stride, padding)[2:]
 
 
 class FusedPseudo3DLayer(Pseudo3DLayer):

@@ -22,8 +22,8 @@ from torch import nn
 
 from ahnet_fast.ops import (_backend, _running, activated_conv, bn_act_conv, conv_bn_act, sync_bn_act_conv,
                             sync_conv_bn_act)
-from ahnet_fast.ops._plan import cached
-from ahnet_fast.ops._util import bn_affine, running_stats, stat_dtype
+from ahnet_fast.ops._fused import _eval_affine
+from ahnet_fast.ops._util import stat_dtype
 from ahnet_fast.ops.bn_act_conv import NextBN, bn_act_conv_chain
 
 __all__ = ["activated_conv_modules", "bn_act_conv_fold_modules", "bn_act_conv_modules", "bn_running_args",
@@ -180,21 +180,14 @@ def eval_affine(bn: nn.Module, dtype: torch.dtype = torch.float32) -> Optional[t
     """(scale, shift), (C,) in ``dtype`` (the BN precision: float64 for float64 activations,
     else fp32), of an eval-mode BatchNorm with running statistics, such that bn(y) = y * scale
     + shift per channel; None for a BN that normalises with batch statistics (training, or no
-    running statistics) or a synchronised one. Built once per layer and rebuilt when a
-    parameter or buffer changes (``ops._plan.cached``), so an eval forward launches nothing for
-    it; callers must not write into the tensors."""
+    running statistics) or a synchronised one. The fused ops' cached eval affine
+    (``ops._fused._eval_affine``): built once per layer, so an eval forward launches nothing
+    for it; callers must not write into the tensors."""
     if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.training or bn.running_mean is None:
         return None
     if bn.running_var is None or bn_sync_group(bn)[0]:
         return None
-    rm, rv, w, b, eps = bn.running_mean, bn.running_var, bn.weight, bn.bias, float(bn.eps)
-
-    def build() -> tuple[Tensor, Tensor]:
-        mean, invstd, _var = running_stats(rm, rv, eps, dtype)
-        scale, shift = bn_affine(mean, invstd, None if w is None else w.detach(), None if b is None else b.detach())
-        return scale.contiguous(), shift.contiguous()
-
-    return cached("fold_bn_affine", (rm, rv, w, b), build, extra=(eps, dtype))
+    return _eval_affine(bn.running_mean, bn.running_var, bn.weight, bn.bias, float(bn.eps), dtype)[3:]
 
 
 def bn_act_conv_fold_modules(x: Tensor, bn: nn.Module, conv: nn.Module, next_bn: nn.Module, out: Tensor) -> Tensor:

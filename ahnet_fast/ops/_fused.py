@@ -78,19 +78,23 @@ def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def _eval_affine(running_mean: Tensor, running_var: Tensor, bn_weight: Optional[Tensor],
-                 bn_bias: Optional[Tensor], eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(mean, invstd, var, scale, shift), fp32, of a BN normalising with its running statistics.
+                 bn_bias: Optional[Tensor], eps: float,
+                 dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(mean, invstd, var, scale, shift) in ``dtype`` (fp32 unless asked otherwise) of a BN
+    normalising with its running statistics.
 
     Depends on the layer's parameters and buffers only, so it is built once per layer and
     rebuilt when one of them changes (``_plan.cached``): an eval forward then launches nothing
     but its convs. The tensors are shared between calls; callers must not write into them.
     """
     def build():
-        mean, invstd, var = running_stats(running_mean, running_var, eps, torch.float32)
-        scale, shift = bn_affine(mean, invstd, _f32(bn_weight), _f32(bn_bias))
+        mean, invstd, var = running_stats(running_mean, running_var, eps, dtype)
+        w = None if bn_weight is None else bn_weight.detach().to(dtype)
+        b = None if bn_bias is None else bn_bias.detach().to(dtype)
+        scale, shift = bn_affine(mean, invstd, w, b)
         return mean, invstd, var, scale.contiguous(), shift.contiguous()
 
-    return cached("eval_bn_affine", (running_mean, running_var, bn_weight, bn_bias), build, extra=float(eps))
+    return cached("eval_bn_affine", (running_mean, running_var, bn_weight, bn_bias), build, extra=(float(eps), dtype))
 
 
 class FusedPipeline:

@@ -369,7 +369,7 @@ def bn_act_conv_into_op(x: Tensor, bn_weight: Optional[Tensor], bn_bias: Optiona
     _, mean, invstd, var, next_mean, next_var, *_ = impl.bn_act_conv_forward(
         x, bn_weight, bn_bias, running_mean, running_var, weight, conv_bias, stride, padding, training, eps, relu,
         out, out_channel_offset, residual=residual, update=_running_update(update_mean, update_var, momentum),
-        **({"pre_activated": True} if pre_activated else {}), **({"out_affine": out_affine} if out_affine else {}))
+        pre_activated=bool(pre_activated), out_affine=out_affine)
     sdt = stat_dtype(x.dtype)
     want = not pre_activated   # an activated input has no BN of its own: markers
     return _unalias((_conform(mean, x, dtype=sdt, want=want), _conform(invstd, x, dtype=sdt, want=want),
