@@ -6,11 +6,12 @@ the same intensity normalisation, are given the same wall time (AH-Net: its whol
 warm-up measurement included; UNet: its training loop), and are scored on the same held-out cases.
 
 * AH-Net: ``ahnet-fast train DATA --time-budget B --preset cpu-small`` in a child process, then
-  the held-out cases segmented with ``model.pt`` (whole volume).
+  the held-out cases segmented with ``model.pt`` as ``ahnet-fast segment`` does it (windows of the
+  training patch, mirrored along the trained in-plane flips), and in one pass without mirroring.
 * UNet: ``monai.networks.nets.UNet`` (channels 16-32-64, strides 2-2, two residual units), Dice +
   cross-entropy loss, Adam 1e-3, random 64 x 64 x 16 patches (batch 2; half of them centred on
-  foreground), trained until the budget is spent, then sliding-window inference (64 x 64 x 16
-  windows, overlap 0.25).
+  foreground), trained until the budget is spent, then MONAI's sliding-window inference (64 x 64 x 16
+  windows, overlap 0.25), alone and averaged over the same in-plane mirroring.
 
 Data: a dataset.json (``--data``; held-out cases = its "test" list with labels, else "validation"),
 or by default the MNI152 tissue task of :mod:`ahnet_fast.data.mni` with a chosen split
@@ -77,42 +78,60 @@ def held_out(spec: Any) -> list[Any]:
     return cases
 
 
-def run_ahnet(data: Path, out: Path, budget_s: float, threads: int, extra: Sequence[str]) -> dict[str, Any]:
-    """Train with the recipe under the budget (child process), score model.pt on the held-out cases."""
-    import torch
-
+def score_ahnet(data: Path, model_pt: Path) -> list[dict[str, Any]]:
+    """Held-out Dice of ``model_pt`` as ``ahnet-fast segment`` runs it (the checkpoint's training
+    patch as the window, mirrored along its trained flips), and in one pass without mirroring."""
     from ahnet_fast.data.dataset import load_case, read_dataset
     from ahnet_fast.data.intensity import IntensityConfig
+    from ahnet_fast.infer.segment import SegmentOptions, predict_volume
     from ahnet_fast.train.checkpoint import load_checkpoint
     from ahnet_fast.train.models import build_ahnet
-    from ahnet_fast.train.recipe import predict_3d
 
-    run = out / "ahnet"
-    cmd = [sys.executable, "-m", "ahnet_fast.cli", "train", str(data), "--out", str(run), "--time-budget",
-           f"{budget_s:g}", "--threads", str(threads), "--device", "cpu", "--no-progress", "--overwrite", *extra]
-    t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    seconds = time.time() - t0
-    (out / "ahnet_train.log").write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
-        raise SystemExit(f"ahnet-fast train failed (exit {proc.returncode}); see {out / 'ahnet_train.log'}")
-    ck = load_checkpoint(run / "model.pt")
+    ck = load_checkpoint(model_pt)
     model = build_ahnet(ck["model_config"], fast=False)
     model.load_state_dict(ck["model"])
     model.eval()
     intensity = IntensityConfig.from_dict(ck["preprocessing"]["intensity"])
     spec = read_dataset(data)
     k = int(ck["model_config"]["out_channels"])
-    counts = []
-    for r in held_out(spec):
-        case = load_case(r, k, intensity)
-        pred = predict_3d(model, case.image, None, torch.device("cpu")).argmax(0).numpy()
-        counts.append(_dice(pred, case.label, k))
+    cases = [load_case(r, k, intensity) for r in held_out(spec)]
+    rows = []
+    for tta in (None, False):
+        opts = SegmentOptions.from_checkpoint(ck, tta=tta, device="cpu")
+        counts = [_dice(predict_volume(c.image, model, opts).labels, c.label, k) for c in cases]
+        dice = [float(np.nanmean([c[i] for c in counts])) for i in range(k)]
+        mirror = ",".join("HWD"[a] for a in opts.mirror_axes) or "none"
+        rows.append({"inference": f"{'x'.join(map(str, opts.window))} windows, mirroring {mirror}",
+                     "dice": dice, "mean_fg_dice": _mean_fg(dice)})
+    return rows
+
+
+def run_ahnet(data: Path, out: Path, budget_s: float, threads: int, extra: Sequence[str],
+              train: bool = True) -> list[dict[str, Any]]:
+    """Train with the recipe under the budget (child process; ``train=False`` keeps an earlier run's
+    model.pt), score model.pt on the held-out cases (:func:`score_ahnet`)."""
+    run = out / "ahnet"
+    seconds = float("nan")
+    if train:
+        cmd = [sys.executable, "-m", "ahnet_fast.cli", "train", str(data), "--out", str(run), "--time-budget",
+               f"{budget_s:g}", "--threads", str(threads), "--device", "cpu", "--no-progress", "--overwrite", *extra]
+        t0 = time.time()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        seconds = time.time() - t0
+        (out / "ahnet_train.log").write_text(proc.stdout + proc.stderr)
+        if proc.returncode != 0:
+            raise SystemExit(f"ahnet-fast train failed (exit {proc.returncode}); see {out / 'ahnet_train.log'}")
+    elif not (run / "model.pt").is_file():
+        raise SystemExit(f"--score-only: {run / 'model.pt'} does not exist; train first (without --score-only)")
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
     steps = {s: v.get("steps") for s, v in summary.get("stages", {}).items()}
-    dice = [float(np.nanmean([c[i] for c in counts])) for i in range(k)]
-    return {"method": "AH-Net (ahnet-fast train --time-budget, " + " ".join(extra or ["--preset cpu-small"]) + ")",
-            "seconds": seconds, "steps": steps, "dice": dice, "mean_fg_dice": _mean_fg(dice)}
+    if not train:
+        seconds = float(summary.get("seconds_this_invocation", float("nan")))
+    method = "AH-Net (ahnet-fast train --time-budget, " + " ".join(extra or ["--preset cpu-small"]) + ")"
+    if not train:
+        method = f"AH-Net ({run / 'model.pt'}, scored again)"
+    rows = score_ahnet(data, run / "model.pt")
+    return [{"method": method, "seconds": seconds, "steps": steps, **row} for row in rows]
 
 
 def run_unet(data: Path, budget_s: float, threads: int, seed: int = 0) -> dict[str, Any]:
@@ -155,24 +174,33 @@ def run_unet(data: Path, budget_s: float, threads: int, seed: int = 0) -> dict[s
         steps += 1
     seconds = time.time() - t0
     net.eval()
-    counts = []
-    with torch.no_grad():
-        for r in held_out(spec):
-            case = load_case(r, k, intensity)
-            x = torch.from_numpy(np.ascontiguousarray(case.image, dtype=np.float32))[None, None]
-            pred = sliding_window_inference(x, patch, 2, net, overlap=0.25).argmax(1)[0].numpy()
-            counts.append(_dice(pred, case.label, k))
-    dice = [float(np.nanmean([c[i] for c in counts])) for i in range(k)]
-    return {"method": "MONAI UNet 16-32-64, DiceCE, 64x64x16 patches", "seconds": seconds, "steps": {"train": steps},
-            "dice": dice, "mean_fg_dice": _mean_fg(dice)}
+    cases = [load_case(r, k, intensity) for r in held_out(spec)]
+    rows = []
+    # as a MONAI user runs it, and with the same in-plane mirroring `segment` gives AH-Net (the
+    # UNet is trained without flips, so this is what test-time mirroring alone buys it)
+    for flips in ([()], [(), (2,), (3,), (2, 3)]):
+        counts = []
+        with torch.no_grad():
+            for case in cases:
+                x = torch.from_numpy(np.ascontiguousarray(case.image, dtype=np.float32))[None, None]
+                logits = torch.zeros(())
+                for d in flips:
+                    y = sliding_window_inference(x.flip(d) if d else x, patch, 2, net, overlap=0.25)
+                    logits = logits + (y.flip(d) if d else y)
+                counts.append(_dice(logits.argmax(1)[0].numpy(), case.label, k))
+        dice = [float(np.nanmean([c[i] for c in counts])) for i in range(k)]
+        rows.append({"method": "MONAI UNet 16-32-64, DiceCE, 64x64x16 patches", "seconds": seconds,
+                     "steps": {"train": steps}, "inference": "64x64x16 windows, mirroring "
+                     + ("H,W" if len(flips) > 1 else "none"), "dice": dice, "mean_fg_dice": _mean_fg(dice)})
+    return rows
 
 
 def _table(results: list[dict[str, Any]], names: Sequence[str]) -> str:
-    head = "| method | seconds | steps | " + " | ".join(names[1:]) + " | mean fg Dice |"
-    lines = [head, "|" + "---|" * (4 + len(names) - 1)]
+    head = "| method | inference | seconds | steps | " + " | ".join(names[1:]) + " | mean fg Dice |"
+    lines = [head, "|" + "---|" * (5 + len(names) - 1)]
     for r in results:
         steps = ", ".join(f"{k} {v}" for k, v in r["steps"].items())
-        lines.append(f"| {r['method']} | {r['seconds']:.0f} | {steps} | "
+        lines.append(f"| {r['method']} | {r['inference']} | {r['seconds']:.0f} | {steps} | "
                      + " | ".join(f"{d:.3f}" for d in r["dice"][1:]) + f" | **{r['mean_fg_dice']:.3f}** |")
     return "\n".join(lines)
 
@@ -190,6 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default="bench_results/unet_budget", help="output folder")
     p.add_argument("--which", choices=("both", "ahnet", "unet"), default="both")
     p.add_argument("--ahnet-args", default="", help="extra `ahnet-fast train` options, e.g. '--preset cpu-small'")
+    p.add_argument("--score-only", action="store_true",
+                   help="AH-Net: score the model.pt of an earlier run in --out instead of training")
     args = p.parse_args(argv)
     budget = parse_duration(args.budget)
     out = Path(args.out)
@@ -199,9 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = spec.class_names or [str(i) for i in range(spec.num_classes or 0)]
     results = []
     if args.which in ("both", "ahnet"):
-        results.append(run_ahnet(data, out, budget, args.threads, args.ahnet_args.split()))
+        results += run_ahnet(data, out, budget, args.threads, args.ahnet_args.split(), train=not args.score_only)
     if args.which in ("both", "unet"):
-        results.append(run_unet(data, budget, args.threads))
+        results += run_unet(data, budget, args.threads)
     import torch
 
     record = {"budget_s": budget, "threads": args.threads, "data": str(data), "split": args.split,

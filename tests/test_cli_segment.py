@@ -492,3 +492,46 @@ def test_segment_resamples_to_the_training_spacing_and_says_what_it_did(data, tm
         assert _main(cli_segment, ["segment", src, str(tmp_path / "x.nii.gz"), "--checkpoint", str(ckpt),
                                    *opts]) == 2
         assert msg in capsys.readouterr().err
+
+
+def test_window_and_mirroring_follow_the_checkpoint(data, tmp_path, capsys):
+    """A checkpoint written by training records its patch and augmentation: `segment` windows
+    with that patch and mirrors along the trained flips (saying so); --no-tta runs one pass;
+    --tta forces H and W on a checkpoint that records nothing; --window wins over the record."""
+    from ahnet_fast.infer.model_io import save_model_checkpoint
+    from ahnet_fast.infer.segment import DEFAULT_WINDOW, SegmentOptions
+    from ahnet_fast.reference import AHNet
+
+    meta = {"patch_size": [32, 32, 32], "augment": {"flip_axes": [1], "enabled": True}}
+    opts = SegmentOptions.from_checkpoint(meta)
+    assert tuple(opts.window) == (32, 32, 32) and tuple(opts.mirror_axes) == (1,)
+    assert SegmentOptions.from_checkpoint(meta, tta=False).mirror_axes == ()
+    assert tuple(SegmentOptions.from_checkpoint(meta, window=(64, 64, 32)).window) == (64, 64, 32)
+    off = {"patch_size": [32, 32, 32], "augment": {"flip_axes": [0, 1], "enabled": False}}
+    assert SegmentOptions.from_checkpoint(off).mirror_axes == ()
+    assert tuple(SegmentOptions.from_checkpoint({}).window) == DEFAULT_WINDOW
+    assert SegmentOptions.from_checkpoint({}).mirror_axes == ()
+    assert tuple(SegmentOptions.from_checkpoint({}, tta=True).mirror_axes) == (0, 1)
+
+    root, img, lab, aff, ckpt = data
+    torch.manual_seed(1)
+    trained = save_model_checkpoint(tmp_path / "trained.pt", AHNet(**CONFIG).eval(), CONFIG,
+                                    intensity={"mode": "percentile"}, patch_size=[32, 32, 32],
+                                    augment={"flip_axes": [0, 1], "enabled": True})
+    image = str(root / "images" / "brain.nii.gz")
+    outs = {}
+    for name, extra, line in (
+            ("tta", [], "inference: 32x32x32 windows (the checkpoint's training patch), overlap 0.25, gaussian "
+                        "blend, mirrored along H,W (4 passes per window; --no-tta for one)"),
+            ("one", ["--no-tta"], "32x32x32 windows (the checkpoint's training patch), overlap 0.25, gaussian "
+                                  "blend, no test-time mirroring"),
+            ("given", ["--window", "64", "64", "32"], "inference: 64x64x32 windows (--window)")):
+        outs[name] = tmp_path / f"{name}.nii.gz"
+        assert _main(cli_segment, ["segment", image, str(outs[name]), "--checkpoint", str(trained), *extra]) == 0
+        assert line in capsys.readouterr().out
+    assert _main(cli_segment, ["segment", image, str(tmp_path / "plain.nii.gz"), "--checkpoint", str(ckpt)]) == 0
+    assert "(the default: the checkpoint records no training patch)" in capsys.readouterr().out
+    assert _main(cli_segment, ["segment", image, str(tmp_path / "forced.nii.gz"), "--checkpoint", str(ckpt),
+                               "--tta"]) == 0
+    assert "mirrored along H,W" in capsys.readouterr().out
+    assert all(nib.load(str(p)).shape == img.shape for p in outs.values())

@@ -231,3 +231,35 @@ def test_blend_equals_monai_sliding_window_inference(size, window, overlap, blen
                                                          sigma_scale=0.125)
     assert ours.shape == theirs.shape
     torch.testing.assert_close(ours, theirs.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_mirror_combinations_and_their_errors():
+    from ahnet_fast.infer.sliding_window import mirror_combinations
+
+    assert mirror_combinations(()) == []
+    assert mirror_combinations((1, 0)) == [(2,), (3,), (2, 3)]
+    assert len(mirror_combinations((0, 1, 2))) == 7
+    for bad in ((3,), (0, 0), (-1,)):
+        with pytest.raises(ValueError, match="mirror_axes must be distinct spatial axes"):
+            mirror_combinations(bad)
+
+
+def test_mirrored_inference_averages_the_unflipped_outputs():
+    """One window: the output is exactly the mean over the 4 in-plane flips of the flipped-back
+    outputs. Several windows, a net symmetric under those flips: mirroring changes nothing."""
+    from ahnet_fast.infer.sliding_window import sliding_window_inference
+
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(1, 3, 3, padding=1).double().eval()
+    x = torch.randn(1, 1, 12, 10, 6, dtype=torch.float64)
+    got = sliding_window_inference(x, net, window=(12, 10, 6), rules=None, mirror_axes=(0, 1))
+    with torch.no_grad():
+        want = sum(net(x.flip(d)).flip(d) if d else net(x) for d in [(), (2,), (3,), (2, 3)]) / 4
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, net(x).detach().float(), atol=1e-3)  # mirroring did something here
+    with torch.no_grad():
+        w = net.weight
+        net.weight.copy_((w + w.flip(2) + w.flip(3) + w.flip((2, 3))) / 4)  # symmetric in H and W
+    plain = sliding_window_inference(x, net, window=(8, 8, 4), overlap=0.5, rules=None)
+    mirrored = sliding_window_inference(x, net, window=(8, 8, 4), overlap=0.5, rules=None, mirror_axes=(0, 1))
+    torch.testing.assert_close(mirrored, plain, rtol=1e-5, atol=1e-6)

@@ -325,3 +325,27 @@ def test_train_checkpoints_never_unpickle_code(tmp_path, capsys):
     with pytest.raises(ValueError, match="last.pt: cannot read the checkpoint"):
         load_checkpoint(tmp_path / "last.pt")
     assert "pwned" not in capsys.readouterr().out
+
+
+def test_checkpoints_tell_segment_the_window_and_mirroring(tmp_path, monkeypatch):
+    """A 3D stage's checkpoints record the training patch and augmentation, which `segment` turns
+    into its default window and test-time mirroring; validation runs on windows of that patch."""
+    import ahnet_fast.infer.sliding_window as sw
+    from ahnet_fast.infer.segment import SegmentOptions
+
+    seen = []
+    real = sw.sliding_window_inference
+
+    def spy(*a, **kw):
+        seen.append(tuple(kw["window"]))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(sw, "sliding_window_inference", spy)
+    _trainer(tmp_path, steps=1, spe=1, tiny=True).fit()
+    assert seen and set(seen) == {(32, 32, 32)}
+    for name in ("best.pt", "last.pt"):
+        ck = load_checkpoint(tmp_path / name)
+        assert ck["patch_size"] == [32, 32, 32]
+        assert ck["augment"]["flip_axes"] == [0, 1] and ck["augment"]["enabled"] is True
+        opts = SegmentOptions.from_checkpoint(ck)
+        assert tuple(opts.window) == (32, 32, 32) and tuple(opts.mirror_axes) == (0, 1)

@@ -89,9 +89,10 @@ def run_demo(args: argparse.Namespace) -> int:
     from ahnet_fast.data.dataset import load_case, read_dataset
     from ahnet_fast.data.mni import CLASS_NAMES, build_mni_dataset
     from ahnet_fast.data.nifti import save_like
+    from ahnet_fast.infer.segment import SegmentOptions, predict_volume
     from ahnet_fast.train.checkpoint import load_checkpoint
     from ahnet_fast.train.models import build_ahnet
-    from ahnet_fast.train.recipe import RecipeConfig, evaluate, predict_3d, run_recipe
+    from ahnet_fast.train.recipe import RecipeConfig, evaluate, run_recipe
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -141,8 +142,16 @@ def run_demo(args: argparse.Namespace) -> int:
     device = torch.device(cfg.device or ("cuda" if cuda else "cpu"))
     model.to(device).eval()
     test_cases = [load_case(r, k, res["intensity"]) for r in spec.test]
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_amp(cfg.amp, device)[0])
-    predict = lambda m, im: predict_3d(m, im, None, device, amp)  # noqa: E731
+    # as `ahnet-fast segment` runs the model: windows of the training patch, mirrored along the
+    # trained flips (bf16 where the training was)
+    opts = SegmentOptions.from_checkpoint(ck, device=str(device), bf16=resolve_amp(cfg.amp, device)[0] == "bf16")
+
+    done: dict[int, torch.Tensor] = {}  # the test segmentation below reuses evaluate's prediction
+
+    def predict(m, im):
+        if id(im) not in done:
+            done[id(im)] = torch.from_numpy(predict_volume(im, m, opts).probabilities).permute(3, 0, 1, 2)
+        return done[id(im)]
     ev = evaluate(model, test_cases, k, predict)
     seg = predict(model, test_cases[0].image).argmax(0).numpy().astype(np.uint8)
     save_like(seg, test_cases[0].volume, out / "test_segmentation.nii.gz")

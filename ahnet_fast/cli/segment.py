@@ -38,6 +38,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="sliding-window size (rounded up to what the network accepts; default: the "
                         "checkpoint's patch size, else 192 192 64)")
     p.add_argument("--overlap", type=float, default=0.25, help="window overlap in [0, 1) (default 0.25)")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="test-time mirroring: average the outputs over in-plane flips (4 passes per window). "
+                        "Default: on when the checkpoint was trained with flip augmentation (it records "
+                        "which axes; ahnet-fast train does), off otherwise; --tta forces H and W flips "
+                        "when it does not record them, --no-tta runs one pass")
     p.add_argument("--blend", choices=("gaussian", "constant"), default="gaussian")
     p.add_argument("--sw-batch-size", type=int, default=1, help="windows per forward pass")
     p.add_argument("--device", default=None, help="device for the model (default: cuda if available, else cpu)")
@@ -194,6 +199,18 @@ def run(args: argparse.Namespace) -> int:
         D.teardown(ctx)
 
 
+def _describe_inference(opts, window_source: str) -> str:
+    """One line: window (and where it came from), overlap and test-time mirroring."""
+    win = "x".join(str(w) for w in opts.window) if opts.window else "whole volume"
+    src = f" ({window_source})"
+    if opts.mirror_axes:
+        names = ",".join("HWD"[a] for a in opts.mirror_axes)
+        tta = f"mirrored along {names} ({2 ** len(opts.mirror_axes)} passes per window; --no-tta for one)"
+    else:
+        tta = "no test-time mirroring"
+    return f"inference: {win} windows{src}, overlap {opts.overlap:g}, {opts.blend} blend, {tta}"
+
+
 def _segment(args: argparse.Namespace, ctx) -> int:
     import torch
 
@@ -204,6 +221,7 @@ def _segment(args: argparse.Namespace, ctx) -> int:
     from ahnet_fast.infer.segment import (
         SegmentOptions,
         check_writable,
+        checkpoint_window,
         collect_inputs,
         intensity_from_meta,
         probabilities_path,
@@ -234,9 +252,9 @@ def _segment(args: argparse.Namespace, ctx) -> int:
             override = IntensityConfig(**kw)
         intensity = intensity_from_meta(meta, override)
         train_spacing = tuple(args.train_spacing) if args.train_spacing else training_spacing_from_meta(meta)
-        window = args.window or meta.get("patch_size") or meta.get("window")
-        opts = SegmentOptions(
-            window=tuple(window) if window else SegmentOptions.window,
+        window = args.window or checkpoint_window(meta)
+        opts = SegmentOptions.from_checkpoint(
+            meta, tta=args.tta, window=tuple(args.window) if args.window else None,
             overlap=args.overlap, blend=args.blend, sw_batch_size=args.sw_batch_size,
             device=device, stitch_device=args.stitch_device, bf16=args.bf16, progress=_progress(args),
             cascade=args.cascade, cascade_factor=args.cascade_factor,
@@ -248,6 +266,9 @@ def _segment(args: argparse.Namespace, ctx) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if ctx is None or ctx.rank == 0:
+        print(_describe_inference(opts, "--window" if args.window else "the checkpoint's training patch" if window
+                                  else "the default: the checkpoint records no training patch"))
     failures = 0
     warned: set[str] = set()
     for src, dst in pairs:

@@ -12,6 +12,11 @@ AH-Net only takes sizes that are multiples of 32 along D (and of
 the next valid size (:func:`valid_window`), capped at the (rounded-up) volume
 size so a small volume is not padded further than needed, and a volume
 smaller than a window is padded (``pad_mode``) and the output cropped back.
+
+Test-time mirroring (``mirror_axes``): every window is also run mirrored along
+each combination of the given axes and the un-mirrored outputs are averaged
+before blending (as nnU-Net does), for a model trained with those flips as
+augmentation; ``2**len(mirror_axes)`` forward passes per window.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ __all__ = [
     "valid_window",
     "window_starts",
     "importance_map",
+    "mirror_combinations",
     "sliding_window_inference",
 ]
 
@@ -124,6 +130,20 @@ def importance_map(
     return m.clamp_(min=max(float(m.min()), 1e-3))
 
 
+def mirror_combinations(mirror_axes: Sequence[int]) -> list[tuple[int, ...]]:
+    """Every non-empty set of the spatial ``mirror_axes`` (0 = H, 1 = W, 2 = D) as tensor dims of
+    a ``(B, C, H, W, D)`` tensor: ``(0, 1)`` -> ``[(2,), (3,), (2, 3)]``.
+
+    ``ValueError`` for an axis outside 0..2 or a repeated one.
+    """
+    axes = [int(a) for a in mirror_axes]
+    if any(a not in (0, 1, 2) for a in axes) or len(set(axes)) != len(axes):
+        raise ValueError("mirror_axes must be distinct spatial axes among 0 (H), 1 (W), 2 (D), "
+                         f"got {tuple(mirror_axes)}")
+    dims = [a + 2 for a in sorted(axes)]
+    return [tuple(d for bit, d in enumerate(dims) if mask >> bit & 1) for mask in range(1, 2 ** len(dims))]
+
+
 def _pad_amounts(size: Sequence[int], target: Sequence[int]) -> list[int]:
     # F.pad order: last axis first, (before, after) each; pad symmetrically like MONAI
     pads: list[int] = []
@@ -182,6 +202,7 @@ def sliding_window_inference(
     pad_value: float = 0.0,
     rules: tuple[Sequence[int], Sequence[int]] | None | Literal["auto"] = "auto",
     cuda_graph: bool = True,
+    mirror_axes: Sequence[int] = (),
 ) -> torch.Tensor:
     """Run ``model`` over ``inputs`` window by window and blend the outputs.
 
@@ -206,6 +227,9 @@ def sliding_window_inference(
         cuda_graph: on a CUDA ``sw_device``, capture the forward once as a CUDA graph
             (:func:`ahnet_fast.infer.graphed`) and replay it for every full batch of windows
             (they all have one shape); a capture that fails falls back to plain calls.
+        mirror_axes: spatial axes (0 = H, 1 = W, 2 = D) to mirror at test time: each window's
+            output is the mean of the model's outputs over every combination of these flips
+            (:func:`mirror_combinations`), each flipped back; ``()`` (default) = one pass.
 
     Returns:
         ``(B, K, H, W, D)`` float32 on ``device``.
@@ -223,6 +247,7 @@ def sliding_window_inference(
         raise ValueError(f"sw_batch_size must be >= 1, got {sw_batch_size}")
     if pad_mode not in ("constant", "replicate"):
         raise ValueError(f"pad_mode must be 'constant' or 'replicate', got {pad_mode!r}")
+    mirrors = mirror_combinations(mirror_axes)
     sw_device = torch.device(sw_device) if sw_device is not None else inputs.device
     device = torch.device(device) if device is not None else inputs.device
     if rules == "auto":
@@ -279,6 +304,12 @@ def sliding_window_inference(
                     [x[b:b + 1, :, i:i + win[0], j:j + win[1], k:k + win[2]] for b, i, j, k in group]
                 ).to(sw_device, non_blocking=True)
                 y = run(chunk)
+                if mirrors and isinstance(y, torch.Tensor):
+                    # a float32 copy: a CUDA-graph runner overwrites its output buffer on the next replay
+                    y = y.to(torch.float32, copy=True)
+                    for dims in mirrors:
+                        y = y + run(chunk.flip(dims)).float().flip(dims)
+                    y = y / (len(mirrors) + 1)
                 if not isinstance(y, torch.Tensor) or y.ndim != 5 or y.shape[0] != len(group) \
                         or tuple(y.shape[2:]) != tuple(win):
                     raise ValueError(

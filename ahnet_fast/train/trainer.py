@@ -96,7 +96,8 @@ class TrainConfig:
         num_workers: DataLoader workers.
         seed: seed of the sample stream and of torch's RNG.
         device: ``"cpu"``, ``"cuda"``, ... (None: cuda if available).
-        val_window: sliding-window size for validation (None: whole volume).
+        val_window: sliding-window size for validation (None: the training patch of a 3D dataset,
+            the window `ahnet-fast segment` uses by default; else the whole volume).
         clip_grad: max gradient norm (0: off).
         lr_schedule: ``"constant"`` (paper) or ``"cosine"`` (decays to 0 at the last
             step; a function of the step only, so resuming needs no extra state).
@@ -375,8 +376,21 @@ class Trainer:
             "history": self.history,
             "epoch_acc": {"loss": self._acc["loss"], "n": self._acc["n"],
                           "counts": torch.from_numpy(self._acc["counts"].copy()), "samples": self._acc["samples"]},
+            **self._inference_meta(),
             **self.extra,
         }
+
+    def _inference_meta(self) -> dict[str, Any]:
+        """What `ahnet-fast segment` reads from a 3D checkpoint (ahnet_fast.infer.segment): the
+        training patch (its default window) and the augmentation (its test-time mirroring)."""
+        ds = self.dataset
+        if getattr(ds, "mode", None) != "3d":
+            return {}
+        meta: dict[str, Any] = {"patch_size": list(ds.patch_size)}
+        augment = getattr(ds, "augment", None)
+        if augment is not None:
+            meta["augment"] = augment.to_dict()
+        return meta
 
     def save(self, name: str = "last.pt") -> Path:
         """Write a checkpoint (rank 0 only with several processes; the path is returned on every rank).
@@ -493,7 +507,10 @@ class Trainer:
 
         x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None].to(self.device)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.amp)
-        out = sliding_window_inference(x, model, window=self.cfg.val_window, overlap=0.25,
+        # windows of the training patch (as `segment` runs it) unless val_window says otherwise
+        window = self.cfg.val_window or (self.dataset.patch_size if getattr(self.dataset, "mode", None) == "3d"
+                                         else None)
+        out = sliding_window_inference(x, model, window=window, overlap=0.25,
                                        autocast_dtype=dtype, pad_value=float(image.min()))
         return out[0]
 
