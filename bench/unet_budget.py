@@ -83,7 +83,7 @@ def score_ahnet(data: Path, model_pt: Path) -> list[dict[str, Any]]:
     patch as the window, mirrored along its trained flips), and in one pass without mirroring."""
     from ahnet_fast.data.dataset import load_case, read_dataset
     from ahnet_fast.data.intensity import IntensityConfig
-    from ahnet_fast.infer.segment import SegmentOptions, predict_volume
+    from ahnet_fast.infer.segment import SegmentOptions, predict_at_training_spacing
     from ahnet_fast.train.checkpoint import load_checkpoint
     from ahnet_fast.train.models import build_ahnet
 
@@ -98,7 +98,8 @@ def score_ahnet(data: Path, model_pt: Path) -> list[dict[str, Any]]:
     rows = []
     for tta in (None, False):
         opts = SegmentOptions.from_checkpoint(ck, tta=tta, device="cpu")
-        counts = [_dice(predict_volume(c.image, model, opts).labels, c.label, k) for c in cases]
+        counts = [_dice(predict_at_training_spacing(c.image, c.spacing, model, opts).labels, c.label, k)
+                  for c in cases]
         dice = [float(np.nanmean([c[i] for c in counts])) for i in range(k)]
         mirror = ",".join("HWD"[a] for a in opts.mirror_axes) or "none"
         rows.append({"inference": f"{'x'.join(map(str, opts.window))} windows, mirroring {mirror}",

@@ -19,15 +19,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ahnet_fast.data.dataset import read_dataset
+from ahnet_fast.data.dataset import Case, read_dataset
 from ahnet_fast.data.intensity import IntensityConfig
 from ahnet_fast.data.nifti import load_label, load_volume
 from ahnet_fast.data.spacing import (
     LAYOUT,
     _gaussian_blur,
+    auto_training_spacing,
+    check_target_spacing,
     describe_preprocessing,
     plan_resampling,
+    resample_case,
     resample_image,
+    resample_labels,
     resample_probabilities,
     training_spacing_from_meta,
 )
@@ -168,6 +172,10 @@ def test_plans_and_warnings():
     unknown = plan_resampling((2.0, 2.0, 5.0), (8, 8, 4), None)
     assert not unknown.active and "records no training spacing" in unknown.warnings[0]
     assert "--train-spacing" in unknown.warnings[0]
+    # trained at 1 x 1 x 2 mm on 1 x 1 x 4 mm cases (--spacing): a 4 mm input is resampled like them, unwarned
+    src = plan_resampling((1.0, 1.0, 4.0), (10, 10, 5), (1.0, 1.0, 2.0), source_spacing=(1.0, 1.0, 4.0))
+    assert src.active and src.target_shape == (10, 10, 10) and not src.warnings
+    assert plan_resampling((1.0, 1.0, 4.0), (10, 10, 5), (1.0, 1.0, 2.0)).warnings  # without the record: far
     # finer than training by 2x: resampled down (with anti-aliasing), and warned
     fine = plan_resampling((0.5, 0.5, 2.0), (64, 64, 16), (1.0, 1.0, 4.0))
     assert fine.active and fine.target_shape == (32, 32, 8) and "far from" in fine.warnings[0]
@@ -200,6 +208,59 @@ def test_checkpoint_records_training_spacing_and_layout(spheres, tmp_path):
     assert pre["spacing_min"] == pre["spacing_max"] == [1.0, 1.0, 4.0]
     assert pre["class_names"] == ["background", "small", "large"] and pre["intensity"]["mode"] == "none"
     assert training_spacing_from_meta({"preprocessing": pre}) == (1.0, 1.0, 4.0)
+    # trained on cases resampled to 1 x 1 x 2 mm (--spacing): that is the training spacing, the
+    # cases' own is kept beside it
+    fine = describe_preprocessing(spec, IntensityConfig(mode="none"), 3, (1.0, 1.0, 2.0))
+    assert fine["spacing"] == [1.0, 1.0, 2.0] and fine["resampled_from"] == [1.0, 1.0, 4.0]
+    assert fine["spacing_min"] == [1.0, 1.0, 4.0] and "resampled_from" not in pre
+    assert training_spacing_from_meta({"preprocessing": fine}) == (1.0, 1.0, 2.0)
     assert training_spacing_from_meta({"preprocessing": {"intensity": {}}}) is None
     with pytest.raises(ValueError, match="not 3 positive numbers"):
         training_spacing_from_meta({"preprocessing": {"spacing": [1, 0, 4]}})
+
+
+def test_labels_and_cases_resampled_for_training():
+    rng = np.random.default_rng(1)
+    lab = rng.integers(0, 4, (12, 10, 7)).astype(np.uint8)
+    # twice as fine along D: each slice becomes two (interpolated indicators, not a class average),
+    # and back to the original grid it is the original exactly
+    up = plan_resampling((1.0, 1.0, 4.0), lab.shape, (1.0, 1.0, 2.0))
+    fine = resample_labels(lab, up)
+    assert fine.shape == (12, 10, 14) and fine.dtype == np.uint8
+    assert np.array_equal(fine[:, :, 0::2], lab) and np.array_equal(fine[:, :, 1::2], lab)
+    assert np.array_equal(resample_labels(fine, plan_resampling((1.0, 1.0, 2.0), fine.shape, (1.0, 1.0, 4.0))), lab)
+    # coarser: a ball keeps its place and about its volume (classes absent from the map cost nothing)
+    g = np.stack(np.meshgrid(*[np.arange(40) + 0.5] * 3, indexing="ij"))
+    ball = (((g - 20) ** 2).sum(0) <= 12 ** 2).astype(np.uint8) * 3
+    half = resample_labels(ball, plan_resampling((1.0, 1.0, 1.0), ball.shape, (2.0, 2.0, 2.0)))
+    assert half.shape == (20, 20, 20) and set(np.unique(half)) == {0, 3}
+    assert abs(8 * int((half == 3).sum()) / int((ball == 3).sum()) - 1) < 0.05
+    assert np.array_equal(half, half[::-1]) and np.array_equal(half, half[:, :, ::-1])  # centred
+
+    img = rng.random((12, 10, 7)).astype(np.float32)
+    case = Case(img, lab, (1.0, 1.0, 4.0), "c", "c.nii.gz", "c_label.nii.gz")
+    r = resample_case(case, (1.0, 1.0, 2.0))
+    assert r.image.shape == r.label.shape == (12, 10, 14) and r.spacing == (1.0, 1.0, 2.0)
+    assert np.array_equal(r.label, fine) and r.name == "c" and case.image.shape == (12, 10, 7)
+    # the image linearly between slices (slice 4 lies at 1.75 of the old grid): no blur when finer
+    assert np.allclose(r.image[:, :, 4], 0.25 * img[:, :, 1] + 0.75 * img[:, :, 2], atol=1e-6)
+    # no resampling at the case's own spacing (within the tolerance inference uses), or without one
+    assert resample_case(case, (1.0, 1.0, 4.1)) is case and resample_case(case, None) is case
+    unlabelled = resample_case(Case(img, None, (1.0, 1.0, 4.0), "u", "u.nii.gz", None), (2.0, 2.0, 4.0))
+    assert unlabelled.label is None and unlabelled.image.shape == (6, 5, 7)
+
+
+def test_target_spacing_checked():
+    assert check_target_spacing(None) is None
+    assert check_target_spacing([1, 1, 2]) == (1.0, 1.0, 2.0)
+    for bad in ((1, 0, 2), (1, 2), ("a", 1, 1), (1, 1, float("nan")), (1, 1, -2)):
+        with pytest.raises(ValueError, match="expected 3 positive voxel sizes in mm"):
+            check_target_spacing(bad)
+
+
+def test_auto_spacing_halves_thick_slices_only():
+    # AH-Net predicts at half resolution on every axis: thick slices are halved, never below in-plane
+    assert auto_training_spacing((1.0, 1.0, 4.0)) == (1.0, 1.0, 2.0)
+    assert auto_training_spacing((0.8, 0.7, 5.0)) == (0.8, 0.7, 2.5)
+    assert auto_training_spacing((1.0, 1.0, 1.95)) == (1.0, 1.0, 1.0)
+    assert auto_training_spacing((1.0, 1.0, 1.5)) is None and auto_training_spacing((1.0, 1.0, 1.0)) is None

@@ -146,3 +146,39 @@ def test_cli_bad_input_is_one_line_error(tmp_path, mni, capsys):
                      "--num-classes", "4", *SMALL]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"ahnet-fast: error: {tmp_path / name}: {msg}") and err.count("\n") == 1, err
+
+
+def test_cli_train_at_a_finer_spacing(mni, tmp_path, capsys):
+    """--spacing: the cases are resampled for training, the spacing is recorded, and `segment`
+    resamples its input to it and the labels back onto the input's grid."""
+    out = tmp_path / "fine"
+    rc = main(["train", str(mni.parent), "--out", str(out), "--stages", "2d,transfer,decoder", "--steps-2d", "1",
+               "--steps-decoder", "2", "--steps-per-epoch", "1", "--spacing", "3", "3", "2", *SMALL])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "spacing: every case resampled to 3 x 3 x 2 mm (from 3 x 3 x 4 mm, median)" in text
+    pre = load_checkpoint(out / "model.pt")["preprocessing"]
+    assert pre["spacing"] == [3.0, 3.0, 2.0] and pre["resampled_from"] == [3.0, 3.0, 4.0]
+    assert json.loads((out / "recipe.json").read_text())["spacing"] == [3.0, 3.0, 2.0]
+    spec = json.loads(mni.read_text())
+    img = mni.parent / spec["test"][0]["image"]
+    seg = tmp_path / "seg.nii.gz"
+    rc = main(["segment", str(img), str(seg), "--checkpoint", str(out / "model.pt"), "--no-tta"])
+    cap = capsys.readouterr()
+    text = cap.out
+    assert rc == 0 and "to 51x29x78 at 3 x 3 x 2 mm (training spacing 3 x 3 x 2 mm)" in text, cap.out + cap.err
+    assert "far from the training spacing" not in cap.out + cap.err  # the cases' own spacing before --spacing
+    import nibabel as nib
+
+    assert nib.load(str(seg)).shape == nib.load(str(img)).shape
+    # auto: 3 x 3 x 4 mm slices are not thick (under 2x the in-plane spacing): the cases' own grids
+    rc = main(["train", str(mni.parent), "--out", str(tmp_path / "auto"), "--stages", "2d", "--steps-2d", "1",
+               "--spacing", "auto", *SMALL])
+    text = capsys.readouterr().out
+    assert rc == 0 and "spacing: the cases' own (3 x 3 x 4 mm, median; --spacing auto resamples only thick" in text
+    assert json.loads((tmp_path / "auto" / "recipe.json").read_text())["spacing"] == "auto"
+    # a bad spacing: one line naming what is accepted
+    rc = main(["train", str(mni.parent), "--out", str(tmp_path / "bad"), "--stages", "2d", "--spacing", "3", "0", "2",
+               *SMALL])
+    err = capsys.readouterr().err
+    assert rc == 2 and "expected 3 positive voxel sizes in mm" in err and err.count("\n") == 1, err

@@ -89,7 +89,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from ahnet_fast.data.dataset import load_case, read_dataset
     from ahnet_fast.data.mni import CLASS_NAMES, build_mni_dataset
     from ahnet_fast.data.nifti import save_like
-    from ahnet_fast.infer.segment import SegmentOptions, predict_volume
+    from ahnet_fast.infer.segment import SegmentOptions, predict_at_training_spacing
     from ahnet_fast.train.checkpoint import load_checkpoint
     from ahnet_fast.train.models import build_ahnet
     from ahnet_fast.train.recipe import RecipeConfig, evaluate, run_recipe
@@ -147,10 +147,12 @@ def run_demo(args: argparse.Namespace) -> int:
     opts = SegmentOptions.from_checkpoint(ck, device=str(device), bf16=resolve_amp(cfg.amp, device)[0] == "bf16")
 
     done: dict[int, torch.Tensor] = {}  # the test segmentation below reuses evaluate's prediction
+    spacing_of = {id(c.image): c.spacing for c in test_cases}
 
     def predict(m, im):
-        if id(im) not in done:
-            done[id(im)] = torch.from_numpy(predict_volume(im, m, opts).probabilities).permute(3, 0, 1, 2)
+        if id(im) not in done:  # on the training spacing when it differs, the result on the case's grid
+            res = predict_at_training_spacing(im, spacing_of[id(im)], m, opts)
+            done[id(im)] = torch.from_numpy(res.probabilities).permute(3, 0, 1, 2)
         return done[id(im)]
     ev = evaluate(model, test_cases, k, predict)
     seg = predict(model, test_cases[0].image).argmax(0).numpy().astype(np.uint8)

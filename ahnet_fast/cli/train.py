@@ -191,6 +191,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="HU window for --intensity ct (default -125 225, the paper's)")
     p.add_argument("--percentiles", type=float, nargs=2, metavar=("LO", "HI"), default=None,
                    help="percentiles for --intensity percentile (default 0.5 99.5)")
+    p.add_argument("--spacing", nargs="+", metavar="H W D|auto|native", default=None,
+                   help="resample every case to this voxel size in mm (in-plane, in-plane, slice axis) for training; "
+                        "recorded in model.pt so `segment` resamples its inputs to it and the result back. AH-Net "
+                        "predicts at half resolution on every axis: on thick slices (e.g. 1 x 1 x 4 mm) half the "
+                        "slice spacing (1 1 2) gives it back the slice resolution, at twice the voxels. 'auto' does "
+                        "that where slices are 2x the in-plane spacing or more; 'native': the cases' own grids "
+                        "(default from --preset: auto under cpu-small, native under the GPU presets)")
     # defaults of None: with --resume, an option not given keeps the resumed run's value
     p.add_argument("--fg-ratio", type=float, default=None, help="share of patches centred on foreground (0.7)")
     p.add_argument("--class-balanced", action="store_true", default=None,
@@ -208,6 +215,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     d.add_argument("--dist-timeout", type=float, default=1800.0, metavar="SECONDS",
                    help="timeout of collectives: a rank waiting on a failed one stops after it (default 1800)")
     p.set_defaults(func=_run)
+
+
+def _spacing(words: list[str]) -> tuple[float, float, float] | str | None:
+    """``--spacing``: ``auto``, ``native`` (None) or 3 sizes in mm; ``ValueError`` naming what is accepted."""
+    from ahnet_fast.data.spacing import check_target_spacing
+
+    if len(words) == 1 and words[0] in ("auto", "native"):
+        return None if words[0] == "native" else "auto"
+    try:
+        return check_target_spacing(words)
+    except ValueError:
+        raise ValueError(f"--spacing {' '.join(words)}: expected 3 positive voxel sizes in mm (H W D, e.g. 1 1 2), "
+                         "'auto' or 'native'") from None
 
 
 def _stages(text: str) -> tuple[str, ...]:
@@ -371,6 +391,8 @@ def _run_one(args: argparse.Namespace, ctx) -> int:
             cfg.intensity = IntensityConfig(cfg.intensity.mode, tuple(args.ct_window or cfg.intensity.window),
                                             tuple(args.percentiles or cfg.intensity.percentiles),
                                             cfg.intensity.nonzero)
+        if args.spacing is not None:
+            cfg.spacing = _spacing(args.spacing)
         for field_, value in (("num_classes", args.num_classes), ("fg_ratio", args.fg_ratio),
                               ("class_balanced", args.class_balanced), ("init_2d", args.init_2d),
                               ("sync_bn", getattr(args, "sync_bn", None))):

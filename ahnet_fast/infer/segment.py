@@ -57,6 +57,7 @@ __all__ = [
     "checkpoint_mirror_axes",
     "checkpoint_window",
     "intensity_from_meta",
+    "predict_at_training_spacing",
     "predict_volume",
     "segment_file",
     "collect_inputs",
@@ -101,6 +102,9 @@ class SegmentOptions:
     # mm along H, W, D) and the result back; None = not known (nothing is resampled, with a warning)
     resample: bool = True
     training_spacing: Sequence[float] | None = None
+    # the training cases' own spacing when training resampled them to training_spacing (--spacing):
+    # an input near it is not warned about as far from the training spacing
+    source_spacing: Sequence[float] | None = None
     # test-time mirroring: spatial axes (0 = H, 1 = W, 2 = D) flipped, outputs averaged over every
     # combination (2**n passes per window); () = one pass
     mirror_axes: Sequence[int] = ()
@@ -112,8 +116,18 @@ class SegmentOptions:
         ``kw`` are fields set explicitly; ``window`` (absent or None) becomes the checkpoint's
         training patch (:func:`checkpoint_window`, else :data:`DEFAULT_WINDOW`); ``mirror_axes``
         (absent) follows ``tta``: None = the flips the checkpoint was trained with
-        (:func:`checkpoint_mirror_axes`), True = those or H and W when it records none, False = none.
+        (:func:`checkpoint_mirror_axes`), True = those or H and W when it records none, False = none;
+        ``training_spacing`` (absent or None) the spacing the checkpoint was trained at
+        (:func:`~ahnet_fast.data.spacing.training_spacing_from_meta`), and ``source_spacing`` the training
+        cases' own spacing when they were resampled to it.
         """
+        from ahnet_fast.data.spacing import training_spacing_from_meta
+
+        recorded = training_spacing_from_meta(meta)
+        if kw.get("training_spacing") is None:
+            kw["training_spacing"] = recorded
+        if "source_spacing" not in kw and recorded is not None and tuple(kw["training_spacing"]) == recorded:
+            kw["source_spacing"] = training_spacing_from_meta(meta, "resampled_from")
         if kw.get("window") is None:
             kw["window"] = checkpoint_window(meta) or DEFAULT_WINDOW
         if "mirror_axes" not in kw:
@@ -214,6 +228,31 @@ def predict_volume(image: np.ndarray, model: nn.Module, opts: SegmentOptions) ->
     return SegmentResult(labels.numpy(), prob.permute(1, 2, 3, 0).contiguous().numpy(), seconds, stats)
 
 
+def predict_at_training_spacing(image: np.ndarray, spacing: Sequence[float], model: nn.Module,
+                                opts: SegmentOptions) -> SegmentResult:
+    """:func:`predict_volume` on the grid the model was trained at: a normalised ``(H, W, D)`` image of
+    voxel size ``spacing`` (mm, network layout) is resampled to ``opts.training_spacing`` (unless
+    ``opts.resample`` is False or the spacings agree), segmented, and its probabilities resampled back.
+
+    Returns labels and probabilities on the image's own grid; ``stats`` adds ``spacing`` (one line
+    saying what was done), ``warnings`` (spacings far from the training spacing, or an unknown one),
+    ``resampled``, ``input_spacing`` and ``model_grid``.
+    """
+    from ahnet_fast.data.spacing import plan_resampling, resample_image, resample_probabilities
+
+    plan = plan_resampling(spacing, image.shape, opts.training_spacing, resample=opts.resample,
+                           source_spacing=opts.source_spacing)
+    t0 = time.perf_counter()
+    res = predict_volume(resample_image(image, plan), model, opts)
+    if plan.active:
+        prob = resample_probabilities(res.probabilities, plan)
+        labels = _labels(torch.from_numpy(prob).permute(3, 0, 1, 2)).numpy()
+        res = SegmentResult(labels, prob, time.perf_counter() - t0, res.stats)
+    res.stats.update(spacing=plan.message, warnings=list(plan.warnings), resampled=plan.active,
+                     input_spacing=plan.input_spacing, model_grid=plan.target_shape)
+    return res
+
+
 def _labels(prob: torch.Tensor) -> torch.Tensor:
     """Labels from ``(K, H, W, D)`` probabilities: ``p > 0.5`` for one channel, else the argmax."""
     if prob.shape[0] == 1:
@@ -254,22 +293,14 @@ def segment_file(
     raises :class:`OutputError` naming the output.
     """
     from ahnet_fast.data.intensity import normalise_with_stats
-    from ahnet_fast.data.spacing import plan_resampling, resample_image, resample_probabilities
 
     vol: Volume = load_volume(in_path, nonfinite=opts.nonfinite)  # type: ignore[arg-type]
     image, norm_stats = normalise_with_stats(vol.array, intensity, where=str(in_path))
-    plan = plan_resampling(vol.spacing, vol.shape, opts.training_spacing, resample=opts.resample)
+    res = predict_at_training_spacing(image, vol.spacing, model, opts)
     if warn:
-        for line in plan.warnings:
+        for line in res.stats["warnings"]:
             warnings.warn(f"{in_path}: {line}", stacklevel=2)
-    t0 = time.perf_counter()
-    res = predict_volume(resample_image(image, plan), model, opts)
-    if plan.active:
-        prob = resample_probabilities(res.probabilities, plan)
-        labels = _labels(torch.from_numpy(prob).permute(3, 0, 1, 2)).numpy()
-        res = SegmentResult(labels, prob, time.perf_counter() - t0, res.stats)
-    res.stats.update(intensity=norm_stats, spacing=plan.message, warnings=list(plan.warnings),
-                     resampled=plan.active, input_spacing=plan.input_spacing, model_grid=plan.target_shape)
+    res.stats.update(intensity=norm_stats)
     items = [(res.labels, out_path, res.labels.dtype)]
     if probabilities:
         # labels last: they are the marker that the case's pair of files is complete

@@ -51,7 +51,12 @@ from torch import nn
 
 from ahnet_fast.data.dataset import Case, DatasetSpec, check_headers, load_case, read_dataset, require_labels
 from ahnet_fast.data.intensity import IntensityConfig
-from ahnet_fast.data.spacing import describe_preprocessing
+from ahnet_fast.data.spacing import (
+    check_target_spacing,
+    describe_preprocessing,
+    resample_case,
+    resolve_training_spacing,
+)
 from ahnet_fast.data.loader import PatchDataset
 from ahnet_fast.data.sampling import AugmentConfig
 from ahnet_fast.train import distributed as ddp_util
@@ -100,6 +105,13 @@ class RecipeConfig:
         stages: subset of :data:`STAGES`, run in order.
         num_classes: classes including background (default: from dataset.json's "labels").
         intensity: normalisation (default: CT window for CT, percentiles otherwise).
+        spacing: voxel size (mm along H, W, D, network layout) every case is resampled to for
+            training and validation (:func:`ahnet_fast.data.spacing.resample_case`; recorded in the
+            checkpoint, so `segment` resamples its inputs to it), ``"auto"`` (thick slices resampled
+            to half their spacing: :func:`ahnet_fast.data.spacing.auto_training_spacing`), or None
+            to use each case on its own grid. AH-Net predicts at half the input resolution on
+            every axis, so on thick slices a finer D spacing than the scan's gives it back the
+            slice resolution.
         model_config: AH-Net keyword arguments besides in/out channels
             (``layers``, ``psp_block_num``, ``upsample_mode``).
         model_2d: ``"mcfcn"`` (paper) or ``"fcn"``.
@@ -138,6 +150,7 @@ class RecipeConfig:
     stages: tuple[str, ...] = STAGES
     num_classes: int | None = None
     intensity: IntensityConfig | None = None
+    spacing: tuple[float, float, float] | str | None = None
     model_config: dict[str, Any] = field(
         default_factory=lambda: {"layers": (3, 4, 6, 3), "psp_block_num": 4, "upsample_mode": "transpose"}
     )
@@ -186,6 +199,8 @@ class RecipeConfig:
         if self.step_budget is not None and self.step_budget < 1:
             raise ValueError(f"step budget must be at least 1, got {self.step_budget}")
         self.stages = tuple(s for s in STAGES if s in self.stages)  # always in recipe order
+        if self.spacing != "auto":
+            self.spacing = check_target_spacing(self.spacing)
 
 
 # --------------------------------------------------------------------------- prediction
@@ -289,17 +304,21 @@ class _Recipe:
         self.model_config = {"spatial_dims": 3, "in_channels": 1, "out_channels": self.k,
                              **{k_: (tuple(v) if isinstance(v, list) else v) for k_, v in cfg.model_config.items()}}
         # intensity, classes and the training spacing (+ its axis convention) for inference
-        self.preprocessing = describe_preprocessing(self.spec, self.intensity, self.k)
+        # the grid every case is trained on (None: the cases' own)
+        self.spacing = resolve_training_spacing(cfg.spacing, self.spec)
+        self.preprocessing = describe_preprocessing(self.spec, self.intensity, self.k, self.spacing)
 
     # data is loaded once and shared by the stages
     def train_cases(self) -> list[Case]:
         if self._train_cases is None:
-            self._train_cases = [load_case(r, self.k, self.intensity) for r in self.spec.training]
+            self._train_cases = [resample_case(load_case(r, self.k, self.intensity), self.spacing)
+                                 for r in self.spec.training]
         return self._train_cases
 
     def val_cases(self) -> list[Case]:
         if self._val_cases is None:
-            self._val_cases = [load_case(r, self.k, self.intensity) for r in self.spec.validation if r.label]
+            self._val_cases = [resample_case(load_case(r, self.k, self.intensity), self.spacing)
+                               for r in self.spec.validation if r.label]
         return self._val_cases
 
     def _resume_args(self, stage: str) -> dict[str, Any]:
@@ -570,6 +589,20 @@ class _Recipe:
         lines.append(f"data: {self.spec.source}: {n_tr} training case(s); {val}")
         lines.append(f"intensity: {self.intensity.to_dict()}" + ("" if c.intensity else
                      f" (default for modality {self.spec.modality or 'unknown'})"))
+        pre = self.preprocessing
+        if "spacing" in pre:
+            fmt = " x ".join
+            own = pre.get("resampled_from", pre["spacing"])
+            auto = ("; --spacing auto: thick slices resampled to half their spacing, as AH-Net predicts at half "
+                    "resolution" if c.spacing == "auto" else "")
+            if self.spacing is None:
+                lines.append(f"spacing: the cases' own ({fmt(f'{v:g}' for v in own)} mm, median"
+                             + ("; --spacing auto resamples only thick slices)" if auto else
+                                "); --spacing H W D or auto to resample them"))
+            else:
+                lines.append(f"spacing: every case resampled to {fmt(f'{v:g}' for v in self.spacing)} mm (from "
+                             f"{fmt(f'{v:g}' for v in own)} mm, median{auto}); validation on that grid; `segment` "
+                             "resamples its inputs to it and the result back")
         return lines
 
     def describe_plan(self) -> str:
@@ -732,7 +765,7 @@ _STAGE_OPTION_NAMES = {
     "finetune": {"lr": "--lr-3d", "batch_size": "--batch-3d", "steps": "--steps-finetune"},
 }
 #: RecipeConfig fields that decide each stage's result (compared with recipe.json on --resume)
-_COMMON_RECIPE_FIELDS = ("data", "num_classes", "intensity", "fg_ratio", "class_balanced", "augment", "loss",
+_COMMON_RECIPE_FIELDS = ("data", "num_classes", "intensity", "spacing", "fg_ratio", "class_balanced", "augment", "loss",
                          "focal_gamma", "plateau_patience", "amp", "grad_accum", "seed", "steps_per_epoch",
                          "lr_schedule", "sync_bn", "val_window", "checkpointing", "max_memory")
 _STAGE_RECIPE_FIELDS = {
@@ -764,7 +797,7 @@ def recipe_config_from_record(record: dict[str, Any], data: str, out_dir: str) -
     """
     known = {f.name for f in dataclasses.fields(RecipeConfig)} - {"data", "out_dir", "stages"}
     kw: dict[str, Any] = {k: v for k, v in record.items() if k in known}
-    for k in ("patch_2d", "patch_3d", "val_window"):
+    for k in ("patch_2d", "patch_3d", "val_window", "spacing"):
         if isinstance(kw.get(k), list):
             kw[k] = tuple(kw[k])
     if isinstance(kw.get("model_config"), dict):
