@@ -14,6 +14,9 @@ schedule (4000 + 4000 + 8000 steps of a ResNet50 AH-Net: days on a CPU).
   CPU), fp32 elsewhere. Cross-entropy + soft Dice instead of the paper's cross-entropy -> focal
   schedule: under a 20-minute budget on the MNI task it lifted the held-out mean foreground Dice
   from 0.797 to 0.837, most on the thin CSF class (0.637 -> 0.713; bench/results/unet_budget.md).
+  ``spacing auto``: thick slices (2x the in-plane spacing or more) resampled to half their
+  spacing for training and inference, since AH-Net predicts at half resolution on every axis; on
+  the 1 x 1 x 4 mm MNI task 0.849 -> 0.899 (bench/results/unet_budget.md).
   About ten minutes on two cores.
 * ``gpu-paper``: the paper's settings (ResNet50 encoder, MC-FCN, 224 x 224 2D and
   192 x 192 x 32 3D patches, 4000 / 4000 / 8000 steps, fp32), fast AH-Net, 4 workers.
@@ -40,7 +43,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "patch_3d": (64, 64, 32), "batch_3d": 2, "steps_decoder": 40, "steps_finetune": 500,
         "steps_per_epoch": 50, "lr_2d": 5e-4, "lr_3d": 1e-3, "lr_schedule": "cosine",
         "class_balanced": True, "num_workers": 0, "plateau_patience": 2, "amp": "auto", "fast": True,
-        "loss": "dice_ce",
+        "loss": "dice_ce", "spacing": "auto",
     },
     "gpu-paper": {
         "model_config": {"layers": (3, 4, 6, 3), "psp_block_num": 4, "upsample_mode": "transpose"},
@@ -62,8 +65,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 #: one line per preset for --help
 PRESET_SUMMARY = {
-    "cpu-small": "fast AH-Net 1,1,1,1 / 64x64x32 patches / 60+40+500 steps / Dice+CE / 0 workers / bf16 where the "
-                 "CPU has it (default on a CPU)",
+    "cpu-small": "fast AH-Net 1,1,1,1 / 64x64x32 patches / 60+40+500 steps / Dice+CE / thick slices halved / "
+                 "0 workers / bf16 where the CPU has it (default on a CPU)",
     "gpu-paper": "the paper's ResNet50 AH-Net, 192x192x32 patches, 4000+4000+8000 steps, fp32 (default on a GPU)",
     "gpu-12gb": "gpu-paper in bf16, patch/batch/checkpointing fitted into 11 GiB",
 }
