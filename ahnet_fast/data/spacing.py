@@ -42,7 +42,6 @@ __all__ = [
     "resample_image",
     "resample_labels",
     "resample_probabilities",
-    "resolve_training_spacing",
     "training_spacing_from_meta",
 ]
 
@@ -76,15 +75,16 @@ def case_spacing(path: str | os.PathLike) -> tuple[float, float, float]:
 
 
 def describe_preprocessing(spec: Any, intensity: Any, num_classes: int,
-                           target_spacing: Sequence[float] | None = None) -> dict[str, Any]:
+                           target_spacing: Sequence[float] | str | None = None) -> dict[str, Any]:
     """The checkpoint's ``"preprocessing"`` entry for a training run on ``spec``.
 
     Args:
         spec: the :class:`~ahnet_fast.data.dataset.DatasetSpec` trained on.
         intensity: the :class:`~ahnet_fast.data.intensity.IntensityConfig` used.
         num_classes: number of classes (background included).
-        target_spacing: the spacing every case was resampled to for training (``--spacing``), or
-            None when the cases were used on their own grids.
+        target_spacing: the spacing every case is resampled to for training (``--spacing``: 3 sizes
+            in mm, or ``"auto"``: :func:`auto_training_spacing` of the cases' median spacing), or
+            None when the cases are used on their own grids.
 
     Returns:
         ``{"intensity", "num_classes", "class_names", "spacing", "spacing_min", "spacing_max",
@@ -101,6 +101,8 @@ def describe_preprocessing(spec: Any, intensity: Any, num_classes: int,
     }
     if len(spacings):
         median = [round(float(v), 6) for v in np.median(spacings, axis=0)]
+        if target_spacing == "auto":
+            target_spacing = auto_training_spacing(median)
         out["spacing"] = median if target_spacing is None else [round(float(v), 6) for v in target_spacing]
         if target_spacing is not None:
             out["resampled_from"] = median
@@ -140,17 +142,6 @@ def auto_training_spacing(spacing: Sequence[float]) -> tuple[float, float, float
     if d < THICK_SLICE_FACTOR * inplane * (1 - MISMATCH_TOLERANCE):
         return None
     return (h, w, round(max(d / 2, inplane), 6))
-
-
-def resolve_training_spacing(request: Any, spec: Any) -> tuple[float, float, float] | None:
-    """The spacing a run trains at: ``request`` None (the cases' own grids: None), 3 sizes in mm, or
-    ``"auto"`` (:func:`auto_training_spacing` of the training cases' median spacing)."""
-    if request is None:
-        return None
-    if request == "auto":
-        spacings = np.array([case_spacing(r.image) for r in spec.training], dtype=np.float64)
-        return auto_training_spacing(np.median(spacings, axis=0)) if len(spacings) else None
-    return check_target_spacing(request)
 
 
 def training_spacing_from_meta(meta: dict[str, Any], key: str = "spacing") -> tuple[float, float, float] | None:

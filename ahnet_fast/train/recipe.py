@@ -55,7 +55,6 @@ from ahnet_fast.data.spacing import (
     check_target_spacing,
     describe_preprocessing,
     resample_case,
-    resolve_training_spacing,
 )
 from ahnet_fast.data.loader import PatchDataset
 from ahnet_fast.data.sampling import AugmentConfig
@@ -304,9 +303,9 @@ class _Recipe:
         self.model_config = {"spatial_dims": 3, "in_channels": 1, "out_channels": self.k,
                              **{k_: (tuple(v) if isinstance(v, list) else v) for k_, v in cfg.model_config.items()}}
         # intensity, classes and the training spacing (+ its axis convention) for inference
-        # the grid every case is trained on (None: the cases' own)
-        self.spacing = resolve_training_spacing(cfg.spacing, self.spec)
-        self.preprocessing = describe_preprocessing(self.spec, self.intensity, self.k, self.spacing)
+        self.preprocessing = describe_preprocessing(self.spec, self.intensity, self.k, cfg.spacing)
+        # the grid every case is trained on (None: the cases' own; "auto" resolved above)
+        self.spacing = tuple(self.preprocessing["spacing"]) if "resampled_from" in self.preprocessing else None
 
     # data is loaded once and shared by the stages
     def train_cases(self) -> list[Case]:
