@@ -74,6 +74,11 @@ def case_spacing(path: str | os.PathLike) -> tuple[float, float, float]:
     return tuple(round(float(s), 6) for s in spacing)  # type: ignore[return-value]
 
 
+def _mm(values: Any) -> list[float]:
+    """Voxel sizes as plain floats rounded to 1e-6 mm (JSON-friendly, stable across header noise)."""
+    return [round(float(v), 6) for v in values]
+
+
 def describe_preprocessing(spec: Any, intensity: Any, num_classes: int,
                            target_spacing: Sequence[float] | str | None = None) -> dict[str, Any]:
     """The checkpoint's ``"preprocessing"`` entry for a training run on ``spec``.
@@ -100,14 +105,14 @@ def describe_preprocessing(spec: Any, intensity: Any, num_classes: int,
         "class_names": spec.class_names,
     }
     if len(spacings):
-        median = [round(float(v), 6) for v in np.median(spacings, axis=0)]
+        median = _mm(np.median(spacings, axis=0))
         if target_spacing == "auto":
             target_spacing = auto_training_spacing(median)
-        out["spacing"] = median if target_spacing is None else [round(float(v), 6) for v in target_spacing]
+        out["spacing"] = median if target_spacing is None else _mm(target_spacing)
         if target_spacing is not None:
             out["resampled_from"] = median
-        out["spacing_min"] = [round(float(v), 6) for v in spacings.min(axis=0)]
-        out["spacing_max"] = [round(float(v), 6) for v in spacings.max(axis=0)]
+        out["spacing_min"] = _mm(spacings.min(axis=0))
+        out["spacing_max"] = _mm(spacings.max(axis=0))
         out["layout"] = LAYOUT
     return out
 
