@@ -111,3 +111,24 @@ def test_train_on_a_cpu_starts_from_cpu_small_and_records_it(tmp_path, capsys, m
     # recipe.json keeps the resolved precision; resuming with the same "auto" is not a changed setting
     assert rec["amp"] == ("bf16" if "avx512_bf16" in flags else "none")
     assert main([*args, "--resume"]) == 0
+
+
+def test_augmentation_strength_on_the_command_line(tmp_path, capsys):
+    """--aug-rotation/--aug-scale set the in-plane augmentation (recorded in recipe.json); 0 and 0 leave
+    mirroring only; values out of range and a clash with --no-augment are one-line errors."""
+    from ahnet_fast.data.mni import build_mni_dataset
+
+    js = build_mni_dataset(tmp_path / "data", inplane_step=3)
+    out = tmp_path / "run"
+    args = ["train", str(js), "--out", str(out), "--stages", "2d", "--steps-2d", "1", "--patch-2d", "32,32",
+            "--batch-2d", "2", "--device", "cpu", "--no-progress", "--no-estimate", "--threads", "2"]
+    assert main([*args, "--aug-rotation", "0", "--aug-scale", "0"]) == 0
+    aug = json.loads((out / "recipe.json").read_text())["augment"]
+    assert aug["rotation"] == 0 and aug["scale"] == 0 and aug["flip_axes"] == [0, 1] and aug["enabled"] is True
+    assert "[run] augmentation: mirroring H, W (also at test time in `segment`)" in capsys.readouterr().out
+    assert main([*args, "--overwrite", "--aug-rotation", "200"]) == 2
+    err = capsys.readouterr().err
+    assert "--aug-rotation/--aug-scale: rotation must be in [0, 180] degrees, got 200" in err
+    assert "Traceback" not in err
+    assert main([*args, "--overwrite", "--aug-scale", "0.1", "--no-augment"]) == 2
+    assert "--no-augment turns off" in capsys.readouterr().err

@@ -203,6 +203,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--class-balanced", action="store_true", default=None,
                    help="draw the foreground class uniformly first")
     p.add_argument("--no-augment", action="store_true", default=None, help="no rotation/scaling/mirroring")
+    p.add_argument("--aug-rotation", type=float, default=None, metavar="DEG",
+                   help="in-plane rotation augmentation: largest |angle| in degrees, 0 to 180 (paper and presets: 20; "
+                        "0: none)")
+    p.add_argument("--aug-scale", type=float, default=None, metavar="FRAC",
+                   help="in-plane scaling augmentation: largest |factor - 1|, 0 to <1 (paper and presets: 0.2; 0: none). "
+                        "With --aug-rotation 0 --aug-scale 0 only mirroring is left (no interpolation of the patches)")
+    p.add_argument("--no-precise-bn", dest="precise_bn", action="store_false", default=None,
+                   help="keep the BatchNorm running statistics of training in model.pt (default: re-estimated after "
+                        "fine-tuning on the windows `segment` cuts from the training cases; with validation cases "
+                        "only if they score at least as well)")
     p.add_argument("--init-2d", help="transfer from this 2D state-dict file (FCN/MCFCN/torchvision ResNet50) "
                                      "instead of stage 2d's output")
     add_training_arguments(p)
@@ -395,11 +405,22 @@ def _run_one(args: argparse.Namespace, ctx) -> int:
             cfg.spacing = _spacing(args.spacing)
         for field_, value in (("num_classes", args.num_classes), ("fg_ratio", args.fg_ratio),
                               ("class_balanced", args.class_balanced), ("init_2d", args.init_2d),
-                              ("sync_bn", getattr(args, "sync_bn", None))):
+                              ("sync_bn", getattr(args, "sync_bn", None)), ("precise_bn", args.precise_bn)):
             if value is not None:
                 setattr(cfg, field_, value)
         if args.no_augment is not None:
             cfg.augment = AugmentConfig(enabled=not args.no_augment)
+        if args.aug_rotation is not None or args.aug_scale is not None:
+            if args.no_augment:
+                raise ValueError("--aug-rotation/--aug-scale set augmentation that --no-augment turns off; give one "
+                                 "or the other")
+            try:
+                cfg.augment = dataclasses.replace(
+                    cfg.augment,
+                    rotation=cfg.augment.rotation if args.aug_rotation is None else args.aug_rotation,
+                    scale=cfg.augment.scale if args.aug_scale is None else args.aug_scale)
+            except ValueError as exc:
+                raise ValueError(f"--aug-rotation/--aug-scale: {exc}") from None
         apply_training_arguments(cfg, args)
         if ctx is not None:  # a rank that cannot see a file stops every rank now, with its error
             D.agree(lambda: _preflight(cfg))
