@@ -233,7 +233,7 @@ def test_a_stage_is_resized_to_the_time_it_has_left(tmp_path):
     clock = _Clock()
     r = _Recipe.__new__(_Recipe)
     r.cfg = RecipeConfig(data=str(tmp_path), out_dir=str(tmp_path), stages=("finetune",), steps_finetune=20,
-                         time_budget=100.0, precise_bn=False)
+                         time_budget=100.0)
     r.out, r.clock, r.replan, r.run_end, r.spe_fixed, r.base_steps = tmp_path, clock, True, 100.0, {}, {}
     r.rates = {}
     r.costs = {"finetune": StageCost(2.0, 0.0, 5, 4)}
@@ -263,25 +263,3 @@ def test_a_stage_is_resized_to_the_time_it_has_left(tmp_path):
     tr.world = 2
     r._fit_to_budget(tr, {"seconds_per_step": 0.1})
     assert calls == []
-
-
-def test_the_batchnorm_re_estimation_after_fine_tuning_is_kept_out_of_the_stages_time(tmp_path):
-    """model.pt's BatchNorm re-estimation runs after fine-tuning: every stage's deadline leaves it its
-    predicted time (forward passes over the inference windows of the training cases, one validation)."""
-    from types import SimpleNamespace
-
-    from ahnet_fast.train.recipe import RecipeConfig, _Recipe
-
-    r = _Recipe.__new__(_Recipe)
-    r.cfg = RecipeConfig(data=str(tmp_path), out_dir=str(tmp_path), stages=("decoder", "finetune"),
-                         steps_decoder=10, steps_finetune=20, time_budget=100.0, patch_3d=(32, 32, 32), batch_3d=2)
-    r.run_end = 100.0
-    r.costs = {"decoder": StageCost(1.0, 0.5, 5), "finetune": StageCost(3.0, 4.0, 5)}
-    # 64 x 40 x 32 voxels in 32^3 windows at overlap 0.25: 3 x 2 x 1 tiles, x 4 mirror images = 24 windows
-    r._train_cases = [SimpleNamespace(image=np.zeros((64, 40, 32), np.float32))]
-    tail = 24 / 2 * 3.0 / 3 + 4.0
-    assert r.precise_bn_seconds() == pytest.approx(tail)
-    assert r.stage_deadline("finetune") == pytest.approx(100.0 - tail)
-    assert r.stage_deadline("decoder") == pytest.approx(100.0 - StageCost(3.0, 4.0, 5).seconds(20) - tail)
-    r.cfg.precise_bn = False
-    assert r.precise_bn_seconds() == 0.0 and r.stage_deadline("finetune") == 100.0

@@ -209,10 +209,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--aug-scale", type=float, default=None, metavar="FRAC",
                    help="in-plane scaling augmentation: largest |factor - 1|, 0 to <1 (paper and presets: 0.2; 0: none). "
                         "With --aug-rotation 0 --aug-scale 0 only mirroring is left (no interpolation of the patches)")
-    p.add_argument("--no-precise-bn", dest="precise_bn", action="store_false", default=None,
-                   help="keep the BatchNorm running statistics of training in model.pt (default: re-estimated after "
-                        "fine-tuning on the windows `segment` cuts from the training cases; with validation cases "
-                        "only if they score at least as well)")
     p.add_argument("--init-2d", help="transfer from this 2D state-dict file (FCN/MCFCN/torchvision ResNet50) "
                                      "instead of stage 2d's output")
     add_training_arguments(p)
@@ -405,7 +401,7 @@ def _run_one(args: argparse.Namespace, ctx) -> int:
             cfg.spacing = _spacing(args.spacing)
         for field_, value in (("num_classes", args.num_classes), ("fg_ratio", args.fg_ratio),
                               ("class_balanced", args.class_balanced), ("init_2d", args.init_2d),
-                              ("sync_bn", getattr(args, "sync_bn", None)), ("precise_bn", args.precise_bn)):
+                              ("sync_bn", getattr(args, "sync_bn", None))):
             if value is not None:
                 setattr(cfg, field_, value)
         if args.no_augment is not None:

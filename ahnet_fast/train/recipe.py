@@ -17,10 +17,7 @@ Stages (each can run alone, given the previous stage's output in ``out_dir``):
 preprocessing, no optimizer state) is written as soon as a 3D stage ends its first epoch and
 is replaced whenever a 3D epoch beats its Dice (validation Dice, or the Dice of the training
 batches when the dataset has no validation cases), so a run stopped at any point leaves a
-usable model. When fine-tuning ends, model.pt's BatchNorm running statistics (an average of the
-last few training batches) are re-estimated over the windows inference cuts from the training
-cases (``precise_bn``, :mod:`ahnet_fast.train.precise_bn`); with validation cases only if their
-Dice does not drop.
+usable model.
 
 Budgets: ``time_budget`` (seconds) measures a few steps of each stage on this machine first,
 then scales the configured steps of the trained stages by one factor so that the run fits
@@ -95,9 +92,6 @@ __all__ = [
 ]
 
 STAGES = ("2d", "transfer", "decoder", "finetune")
-#: most windows (mirror images included) the BatchNorm re-estimation of model.pt runs over; a few hundred
-#: give stable averages, and the cost stays bounded (forward passes only) on large datasets
-PRECISE_BN_WINDOWS = 256
 
 
 @dataclass
@@ -134,10 +128,6 @@ class RecipeConfig:
         class_balanced: draw the foreground class uniformly before the voxel.
         augment: in-plane augmentation (paper: +-20 deg, +-0.2 scale, mirroring).
         loss, focal_gamma, plateau_patience: see :class:`~ahnet_fast.train.trainer.TrainConfig`.
-        precise_bn: once fine-tuning ends, re-estimate model.pt's BatchNorm statistics on the
-            windows inference cuts from the training cases (:mod:`ahnet_fast.train.precise_bn`);
-            with validation cases the re-estimated statistics are kept only if they score at
-            least as well there.
         amp: ``"none"``, ``"bf16"``, ``"fp16"``.
         checkpointing: activation checkpointing.
         grad_accum: micro-batches per optimizer step.
@@ -196,7 +186,6 @@ class RecipeConfig:
     preset: str | None = None
     time_budget: float | None = None
     step_budget: int | None = None
-    precise_bn: bool = True
 
     def __post_init__(self) -> None:
         bad = [s for s in self.stages if s not in STAGES]
@@ -510,57 +499,11 @@ class _Recipe:
             self.model_source = {"stage": "finetune", "checkpoint": best.name, "step": ck.get("step"),
                                  "mean_fg_dice": ck.get("best_dice")}
             save_checkpoint(model_pt, {**ck, "model_source": self.model_source})
-        if ddp_util.is_main() and self.cfg.precise_bn:
-            self.precise_bn(model_pt)
         ddp_util.barrier()
         src = self.model_source or {}
         self.log(f"[finetune] final model: {model_pt} (stage {src.get('stage')}, step {src.get('step')}, mean fg "
                  f"Dice {_fmt(src.get('mean_fg_dice'))} on {src.get('dice_source', 'validation')})")
         return res
-
-    def precise_bn(self, model_pt: Path) -> None:
-        """Re-estimate model.pt's BatchNorm statistics on the windows inference cuts from the training cases
-        (:mod:`ahnet_fast.train.precise_bn`). With validation cases, the new statistics replace the old ones
-        only if the validation Dice (scored as every epoch is) does not drop; without, they always do."""
-        from ahnet_fast.train.precise_bn import inference_windows, recalibrate_batchnorm
-
-        c = self.cfg
-        t0 = time.time()
-        ck = load_checkpoint(model_pt)
-        model = build_ahnet(self.model_config, fast=c.fast).to(self.device)
-        model.load_state_dict(ck["model"])
-        patch = tuple(ck.get("patch_size") or c.patch_3d)
-        aug = ck.get("augment") or {}
-        mirror = tuple(aug.get("flip_axes", ())) if aug.get("enabled") else ()
-        batch = int((ck.get("train_config") or {}).get("batch_size") or c.batch_3d)
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(c.amp)
-        windows = inference_windows([case.image for case in self.train_cases()], patch, 0.25, mirror,
-                                    limit=PRECISE_BN_WINDOWS, seed=c.seed)
-        info = recalibrate_batchnorm(model, windows, batch, self.device, amp_dtype)
-        del windows
-        record: dict[str, Any] = {**info, "window": list(patch), "mirrored": ",".join("HWD"[a] for a in mirror)
-                                  or "none", "from": f"{len(self.train_cases())} training case(s)"}
-        src = dict(self.model_source or ck.get("model_source") or {})
-        keep = True
-        vals = self.val_cases()
-        if vals and src.get("dice_source", "validation") == "validation" and src.get("mean_fg_dice") is not None:
-            window = c.val_window or patch
-            res = evaluate(model, vals, self.k, lambda m, im: predict_3d(m, im, window, self.device, amp_dtype))
-            after = float(res["mean_fg_dice"])
-            record.update(validation_before=float(src["mean_fg_dice"]), validation_after=after)
-            keep = not math.isnan(after) and after >= float(src["mean_fg_dice"])
-        record["kept"] = keep
-        record["seconds"] = round(time.time() - t0, 1)
-        what = (f"BatchNorm statistics re-estimated over {info['windows']} inference windows of the training "
-                f"cases ({info['batches']} batches of {batch}, mirrored {record['mirrored']})")
-        if "validation_after" in record:
-            what += (f": validation mean fg Dice {record['validation_before']:.3f} -> {record['validation_after']:.3f}"
-                     + ("" if keep else ", the training statistics kept"))
-        self.log(f"[finetune] {what} ({record['seconds']:.0f} s)")
-        src["batchnorm"] = record
-        self.model_source = src
-        state = model.state_dict() if keep else ck["model"]
-        save_checkpoint(model_pt, {**ck, "model": state, "model_source": src})
 
     # ---------------------------------------------------------------- budget, model.pt, progress
     def measure_costs(self) -> None:
@@ -693,22 +636,7 @@ class _Recipe:
         if self.run_end is None:
             return None
         later = [s for s in self.cfg.stages if STAGES.index(s) > STAGES.index(stage) and s in self.costs]
-        return self.run_end - sum(self.costs[s].seconds(self.planned_steps(s)) for s in later) \
-            - self.precise_bn_seconds()
-
-    def precise_bn_seconds(self) -> float:
-        """Predicted time of :meth:`precise_bn` after fine-tuning (0 when it will not run or fine-tuning was not
-        measured): forward passes over its windows (a third of a training step's time per batch) and one
-        validation (the measured cost of an epoch's end)."""
-        if not (self.cfg.precise_bn and "finetune" in self.cfg.stages and "finetune" in self.costs):
-            return 0.0
-        cost = self.costs["finetune"]
-        patch = tuple(self.cfg.patch_3d)
-        aug = self.cfg.augment
-        mirror = tuple(aug.flip_axes) if aug.enabled else ()
-        n = min(PRECISE_BN_WINDOWS, sum(_count_windows(case.image.shape, patch, mirror)
-                                        for case in self.train_cases()))
-        return n / max(self.cfg.batch_3d, 1) * cost.seconds_per_step / 3 + cost.seconds_per_epoch
+        return self.run_end - sum(self.costs[s].seconds(self.planned_steps(s)) for s in later)
 
     def planned_steps(self, stage: str) -> int:
         return {"2d": self.cfg.steps_2d, "decoder": self.cfg.steps_decoder,
@@ -741,7 +669,7 @@ class _Recipe:
         for s in self.cfg.stages:
             if STAGES.index(s) >= later_from and s in self.costs:
                 total += scale * self.costs[s].seconds(self.planned_steps(s))
-        return total + scale * self.precise_bn_seconds()
+        return total
 
     def _eta(self, trainer: Trainer) -> str:
         from ahnet_fast.train.budget import format_duration
@@ -818,16 +746,6 @@ def _check_multiple(patch: Sequence[int], multiple: Sequence[int], what: str,
         raise ValueError(f"{what}: {tuple(patch)} is not a valid size (each axis must be a multiple of "
                          f"{tuple(multiple)}{'' if minimum is None else f' and at least {tuple(minimum)}'}); "
                          f"nearest valid size {fix}")
-
-
-def _count_windows(shape: Sequence[int], window: Sequence[int], mirror_axes: Sequence[int]) -> int:
-    """How many windows (with mirror images) sliding-window inference cuts from a volume of ``shape``."""
-    from ahnet_fast.infer.sliding_window import window_starts
-
-    n = 2 ** len(mirror_axes)
-    for s, w in zip(shape, window):
-        n *= len(window_starts(max(int(s), int(w)), int(w), 0.25))
-    return n
 
 
 def _best_or_last(folder: Path, stage: str) -> Path:
@@ -1096,7 +1014,7 @@ def _plan_budget(r: _Recipe, resume: bool, saved: dict[str, Any], estimate: bool
               " steps (the configured steps' proportions)")
     elif c.time_budget is not None:
         assert r.run_end is not None
-        available = r.run_end - r.clock() - r.precise_bn_seconds()
+        available = r.run_end - r.clock()
         plan = ddp_util.broadcast_object(plan_steps(r.base_steps, r.costs, seconds=available))
         r.set_steps(plan)
         r.replan = True
@@ -1114,7 +1032,7 @@ def _replan(r: _Recipe, stage: str) -> None:
     rest = {s: n for s, n in r.base_steps.items() if STAGES.index(s) >= STAGES.index(stage) and s in r.costs}
     if not rest:
         return
-    available = r.run_end - r.clock() - r.precise_bn_seconds()
+    available = r.run_end - r.clock()
     plan = ddp_util.broadcast_object(plan_steps(rest, r.costs, seconds=max(available, 0.0)))
     before = {s: r.planned_steps(s) for s in plan}
     r.set_steps(plan)
