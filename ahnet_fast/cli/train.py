@@ -406,15 +406,13 @@ def _run_one(args: argparse.Namespace, ctx) -> int:
                 setattr(cfg, field_, value)
         if args.no_augment is not None:
             cfg.augment = AugmentConfig(enabled=not args.no_augment)
-        if args.aug_rotation is not None or args.aug_scale is not None:
+        strength = {k: v for k, v in (("rotation", args.aug_rotation), ("scale", args.aug_scale)) if v is not None}
+        if strength:
             if args.no_augment:
                 raise ValueError("--aug-rotation/--aug-scale set augmentation that --no-augment turns off; give one "
                                  "or the other")
             try:
-                cfg.augment = dataclasses.replace(
-                    cfg.augment,
-                    rotation=cfg.augment.rotation if args.aug_rotation is None else args.aug_rotation,
-                    scale=cfg.augment.scale if args.aug_scale is None else args.aug_scale)
+                cfg.augment = dataclasses.replace(cfg.augment, **strength)
             except ValueError as exc:
                 raise ValueError(f"--aug-rotation/--aug-scale: {exc}") from None
         apply_training_arguments(cfg, args)

@@ -59,6 +59,11 @@ MISMATCH_TOLERANCE = 0.05
 THICK_SLICE_FACTOR = 2.0
 
 
+def _mm(values: Any) -> list[float]:
+    """Voxel sizes as plain floats rounded to 1e-6 mm (JSON-friendly, stable across header noise)."""
+    return [round(float(v), 6) for v in values]
+
+
 def case_spacing(path: str | os.PathLike) -> tuple[float, float, float]:
     """Voxel spacing of a NIfTI file in network layout, from its header alone (no voxels read)."""
     import nibabel as nib
@@ -71,12 +76,7 @@ def case_spacing(path: str | os.PathLike) -> tuple[float, float, float]:
         raise DataError(path, f"cannot read as NIfTI ({type(exc).__name__}: {exc})") from exc
     shape = tuple(int(s) for s in img.shape[:3])
     _, _, _, spacing = _layout(np.asarray(img.affine, dtype=np.float64), shape)  # type: ignore[arg-type]
-    return tuple(round(float(s), 6) for s in spacing)  # type: ignore[return-value]
-
-
-def _mm(values: Any) -> list[float]:
-    """Voxel sizes as plain floats rounded to 1e-6 mm (JSON-friendly, stable across header noise)."""
-    return [round(float(v), 6) for v in values]
+    return tuple(_mm(spacing))  # type: ignore[return-value]
 
 
 def describe_preprocessing(spec: Any, intensity: Any, num_classes: int,

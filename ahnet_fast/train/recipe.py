@@ -764,7 +764,8 @@ _STAGE_OPTION_NAMES = {
     "decoder": {"lr": "--lr-3d", "batch_size": "--batch-3d", "steps": "--steps-decoder"},
     "finetune": {"lr": "--lr-3d", "batch_size": "--batch-3d", "steps": "--steps-finetune"},
 }
-#: RecipeConfig fields that decide each stage's result (compared with recipe.json on --resume)
+
+
 def _describe_augment(a: AugmentConfig) -> str:
     """One line for the start-up summary: what the patches go through."""
     if not a.enabled:
@@ -779,6 +780,7 @@ def _describe_augment(a: AugmentConfig) -> str:
     return "; ".join(parts) or "none"
 
 
+#: RecipeConfig fields that decide each stage's result (compared with recipe.json on --resume)
 _COMMON_RECIPE_FIELDS = ("data", "num_classes", "intensity", "spacing", "fg_ratio", "class_balanced", "augment", "loss",
                          "focal_gamma", "plateau_patience", "amp", "grad_accum", "seed", "steps_per_epoch",
                          "lr_schedule", "sync_bn", "val_window", "checkpointing", "max_memory")
