@@ -132,3 +132,23 @@ def test_augmentation_strength_on_the_command_line(tmp_path, capsys):
     assert "Traceback" not in err
     assert main([*args, "--overwrite", "--aug-scale", "0.1", "--no-augment"]) == 2
     assert "--no-augment turns off" in capsys.readouterr().err
+
+
+def test_weight_average_on_the_command_line(tmp_path, capsys):
+    """--ema reaches every stage's trainer (recorded in recipe.json and the checkpoints), the start-up
+    summary says what is saved, and a decay outside [0, 1) is a one-line error."""
+    from ahnet_fast.data.mni import build_mni_dataset
+
+    js = build_mni_dataset(tmp_path / "data", inplane_step=3)
+    out = tmp_path / "run"
+    args = ["train", str(js), "--out", str(out), "--stages", "2d", "--steps-2d", "2", "--patch-2d", "32,32",
+            "--batch-2d", "2", "--device", "cpu", "--no-progress", "--no-estimate", "--threads", "2"]
+    assert main([*args, "--ema", "0.9"]) == 0
+    assert json.loads((out / "recipe.json").read_text())["ema"] == 0.9
+    assert "[run] weights: an exponential moving average (decay 0.9, --ema)" in capsys.readouterr().out
+    from ahnet_fast.train.checkpoint import load_checkpoint
+
+    assert load_checkpoint(out / "2d" / "last.pt")["train_config"]["ema"] == 0.9
+    assert main([*args, "--overwrite", "--ema", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--ema 1.0: the weight average's decay must be in [0, 1)" in err and "Traceback" not in err

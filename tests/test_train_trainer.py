@@ -349,3 +349,67 @@ def test_checkpoints_tell_segment_the_window_and_mirroring(tmp_path, monkeypatch
         assert ck["augment"]["flip_axes"] == [0, 1] and ck["augment"]["enabled"] is True
         opts = SegmentOptions.from_checkpoint(ck)
         assert tuple(opts.window) == (32, 32, 32) and tuple(opts.mirror_axes) == (0, 1)
+
+
+def test_weight_average_is_what_is_validated_saved_and_resumed(tmp_path):
+    """``ema``: the average follows the documented recurrence, validation and every checkpoint's
+    ``model`` hold it, the trained weights ride in last.pt for a resume, and a resume is exact."""
+    decay = 0.9
+    tr = _trainer(tmp_path / "a", steps=4, spe=2, tiny=True, loss="dice_ce", ema=decay)
+    start = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    seen = []  # the weights each optimizer step leaves, to recompute the average by hand
+    real_step = tr.scaler.step
+
+    def step(opt):
+        out = real_step(opt)
+        seen.append({k: v.detach().clone() for k, v in tr.model.state_dict().items()})
+        return out
+
+    tr.scaler.step = step
+    validated = []
+    real_validate_predict = tr.predict
+
+    def predict(model, image):
+        validated.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return real_validate_predict(model, image)
+
+    tr.predict = predict
+    tr.fit()
+    expected = {k: v.clone() for k, v in start.items()}
+    for n, w in enumerate(seen, start=1):
+        d = min(decay, (1 + n) / (10 + n))
+        for k, v in w.items():
+            expected[k] = d * expected[k] + (1 - d) * v if v.is_floating_point() else v.clone()
+    assert len(seen) == 4
+    last = load_checkpoint(tmp_path / "a" / "last.pt")  # a finished stage: weights only, the average
+    assert "train_model" not in last
+    for k, v in expected.items():
+        torch.testing.assert_close(last["model"][k], v, rtol=1e-6, atol=1e-7)
+    trained = tr.model.state_dict()  # the model itself keeps the trained weights
+    assert any(not torch.allclose(trained[k], expected[k]) for k in expected if expected[k].is_floating_point())
+    # the last epoch's validation ran on the average, and the model got its trained weights back afterwards
+    for k, v in expected.items():
+        torch.testing.assert_close(validated[-1][k], v, rtol=1e-6, atol=1e-7)
+    for k, v in seen[-1].items():
+        assert torch.equal(trained[k], v), k
+    best = load_checkpoint(tmp_path / "a" / "best.pt")
+    assert best["train_config"]["ema"] == decay and "train_model" not in best
+
+    # killed after 2 steps: last.pt holds both; a fresh process resumes to the same average and weights
+    part = _trainer(tmp_path / "b", steps=4, spe=2, tiny=True, loss="dice_ce", ema=decay)
+    part.fit(stop_at_step=2)
+    mid = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert set(mid["train_model"]) == set(mid["model"])
+    assert any(not torch.equal(mid["train_model"][k], mid["model"][k]) for k in mid["model"]
+               if mid["model"][k].is_floating_point())
+    again = _trainer(tmp_path / "b", steps=4, spe=2, tiny=True, loss="dice_ce", ema=decay, model_seed=7)
+    again.fit(resume=True)
+    fin = load_checkpoint(tmp_path / "b" / "last.pt")
+    for k in last["model"]:
+        assert torch.equal(fin["model"][k], last["model"][k]), k
+        assert torch.equal(again.model.state_dict()[k], trained[k]), k
+
+
+def test_weight_average_decay_is_checked():
+    with pytest.raises(ValueError, match=r"ema .* must be in \[0, 1\)"):
+        TrainConfig(steps=1, steps_per_epoch=1, batch_size=1, ema=1.0)

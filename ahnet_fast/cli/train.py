@@ -101,6 +101,9 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--lr-3d", type=float, help="Adam learning rate of the 3D stages (paper 1e-3)")
     s.add_argument("--lr-schedule", choices=["constant", "cosine"],
                    help=f"constant (paper) or cosine decay to 0 within each stage ({_preset_default('lr_schedule')})")
+    s.add_argument("--ema", type=float, metavar="DECAY",
+                   help="keep an exponential moving average of the weights with this decay (e.g. 0.99) and "
+                        "validate and save it instead of the last weights (default 0: off)")
     s.add_argument("--loss", choices=["ce_then_focal", "ce", "focal", "dice_ce"],
                    help="ce_then_focal (paper): cross-entropy, focal loss once the loss plateaus; dice_ce: "
                         f"cross-entropy + soft Dice ({_preset_default('loss')})")
@@ -150,7 +153,8 @@ def apply_training_arguments(cfg, args: argparse.Namespace) -> None:
     simple = {
         "model_2d": "model_2d", "fast": "fast", "steps_2d": "steps_2d", "steps_decoder": "steps_decoder",
         "steps_finetune": "steps_finetune", "steps_per_epoch": "steps_per_epoch", "lr_2d": "lr_2d",
-        "lr_3d": "lr_3d", "lr_schedule": "lr_schedule", "loss": "loss", "focal_gamma": "focal_gamma", "seed": "seed", "batch_2d": "batch_2d",
+        "lr_3d": "lr_3d", "lr_schedule": "lr_schedule", "ema": "ema", "loss": "loss", "focal_gamma": "focal_gamma",
+        "seed": "seed", "batch_2d": "batch_2d",
         "batch_3d": "batch_3d", "amp": "amp", "checkpointing": "checkpointing", "grad_accum": "grad_accum",
         "max_memory": "max_memory", "num_workers": "workers", "device": "device",
         "time_budget": "time_budget", "step_budget": "step_budget",

@@ -123,6 +123,8 @@ class RecipeConfig:
         steps_per_epoch: steps per epoch (summary, validation, checkpoint).
         lr_2d, lr_3d, lr_finetune: Adam learning rates (paper: 5e-4 and 1e-3).
         lr_schedule: ``"constant"`` (paper) or ``"cosine"`` decay within each stage.
+        ema: decay of the weight average each stage keeps and saves (0: off; see
+            :class:`~ahnet_fast.train.trainer.TrainConfig`).
         sync_bn: synchronized BatchNorm across processes (several processes only).
         fg_ratio: share of foreground-centred patches (paper 0.7).
         class_balanced: draw the foreground class uniformly before the voxel.
@@ -166,6 +168,7 @@ class RecipeConfig:
     lr_3d: float = 1e-3
     lr_finetune: float | None = None
     lr_schedule: str = "constant"
+    ema: float = 0.0
     sync_bn: bool = False
     fg_ratio: float = 0.7
     class_balanced: bool = False
@@ -197,6 +200,8 @@ class RecipeConfig:
             raise ValueError(f"time budget must be positive, got {self.time_budget} s")
         if self.step_budget is not None and self.step_budget < 1:
             raise ValueError(f"step budget must be at least 1, got {self.step_budget}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"--ema {self.ema}: the weight average's decay must be in [0, 1) (e.g. 0.99), 0 for off")
         self.stages = tuple(s for s in STAGES if s in self.stages)  # always in recipe order
         if self.spacing != "auto":
             self.spacing = check_target_spacing(self.spacing)
@@ -360,7 +365,7 @@ class _Recipe:
             grad_accum=c.grad_accum, lr=lr, amp=c.amp, checkpointing=checkpointing, loss=c.loss,
             focal_gamma=c.focal_gamma, plateau_patience=c.plateau_patience, num_workers=c.num_workers,
             seed=c.seed + seed_offset, device=str(self.device), val_window=c.val_window, lr_schedule=c.lr_schedule,
-            sync_bn=c.sync_bn,
+            sync_bn=c.sync_bn, ema=c.ema,
         )
 
     def _choose(self, factory: Callable[[], nn.Module], in_ch: int, patch: tuple[int, ...], batch: int,
@@ -589,6 +594,9 @@ class _Recipe:
         lines.append(f"intensity: {self.intensity.to_dict()}" + ("" if c.intensity else
                      f" (default for modality {self.spec.modality or 'unknown'})"))
         lines.append("augmentation: " + _describe_augment(c.augment))
+        if c.ema:
+            lines.append(f"weights: an exponential moving average (decay {c.ema:g}, --ema) is validated and saved in "
+                         "best.pt and model.pt, not the last step's weights")
         pre = self.preprocessing
         if "spacing" in pre:
             fmt = " x ".join
@@ -757,7 +765,7 @@ def _best_or_last(folder: Path, stage: str) -> Path:
 
 #: TrainConfig fields every trainer stage shares with RecipeConfig under the same name
 _COMMON_TRAIN_FIELDS = ("seed", "steps_per_epoch", "grad_accum", "amp", "checkpointing", "loss", "focal_gamma",
-                        "plateau_patience", "lr_schedule", "val_window", "sync_bn")
+                        "plateau_patience", "lr_schedule", "val_window", "sync_bn", "ema")
 #: the per-stage TrainConfig fields, named as the user sets them
 _STAGE_OPTION_NAMES = {
     "2d": {"lr": "--lr-2d", "batch_size": "--batch-2d", "steps": "--steps-2d"},
@@ -783,7 +791,7 @@ def _describe_augment(a: AugmentConfig) -> str:
 #: RecipeConfig fields that decide each stage's result (compared with recipe.json on --resume)
 _COMMON_RECIPE_FIELDS = ("data", "num_classes", "intensity", "spacing", "fg_ratio", "class_balanced", "augment", "loss",
                          "focal_gamma", "plateau_patience", "amp", "grad_accum", "seed", "steps_per_epoch",
-                         "lr_schedule", "sync_bn", "val_window", "checkpointing", "max_memory")
+                         "lr_schedule", "ema", "sync_bn", "val_window", "checkpointing", "max_memory")
 _STAGE_RECIPE_FIELDS = {
     "2d": ("model_2d", "patch_2d", "batch_2d", "steps_2d", "lr_2d"),
     "transfer": ("init_2d", "model_config", "model_2d"),

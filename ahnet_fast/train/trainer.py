@@ -10,6 +10,10 @@ so the stream is independent of the worker count and of interruptions).
 * Loss: cross-entropy, switched to the focal loss once the epoch loss
   plateaus (:class:`LossSchedule`); or ``"ce"`` / ``"focal"`` throughout.
 * Mixed precision: ``amp="bf16"`` or ``"fp16"`` autocast; fp16 uses a GradScaler.
+* Weight averaging: ``ema=0.99`` keeps an exponential moving average of the weights and
+  BatchNorm statistics, updated after every optimizer step; validation, ``best.pt`` and the
+  ``model`` entry of every checkpoint use the average (the trained weights travel in
+  ``last.pt`` as ``train_model`` for a resume).
 * Activation checkpointing: ``checkpointing=True``.
 * Checkpoints (atomic, :mod:`ahnet_fast.train.checkpoint`): ``last.pt`` every
   ``ckpt_every`` steps and at each epoch end; ``best.pt`` whenever the
@@ -60,8 +64,8 @@ __all__ = ["TrainConfig", "LossSchedule", "Trainer", "ValidationCase", "dice_fro
            "RESUME_KEYS", "weights_only"]
 
 #: checkpoint entries only a resume of an unfinished stage needs (the bulk of a checkpoint: Adam keeps two
-#: moments per parameter)
-RESUME_KEYS = ("optimizer", "scaler", "rng", "epoch_acc")
+#: moments per parameter; with ``ema``, the trained weights, since ``model`` holds their average)
+RESUME_KEYS = ("optimizer", "scaler", "rng", "epoch_acc", "train_model")
 
 
 def weights_only(payload: dict[str, Any]) -> dict[str, Any]:
@@ -103,6 +107,9 @@ class TrainConfig:
             step; a function of the step only, so resuming needs no extra state).
         sync_bn: with several processes, BatchNorm statistics over the global batch
             (:func:`ahnet_fast.nn.convert_sync_batchnorm`); ignored for one process.
+        ema: decay of an exponential moving average of the weights and BatchNorm statistics
+            (0: off). The decay of step ``n`` of the stage is ``min(ema, (1 + n) / (10 + n))``, so the
+            average follows the weights closely while they change fast at the start of a stage.
     """
 
     steps: int
@@ -125,6 +132,7 @@ class TrainConfig:
     clip_grad: float = 0.0
     lr_schedule: str = "constant"
     sync_bn: bool = False
+    ema: float = 0.0
 
     def lr_at(self, step: int) -> float:
         """Learning rate of optimizer step ``step`` (0-based)."""
@@ -146,6 +154,8 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"ema (the weight average's decay) must be in [0, 1), 0 for off; got {self.ema}")
 
 
 class LossSchedule:
@@ -331,6 +341,11 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.finished = False
         self._acc = self._new_acc()
+        # the weight average (TrainConfig.ema): a copy of every state-dict entry, taken after any
+        # SyncBatchNorm conversion so that its keys are the model's own
+        self._ema: dict[str, torch.Tensor] | None = None
+        if config.ema > 0:
+            self._ema = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def _new_acc(self) -> dict[str, Any]:
         """Running sums of the current epoch (saved in checkpoints so a resumed epoch sums the same)."""
@@ -362,7 +377,7 @@ class Trainer:
     def _payload(self) -> dict[str, Any]:
         return {
             "model_config": self.model_config,
-            "model": self.model.state_dict(),
+            **self._weights(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "schedule": self.schedule.state_dict(),
@@ -379,6 +394,43 @@ class Trainer:
             **self._inference_meta(),
             **self.extra,
         }
+
+    def _weights(self) -> dict[str, Any]:
+        """``model`` and, with a weight average, ``train_model`` entries of a checkpoint."""
+        if self._ema is None:
+            return {"model": self.model.state_dict()}
+        return {"model": self._ema, "train_model": self.model.state_dict()}
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        """One step of the weight average (after the optimizer step ``self.step``)."""
+        if self._ema is None:
+            return
+        decay = min(self.cfg.ema, (1.0 + self.step) / (10.0 + self.step))
+        live = self.model.state_dict()
+        avg, new = [], []
+        for k, e in self._ema.items():
+            v = live[k]
+            if e.is_floating_point():
+                avg.append(e)
+                new.append(v)
+            else:  # BatchNorm's num_batches_tracked: the model's own count
+                e.copy_(v)
+        torch._foreach_lerp_(avg, new, 1.0 - decay)
+
+    @contextlib.contextmanager
+    def _averaged(self):
+        """The weight average loaded into the model for the block (validation), the trained
+        weights restored afterwards (in place: the optimizer keeps its parameters)."""
+        if self._ema is None:
+            yield
+            return
+        trained = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(self._ema)
+        try:
+            yield
+        finally:
+            self.model.load_state_dict(trained)
 
     def _inference_meta(self) -> dict[str, Any]:
         """What `ahnet-fast segment` reads from a 3D checkpoint (ahnet_fast.infer.segment): the
@@ -411,7 +463,12 @@ class Trainer:
         if ck.get("stage") not in (None, self.stage):
             raise ValueError(f"{path}: checkpoint of stage {ck.get('stage')!r}, cannot resume stage {self.stage!r}")
         self._check_same_run(path, ck)
-        self.model.load_state_dict(ck["model"])
+        # with a weight average, "model" is the average and "train_model" the trained weights
+        self.model.load_state_dict(ck.get("train_model", ck["model"]))
+        if self._ema is not None:
+            src = ck["model"] if "train_model" in ck else self.model.state_dict()
+            for k, e in self._ema.items():
+                e.copy_(src[k])
         self.step, self.epoch = int(ck["step"]), int(ck["epoch"])
         self.schedule.load_state_dict(ck["schedule"])
         if "optimizer" in ck:
@@ -521,10 +578,11 @@ class Trainer:
             return None
         self.model.eval()
         counts = np.zeros((self.k, 3), np.int64)
-        for vc in self.val_cases[self.rank::self.world]:  # each rank its share of the cases
-            logits = self.predict(self.model, vc.image)
-            pred = logits.argmax(0).cpu()
-            counts += _confusion(pred, torch.from_numpy(vc.label.astype(np.int64)), self.k)
+        with self._averaged():  # what best.pt and model.pt will hold
+            for vc in self.val_cases[self.rank::self.world]:  # each rank its share of the cases
+                logits = self.predict(self.model, vc.image)
+                pred = logits.argmax(0).cpu()
+                counts += _confusion(pred, torch.from_numpy(vc.label.astype(np.int64)), self.k)
         if self.world > 1:
             counts = self._sum_ranks(counts)
         return dice_from_counts(counts)
@@ -634,6 +692,7 @@ class Trainer:
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.step += 1
+                self._update_ema()
                 acc["loss"] += step_loss
                 acc["n"] += 1
                 bar.update(1)
