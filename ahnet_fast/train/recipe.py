@@ -76,6 +76,7 @@ from ahnet_fast.train.trainer import (
     Trainer,
     ValidationCase,
     _confusion,
+    check_ema_decay,
     dice_from_counts,
     weights_only,
 )
@@ -200,8 +201,7 @@ class RecipeConfig:
             raise ValueError(f"time budget must be positive, got {self.time_budget} s")
         if self.step_budget is not None and self.step_budget < 1:
             raise ValueError(f"step budget must be at least 1, got {self.step_budget}")
-        if not 0.0 <= self.ema < 1.0:
-            raise ValueError(f"--ema {self.ema}: the weight average's decay must be in [0, 1) (e.g. 0.99), 0 for off")
+        check_ema_decay(self.ema, "--ema")  # here too: before the data is read, named as the user set it
         self.stages = tuple(s for s in STAGES if s in self.stages)  # always in recipe order
         if self.spacing != "auto":
             self.spacing = check_target_spacing(self.spacing)

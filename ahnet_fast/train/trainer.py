@@ -60,8 +60,8 @@ from ahnet_fast.train.models import enable_activation_checkpointing
 from ahnet_fast.train.report import json_safe
 from ahnet_fast.losses import dice_ce_loss
 
-__all__ = ["TrainConfig", "LossSchedule", "Trainer", "ValidationCase", "dice_from_counts", "peak_memory_bytes",
-           "RESUME_KEYS", "weights_only"]
+__all__ = ["TrainConfig", "LossSchedule", "Trainer", "ValidationCase", "check_ema_decay", "dice_from_counts",
+           "peak_memory_bytes", "RESUME_KEYS", "weights_only"]
 
 #: checkpoint entries only a resume of an unfinished stage needs (the bulk of a checkpoint: Adam keeps two
 #: moments per parameter; with ``ema``, the trained weights, since ``model`` holds their average)
@@ -75,6 +75,12 @@ def weights_only(payload: dict[str, Any]) -> dict[str, Any]:
 
 #: values of ``loss``: the paper's schedule, its two parts alone, and cross-entropy + soft Dice
 LOSSES = ("ce_then_focal", "ce", "focal", "dice_ce")
+
+
+def check_ema_decay(decay: float, name: str) -> None:
+    """``ValueError`` naming ``name`` unless ``decay`` is a weight-average decay in [0, 1) (0: off)."""
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"{name} {decay}: the weight average's decay must be in [0, 1) (e.g. 0.99), 0 for off")
 
 
 @dataclass
@@ -154,8 +160,7 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
-        if not 0.0 <= self.ema < 1.0:
-            raise ValueError(f"ema (the weight average's decay) must be in [0, 1), 0 for off; got {self.ema}")
+        check_ema_decay(self.ema, "ema")
 
 
 class LossSchedule:
@@ -345,7 +350,12 @@ class Trainer:
         # SyncBatchNorm conversion so that its keys are the model's own
         self._ema: dict[str, torch.Tensor] | None = None
         if config.ema > 0:
-            self._ema = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            live = self.model.state_dict()  # views of the parameters and buffers, updated in place
+            self._ema = {k: v.detach().clone() for k, v in live.items()}
+            # paired once: the per-step update walks no module tree
+            self._ema_float = ([e for e in self._ema.values() if e.is_floating_point()],
+                               [live[k] for k, e in self._ema.items() if e.is_floating_point()])
+            self._ema_count = [(e, live[k]) for k, e in self._ema.items() if not e.is_floating_point()]
 
     def _new_acc(self) -> dict[str, Any]:
         """Running sums of the current epoch (saved in checkpoints so a resumed epoch sums the same)."""
@@ -407,16 +417,9 @@ class Trainer:
         if self._ema is None:
             return
         decay = min(self.cfg.ema, (1.0 + self.step) / (10.0 + self.step))
-        live = self.model.state_dict()
-        avg, new = [], []
-        for k, e in self._ema.items():
-            v = live[k]
-            if e.is_floating_point():
-                avg.append(e)
-                new.append(v)
-            else:  # BatchNorm's num_batches_tracked: the model's own count
-                e.copy_(v)
-        torch._foreach_lerp_(avg, new, 1.0 - decay)
+        torch._foreach_lerp_(*self._ema_float, 1.0 - decay)
+        for e, v in self._ema_count:  # BatchNorm's num_batches_tracked: the model's own count
+            e.copy_(v)
 
     @contextlib.contextmanager
     def _averaged(self):
