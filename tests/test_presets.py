@@ -82,8 +82,10 @@ def test_amp_auto_is_bf16_only_where_the_device_has_it(monkeypatch):
     assert PRESETS["gpu-paper"]["amp"] == "none"
     # the paper's loss schedule on the GPU presets; Dice+CE on the CPU one (module docstring)
     assert PRESETS["cpu-small"]["loss"] == "dice_ce" and PRESETS["gpu-paper"]["loss"] == "ce_then_focal"
-    # thick slices halved on the CPU preset (AH-Net predicts at half resolution); the paper's grids on a GPU
+    # spacing halved on the CPU preset (AH-Net predicts at half resolution), validated every 100 steps
+    # as that grid is larger; the paper's grids on a GPU
     assert PRESETS["cpu-small"]["spacing"] == "auto" and "spacing" not in PRESETS["gpu-paper"]
+    assert PRESETS["cpu-small"]["steps_per_epoch"] == 100
 
 
 @pytest.mark.parametrize("flags,line", [

@@ -25,7 +25,9 @@ from ahnet_fast.data.nifti import load_label, load_volume
 from ahnet_fast.data.spacing import (
     LAYOUT,
     _gaussian_blur,
+    AUTO_MAX_VOXELS,
     auto_training_spacing,
+    case_geometry,
     check_target_spacing,
     describe_preprocessing,
     plan_resampling,
@@ -258,9 +260,37 @@ def test_target_spacing_checked():
             check_target_spacing(bad)
 
 
-def test_auto_spacing_halves_thick_slices_only():
-    # AH-Net predicts at half resolution on every axis: thick slices are halved, never below in-plane
+def test_auto_spacing_halves_thick_slices_and_in_plane_within_the_voxel_cap():
+    # without fields of view only thick slices are halved, never below the in-plane spacing
     assert auto_training_spacing((1.0, 1.0, 4.0)) == (1.0, 1.0, 2.0)
     assert auto_training_spacing((0.8, 0.7, 5.0)) == (0.8, 0.7, 2.5)
     assert auto_training_spacing((1.0, 1.0, 1.95)) == (1.0, 1.0, 1.0)
     assert auto_training_spacing((1.0, 1.0, 1.5)) is None and auto_training_spacing((1.0, 1.0, 1.0)) is None
+    # with them, the in-plane spacing is halved too while the largest case stays within the cap:
+    # the 91 x 217 x 46 (x 1 x 1 x 4 mm) MNI task becomes 182 x 434 x 92 voxels (7.3 M)
+    mni = [(91.0, 217.0, 184.0)]
+    assert auto_training_spacing((1.0, 1.0, 4.0), mni) == (0.5, 0.5, 2.0)
+    assert auto_training_spacing((1.0, 1.0, 1.0), [(64.0, 64.0, 64.0)]) == (0.5, 0.5, 1.0)
+    # the largest case decides: a 300 x 300 x 200 mm case at 0.5 x 0.5 x 2 mm is 36 M voxels
+    assert auto_training_spacing((1.0, 1.0, 4.0), [*mni, (300.0, 300.0, 200.0)]) == (1.0, 1.0, 2.0)
+    # a 1 mm isotropic head (182 x 218 x 182) would be 28.9 M voxels halved in-plane: kept as it is
+    assert auto_training_spacing((1.0, 1.0, 1.0), [(182.0, 218.0, 182.0)]) is None
+    # exactly at the cap is allowed, one voxel over is not
+    assert AUTO_MAX_VOXELS == 256 * 256 * 256
+    assert auto_training_spacing((1.0, 1.0, 1.0), [(128.0, 128.0, 256.0)]) == (0.5, 0.5, 1.0)
+    assert auto_training_spacing((1.0, 1.0, 1.0), [(128.0, 128.0, 257.0)]) is None
+    assert auto_training_spacing((1.0, 1.0, 1.0), [(64.0, 64.0, 64.0)], max_voxels=128 * 128 * 64 - 1) is None
+
+
+def test_case_geometry_matches_the_loaded_volume(tmp_path):
+    # an LPS-like affine with the thick axis first: the header-only shape and spacing are the ones
+    # load_volume gives in network layout (coarsest axis last)
+    data = np.zeros((9, 20, 13), np.float32)
+    # stored axes: 0 = 9 slices of 5 mm (world z), 1 = 20 x 0.8 mm (world -x), 2 = 13 x 0.7 mm (world -y)
+    aff = np.array([[0.0, -0.8, 0.0, 10.0], [0.0, 0.0, -0.7, 5.0], [5.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+    path = tmp_path / "x.nii.gz"
+    nib.Nifti1Image(data, aff).to_filename(str(path))
+    vol = load_volume(path)
+    spacing, shape = case_geometry(path)
+    assert shape == vol.array.shape == (20, 13, 9)
+    assert spacing == pytest.approx(vol.spacing) and spacing == pytest.approx((0.8, 0.7, 5.0))

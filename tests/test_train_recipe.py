@@ -171,12 +171,15 @@ def test_cli_train_at_a_finer_spacing(mni, tmp_path, capsys):
     import nibabel as nib
 
     assert nib.load(str(seg)).shape == nib.load(str(img)).shape
-    # auto: 3 x 3 x 4 mm slices are not thick (under 2x the in-plane spacing): the cases' own grids
+    # auto: 3 x 3 x 4 mm slices are not thick (under 2x the in-plane spacing), so D is kept; these
+    # small cases stay far within the voxel cap, so the in-plane spacing is halved
     rc = main(["train", str(mni.parent), "--out", str(tmp_path / "auto"), "--stages", "2d", "--steps-2d", "1",
                "--spacing", "auto", *SMALL])
     text = capsys.readouterr().out
-    assert rc == 0 and "spacing: the cases' own (3 x 3 x 4 mm, median; --spacing auto resamples only thick" in text
+    assert rc == 0 and ("spacing: every case resampled to 1.5 x 1.5 x 4 mm (from 3 x 3 x 4 mm, median; --spacing "
+                        "auto: halved where the cases allow") in text, text
     assert json.loads((tmp_path / "auto" / "recipe.json").read_text())["spacing"] == "auto"
+    assert load_checkpoint(tmp_path / "auto" / "2d" / "best.pt")["preprocessing"]["spacing"] == [1.5, 1.5, 4.0]
     # a bad spacing: one line naming what is accepted
     rc = main(["train", str(mni.parent), "--out", str(tmp_path / "bad"), "--stages", "2d", "--spacing", "3", "0", "2",
                *SMALL])

@@ -200,7 +200,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "recorded in model.pt so `segment` resamples its inputs to it and the result back. AH-Net "
                         "predicts at half resolution on every axis: on thick slices (e.g. 1 x 1 x 4 mm) half the "
                         "slice spacing (1 1 2) gives it back the slice resolution, at twice the voxels. 'auto' does "
-                        "that where slices are 2x the in-plane spacing or more; 'native': the cases' own grids "
+                        "that where slices are 2x the in-plane spacing or more, and halves the in-plane spacing too "
+                        "while the largest case stays within 256^3 voxels (same cost per step, larger validation "
+                        "and `segment` grids); 'native': the cases' own grids "
                         "(default from --preset: auto under cpu-small, native under the GPU presets)")
     # defaults of None: with --resume, an option not given keeps the resumed run's value
     p.add_argument("--fg-ratio", type=float, default=None, help="share of patches centred on foreground (0.7)")

@@ -52,6 +52,7 @@ from torch import nn
 from ahnet_fast.data.dataset import Case, DatasetSpec, check_headers, load_case, read_dataset, require_labels
 from ahnet_fast.data.intensity import IntensityConfig
 from ahnet_fast.data.spacing import (
+    AUTO_MAX_VOXELS,
     check_target_spacing,
     describe_preprocessing,
     resample_case,
@@ -107,11 +108,12 @@ class RecipeConfig:
         intensity: normalisation (default: CT window for CT, percentiles otherwise).
         spacing: voxel size (mm along H, W, D, network layout) every case is resampled to for
             training and validation (:func:`ahnet_fast.data.spacing.resample_case`; recorded in the
-            checkpoint, so `segment` resamples its inputs to it), ``"auto"`` (thick slices resampled
-            to half their spacing: :func:`ahnet_fast.data.spacing.auto_training_spacing`), or None
-            to use each case on its own grid. AH-Net predicts at half the input resolution on
-            every axis, so on thick slices a finer D spacing than the scan's gives it back the
-            slice resolution.
+            checkpoint, so `segment` resamples its inputs to it), ``"auto"`` (thick slices and,
+            while the cases stay within :data:`~ahnet_fast.data.spacing.AUTO_MAX_VOXELS`, the
+            in-plane spacing resampled to half: :func:`ahnet_fast.data.spacing.auto_training_spacing`),
+            or None to use each case on its own grid. AH-Net predicts at half the input resolution
+            on every axis, so a grid twice as fine as the scan's gives its prediction the scan's
+            own resolution.
         model_config: AH-Net keyword arguments besides in/out channels
             (``layers``, ``psp_block_num``, ``upsample_mode``).
         model_2d: ``"mcfcn"`` (paper) or ``"fcn"``.
@@ -601,11 +603,12 @@ class _Recipe:
         if "spacing" in pre:
             fmt = " x ".join
             own = pre.get("resampled_from", pre["spacing"])
-            auto = ("; --spacing auto: thick slices resampled to half their spacing, as AH-Net predicts at half "
-                    "resolution" if c.spacing == "auto" else "")
+            auto = ("; --spacing auto: halved where the cases allow, as AH-Net predicts at half resolution"
+                    if c.spacing == "auto" else "")
             if self.spacing is None:
                 lines.append(f"spacing: the cases' own ({fmt(f'{v:g}' for v in own)} mm, median"
-                             + ("; --spacing auto resamples only thick slices)" if auto else
+                             + (f"; --spacing auto resamples only thick slices, and in-plane only while the "
+                                f"largest case stays within {AUTO_MAX_VOXELS:,} voxels)" if auto else
                                 "); --spacing H W D or auto to resample them"))
             else:
                 lines.append(f"spacing: every case resampled to {fmt(f'{v:g}' for v in self.spacing)} mm (from "
