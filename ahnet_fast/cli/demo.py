@@ -11,7 +11,7 @@
 
 On a CPU it uses the ``cpu-small`` preset (AH-Net with one residual block per
 layer, one PSP branch, trilinear upsampling, 64 x 64 x 32 patches) sized to
-finish in about ten minutes on two cores; on a GPU the paper's full
+finish in about five minutes on two cores; on a GPU the paper's full
 configuration with the fast AH-Net and bf16, its patches narrowed to the
 demo's volumes.
 
@@ -59,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "demo", help="build the MNI152 tissue task, run the whole recipe, report test Dice and stage times",
         description="End-to-end demo on nilearn's bundled MNI152 2009a template (nothing is downloaded): "
                     "anisotropic 1x1x4 mm volumes, 4 tissue classes, train on the posterior part, test on the "
-                    "anterior part at a different slice offset. Small configuration on a CPU (about 10 minutes "
+                    "anterior part at a different slice offset. Small configuration on a CPU (about 5 minutes "
                     "on 2 cores), the paper's on a GPU.")
     p.add_argument("--out", default=DEFAULT_OUT,
                    help=f"output folder (default ./{DEFAULT_OUT} in the current directory): data/, run/ (model.pt, "
