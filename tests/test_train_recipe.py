@@ -180,6 +180,14 @@ def test_cli_train_at_a_finer_spacing(mni, tmp_path, capsys):
                         "auto: halved where the cases allow") in text, text
     assert json.loads((tmp_path / "auto" / "recipe.json").read_text())["spacing"] == "auto"
     assert load_checkpoint(tmp_path / "auto" / "2d" / "best.pt")["preprocessing"]["spacing"] == [1.5, 1.5, 4.0]
+    # a later stage on another grid than the 2D weights it continues from: refused in one line that
+    # says how to continue on the earlier grid (auto is resolved anew at every start)
+    rc = main(["train", str(mni.parent), "--out", str(tmp_path / "auto"), "--stages", "transfer,decoder",
+               "--steps-decoder", "1", "--spacing", "3", "3", "2", *SMALL])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "starts from a model trained at 1.5 1.5 4 mm, but this run's --spacing 3 3 2 gives 3 3 2 mm" in err
+    assert "pass --spacing 1.5 1.5 4 to continue on that grid" in err and not (tmp_path / "auto" / "transfer").exists()
     # a bad spacing: one line naming what is accepted
     rc = main(["train", str(mni.parent), "--out", str(tmp_path / "bad"), "--stages", "2d", "--spacing", "3", "0", "2",
                *SMALL])

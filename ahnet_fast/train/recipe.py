@@ -345,6 +345,27 @@ class _Recipe:
         if saved is not None and json.dumps(saved, sort_keys=True) != json.dumps(now, sort_keys=True):
             raise ValueError(f"{init}: stage {stage} starts from a model built with {saved}, but this run asks for "
                              f"{now}; use the model options of that run, or rerun the earlier stages into a new --out")
+        self._check_spacing(init, ck, stage)
+
+    def _check_spacing(self, path: Path, ck: dict[str, Any], stage: str) -> None:
+        """A stage continues from weights trained on the same grid: ``--spacing auto`` is resolved
+        anew from the cases at every start, so a resumed run (or one rerun with other data or
+        another version) could otherwise switch grids between stages without a word."""
+        pre = ck.get("preprocessing")
+        saved = pre.get("spacing") if isinstance(pre, dict) else None
+        now = self.preprocessing.get("spacing")
+        if saved is None or now is None or "spacing" in self.overrides:
+            return
+        if "resampled_from" not in pre and "resampled_from" not in self.preprocessing:
+            return  # both on the cases' own grids: what those are is the data's business
+        if any(abs(float(a) - float(b)) > 1e-6 for a, b in zip(saved, now)):
+            fmt = lambda v: " ".join(f"{float(x):g}" for x in v)  # noqa: E731
+            given = self.cfg.spacing
+            asked = given if isinstance(given, str) else fmt(given) if given is not None else "native"
+            raise ValueError(f"{path}: stage {stage} starts from a model trained at {fmt(saved)} mm, but this run's "
+                             f"--spacing {asked} gives {fmt(now)} mm; pass --spacing {fmt(saved)} to continue on "
+                             "that grid, or rerun the earlier stages into a new --out (with --resume, --override "
+                             "spacing changes it on purpose)")
 
     def steps_per_epoch(self, steps: int) -> int:
         """A stage's epoch length: ``steps_per_epoch``, shorter when the stage is shorter; with a budget
@@ -431,6 +452,7 @@ class _Recipe:
         else:
             src = _best_or_last(self.out / "2d", "2d")
             ck = load_checkpoint(src)
+            self._check_spacing(src, ck, "transfer")
             mc = ck["model_config"]
             source = build_2d_model(mc["kind"], int(mc["in_slices"]), int(mc["out_channels"]))
             source.load_state_dict(ck["model"])
