@@ -36,7 +36,6 @@ __all__ = [
     "AUTO_MAX_VOXELS",
     "auto_training_spacing",
     "case_geometry",
-    "case_spacing",
     "check_target_spacing",
     "describe_preprocessing",
     "plan_resampling",
@@ -72,7 +71,9 @@ def _mm(values: Any) -> list[float]:
 
 
 def case_geometry(path: str | os.PathLike) -> tuple[tuple[float, float, float], tuple[int, int, int]]:
-    """Voxel spacing (mm) and shape of a NIfTI file in network layout, from its header alone."""
+    """Voxel spacing (mm) and shape of a NIfTI file in network layout, from its header alone (no
+    voxels read): what :func:`~ahnet_fast.data.nifti.load_volume` would give as ``spacing`` and
+    ``array.shape``."""
     import nibabel as nib
 
     from ahnet_fast.data.nifti import _layout
@@ -87,11 +88,6 @@ def case_geometry(path: str | os.PathLike) -> tuple[tuple[float, float, float], 
     for axis, (to, _flip) in enumerate(ornt):  # input axis -> its canonical axis
         canonical[int(to)] = shape[axis]
     return tuple(_mm(spacing)), tuple(canonical[a] for a in perm)  # type: ignore[return-value]
-
-
-def case_spacing(path: str | os.PathLike) -> tuple[float, float, float]:
-    """Voxel spacing of a NIfTI file in network layout, from its header alone (no voxels read)."""
-    return case_geometry(path)[0]
 
 
 def describe_preprocessing(spec: Any, intensity: Any, num_classes: int,
@@ -177,16 +173,14 @@ def auto_training_spacing(
         ``(h, w, d)`` in mm, or None when neither rule applies (the cases are kept on their own grids).
     """
     h, w, d = (float(v) for v in spacing)
-    inplane = max(h, w)
-    if d >= THICK_SLICE_FACTOR * inplane * (1 - MISMATCH_TOLERANCE):
-        d = max(d / 2, inplane)
-    target = [h, w, d]
+    thick = d >= THICK_SLICE_FACTOR * max(h, w) * (1 - MISMATCH_TOLERANCE)
+    target = (h, w, max(d / 2, h, w) if thick else d)
     if extents_mm:
-        halved = [h / 2, w / 2, d]
+        halved = (h / 2, w / 2, target[2])
         largest = max(math.prod(math.ceil(e / t - 1e-6) for e, t in zip(ext, halved)) for ext in extents_mm)
         if largest <= max_voxels:
             target = halved
-    if all(abs(t - o) <= 1e-9 for t, o in zip(target, (float(v) for v in spacing))):
+    if target == (h, w, d):
         return None
     return tuple(round(v, 6) for v in target)  # type: ignore[return-value]
 
