@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from ahnet_fast.data import (
     sample_patch,
 )
 from ahnet_fast.data.nifti import VolumeError
+from ahnet_fast.data.sampling import adjust_intensity
 
 AFF = np.diag([0.8, 0.8, 3.0, 1.0])
 
@@ -283,6 +285,54 @@ def test_flip_only_is_exact_mirroring():
         np.testing.assert_array_equal(l, (ref > 0.5).astype(np.uint8))
         flips_seen.add(info.flips)
     assert len(flips_seen) >= 3
+
+
+def test_intensity_augmentation_changes_the_image_only():
+    """Brightness/contrast/gamma touch the image patch alone: the label and the geometry are those of
+    the same draw without them, each factor stays within its range, and each is applied with about
+    intensity_prob."""
+    img = np.random.default_rng(0).normal(size=(30, 28, 6)).astype(np.float32)
+    lab = (img > 0.5).astype(np.uint8)
+    geo = AugmentConfig(rotation=15, scale=0.1, prob=0.5)
+    inten = AugmentConfig(rotation=15, scale=0.1, prob=0.5, brightness=0.25, contrast=0.2, gamma=0.5,
+                          intensity_prob=0.5)
+    applied = np.zeros(3)
+    n = 200
+    for k in range(n):
+        p0, l0, i0 = sample_patch(img, lab, (16, 16, 4), np.random.default_rng([7, k]), augment=geo)
+        p1, l1, i1 = sample_patch(img, lab, (16, 16, 4), np.random.default_rng([7, k]), augment=inten)
+        assert (i0.center, i0.z0, i0.angle, i0.scale, i0.flips) == (i1.center, i1.z0, i1.angle, i1.scale, i1.flips)
+        np.testing.assert_array_equal(l0, l1)
+        assert i0.intensity == (1.0, 1.0, 1.0) and p1.dtype == np.float32
+        b, c, g = i1.intensity
+        assert 0.75 <= b <= 1.25 and 0.8 <= c <= 1.2 and 1 / 1.5 <= g <= 1.5
+        applied += [b != 1.0, c != 1.0, g != 1.0]
+        np.testing.assert_allclose(p1, adjust_intensity(p0, i1.intensity), rtol=1e-6, atol=1e-6)
+    assert np.all(np.abs(applied / n - 0.5) < 0.12), applied
+
+
+def test_adjust_intensity_each_step():
+    x = np.random.default_rng(1).normal(2.0, 1.5, size=(12, 10, 3)).astype(np.float32)
+    assert adjust_intensity(x, (1.0, 1.0, 1.0)) is x
+    np.testing.assert_allclose(adjust_intensity(x, (1.2, 1.0, 1.0)), x * 1.2, rtol=1e-6)
+    c = adjust_intensity(x, (1.0, 1.5, 1.0))  # stretched about the mean, clipped to the old range
+    assert c.min() >= x.min() and c.max() <= x.max() and c.std() > x.std()
+    np.testing.assert_allclose(adjust_intensity(x, (1.0, 0.5, 1.0)), (x - x.mean()) * 0.5 + x.mean(), atol=1e-5)
+    g = adjust_intensity(x, (1.0, 1.0, 0.7))  # new shape, same first two moments
+    assert abs(g.mean() - x.mean()) < 1e-4 and abs(g.std() - x.std()) < 1e-4
+    assert np.abs(g - x).max() > 0.05
+    np.testing.assert_allclose(adjust_intensity(np.full((4, 4, 2), 3.0, np.float32), (1.0, 1.0, 1.4)), 3.0)
+    two = np.stack([x, 2 * x])  # channels on their own statistics
+    np.testing.assert_allclose(adjust_intensity(two, (1.0, 1.0, 0.7), chan=True)[1], 2 * g, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad, text", [({"brightness": 1.0}, "brightness must be in [0, 1)"),
+                                       ({"contrast": -0.1}, "contrast must be in [0, 1)"),
+                                       ({"gamma": 5}, "gamma must be in [0, 4]"),
+                                       ({"intensity_prob": 1.5}, "intensity_prob must be in [0, 1]")])
+def test_intensity_augmentation_bad_settings(bad, text):
+    with pytest.raises(ValueError, match=re.escape(text)):
+        AugmentConfig(**bad)
 
 
 # ----------------------------------------------------------------------------- loaders

@@ -130,10 +130,37 @@ def test_augmentation_strength_on_the_command_line(tmp_path, capsys):
     assert "[run] augmentation: mirroring H, W (also at test time in `segment`)" in capsys.readouterr().out
     assert main([*args, "--overwrite", "--aug-rotation", "200"]) == 2
     err = capsys.readouterr().err
-    assert "--aug-rotation/--aug-scale: rotation must be in [0, 180] degrees, got 200" in err
+    assert "--aug-rotation: rotation must be in [0, 180] degrees, got 200" in err
     assert "Traceback" not in err
     assert main([*args, "--overwrite", "--aug-scale", "0.1", "--no-augment"]) == 2
     assert "--no-augment turns off" in capsys.readouterr().err
+    # intensity augmentation: recorded, described, checked
+    assert main([*args, "--overwrite", "--aug-brightness", "0.2", "--aug-gamma", "0.5",
+                 "--aug-intensity-prob", "0.4"]) == 0
+    aug = json.loads((out / "recipe.json").read_text())["augment"]
+    assert (aug["brightness"], aug["contrast"], aug["gamma"], aug["intensity_prob"]) == (0.2, 0.0, 0.5, 0.4)
+    assert "intensity brightness 1+-0.2, gamma 1/1.5..1.5 (each with probability 0.4)" in capsys.readouterr().out
+    assert main([*args, "--overwrite", "--aug-contrast", "1.5"]) == 2
+    err = capsys.readouterr().err
+    assert "--aug-contrast: contrast must be in [0, 1)" in err and "Traceback" not in err
+
+
+def test_resume_of_a_run_recorded_before_intensity_augmentation(tmp_path):
+    """recipe.json written before the intensity settings existed resumes: the missing settings are
+    their defaults (off), not a changed setting."""
+    from ahnet_fast.data.mni import build_mni_dataset
+
+    js = build_mni_dataset(tmp_path / "data", inplane_step=3)
+    out = tmp_path / "run"
+    args = ["train", str(js), "--out", str(out), "--stages", "2d", "--steps-2d", "1", "--patch-2d", "32,32",
+            "--batch-2d", "2", "--device", "cpu", "--no-progress", "--no-estimate", "--threads", "2"]
+    assert main(args) == 0
+    rec = json.loads((out / "recipe.json").read_text())
+    for k in ("brightness", "contrast", "gamma", "intensity_prob"):
+        del rec["augment"][k]
+    (out / "recipe.json").write_text(json.dumps(rec))
+    assert main([*args, "--resume"]) == 0
+    assert main([*args, "--resume", "--aug-gamma", "0.3"]) == 2  # a real change is still refused
 
 
 def test_weight_average_on_the_command_line(tmp_path, capsys):

@@ -208,13 +208,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fg-ratio", type=float, default=None, help="share of patches centred on foreground (0.7)")
     p.add_argument("--class-balanced", action="store_true", default=None,
                    help="draw the foreground class uniformly first")
-    p.add_argument("--no-augment", action="store_true", default=None, help="no rotation/scaling/mirroring")
+    p.add_argument("--no-augment", action="store_true", default=None,
+                   help="no augmentation at all (rotation, scaling, mirroring, intensity)")
     p.add_argument("--aug-rotation", type=float, default=None, metavar="DEG",
                    help="in-plane rotation augmentation: largest |angle| in degrees, 0 to 180 (paper and presets: 20; "
                         "0: none)")
     p.add_argument("--aug-scale", type=float, default=None, metavar="FRAC",
                    help="in-plane scaling augmentation: largest |factor - 1|, 0 to <1 (paper and presets: 0.2; 0: none). "
                         "With --aug-rotation 0 --aug-scale 0 only mirroring is left (no interpolation of the patches)")
+    p.add_argument("--aug-brightness", type=float, default=None, metavar="FRAC",
+                   help="intensity augmentation: multiply the image patch by a factor within 1 +- FRAC, 0 to <1 "
+                        "(0: none)")
+    p.add_argument("--aug-contrast", type=float, default=None, metavar="FRAC",
+                   help="intensity augmentation: scale the patch about its mean by a factor within 1 +- FRAC, clipped "
+                        "to its range, 0 to <1 (0: none)")
+    p.add_argument("--aug-gamma", type=float, default=None, metavar="G",
+                   help="intensity augmentation: gamma between 1/(1+G) and 1+G on the patch rescaled to [0, 1], mean "
+                        "and std kept, 0 to 4 (0: none)")
+    p.add_argument("--aug-intensity-prob", type=float, default=None, metavar="P",
+                   help="probability of each intensity change per patch, 0 to 1 (default 0.3)")
     p.add_argument("--init-2d", help="transfer from this 2D state-dict file (FCN/MCFCN/torchvision ResNet50) "
                                      "instead of stage 2d's output")
     add_training_arguments(p)
@@ -412,15 +424,18 @@ def _run_one(args: argparse.Namespace, ctx) -> int:
                 setattr(cfg, field_, value)
         if args.no_augment is not None:
             cfg.augment = AugmentConfig(enabled=not args.no_augment)
-        strength = {k: v for k, v in (("rotation", args.aug_rotation), ("scale", args.aug_scale)) if v is not None}
+        strength = {k: v for k, v in (("rotation", args.aug_rotation), ("scale", args.aug_scale),
+                                      ("brightness", args.aug_brightness), ("contrast", args.aug_contrast),
+                                      ("gamma", args.aug_gamma), ("intensity_prob", args.aug_intensity_prob))
+                    if v is not None}
         if strength:
+            given = ", ".join("--aug-" + k.replace("_", "-") for k in strength)
             if args.no_augment:
-                raise ValueError("--aug-rotation/--aug-scale set augmentation that --no-augment turns off; give one "
-                                 "or the other")
+                raise ValueError(f"{given} set augmentation that --no-augment turns off; give one or the other")
             try:
                 cfg.augment = dataclasses.replace(cfg.augment, **strength)
             except ValueError as exc:
-                raise ValueError(f"--aug-rotation/--aug-scale: {exc}") from None
+                raise ValueError(f"{given}: {exc}") from None
         apply_training_arguments(cfg, args)
         if ctx is not None:  # a rank that cannot see a file stops every rank now, with its error
             D.agree(lambda: _preflight(cfg))

@@ -14,7 +14,14 @@ One call of :func:`sample_patch` draws one training patch from a volume:
    ``[1 - scale, 1 + scale]`` (factor > 1 zooms in), and mirroring of each
    in-plane axis with probability 1/2. Image and label go through the same
    coordinate map; the image is interpolated linearly, the label with nearest
-   neighbour, so they stay aligned voxel for voxel.
+   neighbour, so they stay aligned voxel for voxel. Optionally (off by
+   default, nnU-Net style) the image patch alone then goes through intensity
+   changes, each with probability ``intensity_prob``: brightness (a
+   multiplicative factor), contrast (scaled about the patch mean, clipped to the
+   patch's own range) and gamma (on the patch rescaled to [0, 1], then mean and
+   standard deviation restored): the usual remedy when scans differ in contrast
+   (measured on the single-subject MNI task it does not help: see
+   bench/results/unet_budget.md, "Intensity augmentation").
 3. **Outside the volume** (rotated corners, a patch larger than the volume):
    image voxels take ``pad_value`` (the volume minimum by default), labels 0.
    A patch larger than the volume along an axis is therefore padded, with a
@@ -35,12 +42,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["AugmentConfig", "PatchInfo", "ForegroundIndex", "sample_patch", "check_patch_size"]
+__all__ = ["AugmentConfig", "PatchInfo", "ForegroundIndex", "adjust_intensity", "sample_patch", "check_patch_size"]
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """In-plane augmentation (paper defaults).
+    """Patch augmentation: in-plane geometry (paper defaults) and, optionally, intensity.
 
     Attributes:
         rotation: max |angle| in degrees (rotation about the D axis).
@@ -48,6 +55,13 @@ class AugmentConfig:
         flip_axes: in-plane axes (0 = H, 1 = W) each mirrored with probability 1/2.
         prob: probability that the rotation/scaling is applied to a patch
             (flips are drawn independently).
+        brightness: max |factor - 1| of a multiplicative intensity factor; 0: none.
+        contrast: max |factor - 1| of a contrast change about the patch mean (the
+            result is clipped to the patch's range before it); 0: none.
+        gamma: gamma drawn log-uniformly in ``[1 / (1 + gamma), 1 + gamma]`` and
+            applied to the patch rescaled to [0, 1] (mean and std restored); 0: none.
+        intensity_prob: probability of each of brightness, contrast and gamma,
+            drawn independently per patch.
         enabled: False turns all augmentation off (validation, tests).
     """
 
@@ -55,6 +69,10 @@ class AugmentConfig:
     scale: float = 0.2
     flip_axes: tuple[int, ...] = (0, 1)
     prob: float = 0.5
+    brightness: float = 0.0
+    contrast: float = 0.0
+    gamma: float = 0.0
+    intensity_prob: float = 0.3
     enabled: bool = True
 
     def __post_init__(self) -> None:
@@ -66,6 +84,18 @@ class AugmentConfig:
             raise ValueError(f"flip_axes may only hold the in-plane axes 0 and 1, got {self.flip_axes}")
         if not 0 <= self.prob <= 1:
             raise ValueError(f"prob must be in [0, 1], got {self.prob}")
+        for name in ("brightness", "contrast"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1) (largest |factor - 1|), got {getattr(self, name)}")
+        if not 0 <= self.gamma <= 4:
+            raise ValueError(f"gamma must be in [0, 4] (gammas from 1/(1+g) to 1+g), got {self.gamma}")
+        if not 0 <= self.intensity_prob <= 1:
+            raise ValueError(f"intensity_prob must be in [0, 1], got {self.intensity_prob}")
+
+    @property
+    def intensity(self) -> bool:
+        """Whether patches go through intensity changes at all."""
+        return self.enabled and self.intensity_prob > 0 and bool(self.brightness or self.contrast or self.gamma)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -83,6 +113,8 @@ class PatchInfo:
     scale: float
     flips: tuple[bool, bool]
     foreground: bool  # centred on a foreground voxel
+    # intensity changes applied (1.0 each: none): brightness factor, contrast factor, gamma
+    intensity: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
     def matrix(self) -> np.ndarray:
         """The 2x2 map ``M`` from output offsets to source offsets (module docstring)."""
@@ -245,7 +277,16 @@ def sample_patch(
             scale = 1.0 + (2 * u[2] - 1) * augment.scale
         f = rng.random(2)
         flips = (bool(0 in augment.flip_axes and f[0] < 0.5), bool(1 in augment.flip_axes and f[1] < 0.5))
-    info = PatchInfo((float(center[0]), float(center[1])), int(z0), float(angle), float(scale), flips, foreground)
+    intensity = (1.0, 1.0, 1.0)
+    if augment is not None and augment.intensity:
+        # drawn after the geometry (and only when on), so runs without it draw exactly as before
+        coin, val = rng.random(3), rng.random(3)
+        p = augment.intensity_prob
+        intensity = (1.0 + (2 * val[0] - 1) * augment.brightness if coin[0] < p else 1.0,
+                     1.0 + (2 * val[1] - 1) * augment.contrast if coin[1] < p else 1.0,
+                     math.exp((2 * val[2] - 1) * math.log1p(augment.gamma)) if coin[2] < p else 1.0)
+    info = PatchInfo((float(center[0]), float(center[1])), int(z0), float(angle), float(scale), flips, foreground,
+                     tuple(float(v) for v in intensity))
 
     zlo, zhi = int(z0), int(z0) + ps[2]
     identity = angle == 0.0 and scale == 1.0
@@ -259,7 +300,7 @@ def sample_patch(
             if flips[a]:
                 img = np.flip(img, axis=a + 1 if chan else a)
                 lab = None if lab is None else np.flip(lab, axis=a)
-        img = np.ascontiguousarray(img, dtype=np.float32)
+        img = adjust_intensity(np.ascontiguousarray(img, dtype=np.float32), info.intensity, chan)
         lab = None if lab is None else np.ascontiguousarray(lab, dtype=np.uint8)
         return img, lab, info
 
@@ -288,7 +329,41 @@ def sample_patch(
     if label is not None:
         lsub = _crop_padded(label, lo, hi, 0)
         lab = map_coordinates(lsub, coords, order=0, mode="constant", cval=0).astype(np.uint8)
-    return np.ascontiguousarray(img, dtype=np.float32), lab, info
+    return adjust_intensity(np.ascontiguousarray(img, dtype=np.float32), info.intensity, chan), lab, info
+
+
+def adjust_intensity(patch: np.ndarray, factors: tuple[float, float, float], chan: bool = False) -> np.ndarray:
+    """Brightness, contrast and gamma (:attr:`PatchInfo.intensity`) applied to one image patch.
+
+    Args:
+        patch: ``(h, w, d)`` or, with ``chan``, ``(C, h, w, d)`` float32; each channel is
+            changed on its own statistics.
+        factors: ``(brightness, contrast, gamma)``; 1.0 leaves that step out.
+
+    Returns:
+        The patch (the same array when every factor is 1.0), float32.
+    """
+    brightness, contrast, gamma = factors
+    if brightness == 1.0 and contrast == 1.0 and gamma == 1.0:
+        return patch
+    if chan:
+        return np.stack([adjust_intensity(c, factors) for c in patch])
+    x = patch.astype(np.float64)
+    if brightness != 1.0:
+        x = x * brightness
+    if contrast != 1.0:
+        # about the mean, then back inside the patch's own range (no new extremes)
+        lo, hi, mean = x.min(), x.max(), x.mean()
+        x = np.clip((x - mean) * contrast + mean, lo, hi)
+    if gamma != 1.0:
+        lo, hi = x.min(), x.max()
+        if hi > lo:
+            mean, std = x.mean(), x.std()
+            x = ((x - lo) / (hi - lo)) ** gamma * (hi - lo) + lo
+            new_std = x.std()
+            # keep the first two moments: the model sees the shape of the change, not a shift
+            x = (x - x.mean()) * (std / new_std if new_std > 0 else 1.0) + mean
+    return x.astype(np.float32)
 
 
 def _crop_chan(image: np.ndarray, lo, hi, cval: float, chan: bool) -> np.ndarray:

@@ -810,6 +810,11 @@ def _describe_augment(a: AugmentConfig) -> str:
         parts.append(f"in-plane {geo} (probability {a.prob:g}, --aug-rotation/--aug-scale)")
     if a.flip_axes:
         parts.append("mirroring " + ", ".join("HW"[i] for i in a.flip_axes) + " (also at test time in `segment`)")
+    if a.intensity:
+        kinds = ", ".join(t for t in (f"brightness 1+-{a.brightness:g}" if a.brightness else "",
+                                      f"contrast 1+-{a.contrast:g}" if a.contrast else "",
+                                      f"gamma 1/{1 + a.gamma:g}..{1 + a.gamma:g}" if a.gamma else "") if t)
+        parts.append(f"intensity {kinds} (each with probability {a.intensity_prob:g})")
     return "; ".join(parts) or "none"
 
 
@@ -901,6 +906,9 @@ def _check_resume_settings(out: Path, cfg: RecipeConfig, overrides: set[str]) ->
     if not saved:
         return {}
     now = _recipe_record(cfg)
+    if isinstance(saved.get("augment"), dict):
+        # a run recorded before a setting existed ran with that setting's default (off)
+        saved = {**saved, "augment": {**AugmentConfig().to_dict(), **saved["augment"]}}
     fields = [*_COMMON_RECIPE_FIELDS, *(f for st in cfg.stages for f in _STAGE_RECIPE_FIELDS[st])]
     changed = {f: [saved.get(f), now.get(f)] for f in dict.fromkeys(fields)
                if f in saved and saved.get(f) != now.get(f)}
