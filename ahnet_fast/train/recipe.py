@@ -906,9 +906,6 @@ def _check_resume_settings(out: Path, cfg: RecipeConfig, overrides: set[str]) ->
     if not saved:
         return {}
     now = _recipe_record(cfg)
-    if isinstance(saved.get("augment"), dict):
-        # a run recorded before a setting existed ran with that setting's default (off)
-        saved = {**saved, "augment": {**AugmentConfig().to_dict(), **saved["augment"]}}
     fields = [*_COMMON_RECIPE_FIELDS, *(f for st in cfg.stages for f in _STAGE_RECIPE_FIELDS[st])]
     changed = {f: [saved.get(f), now.get(f)] for f in dict.fromkeys(fields)
                if f in saved and saved.get(f) != now.get(f)}
@@ -1018,7 +1015,13 @@ def _read_saved_record(out: Path) -> dict[str, Any]:
         rec = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ValueError(f"{path}: cannot read the settings of the run to resume ({exc})") from exc
-    return rec if isinstance(rec, dict) else {}
+    if not isinstance(rec, dict):
+        return {}
+    if isinstance(rec.get("augment"), dict):
+        # a run recorded before an augmentation setting existed ran with its default (off): read so,
+        # an earlier run's record compares equal to the same settings written now
+        rec["augment"] = {**AugmentConfig().to_dict(), **rec["augment"]}
+    return rec
 
 
 #: seconds kept at the end of a time budget for the transfer stage, model.pt, summary.json and progress.png
