@@ -181,3 +181,23 @@ def test_weight_average_on_the_command_line(tmp_path, capsys):
     assert main([*args, "--overwrite", "--ema", "1"]) == 2
     err = capsys.readouterr().err
     assert "--ema 1.0: the weight average's decay must be in [0, 1)" in err and "Traceback" not in err
+
+
+def test_class_balanced_sampling_can_be_turned_off(tmp_path, capsys):
+    """cpu-small draws each foreground class equally often; --no-class-balanced draws foreground voxels
+    by volume (recorded in recipe.json, named in the start-up summary), and the help names both defaults."""
+    from ahnet_fast.data.mni import build_mni_dataset
+
+    assert describe_default("class_balanced") == "cpu-small: True, gpu-paper: False, gpu-12gb: False"
+    js = build_mni_dataset(tmp_path / "data", inplane_step=3)
+    out = tmp_path / "run"
+    args = ["train", str(js), "--out", str(out), "--stages", "2d", "--steps-2d", "1", "--patch-2d", "32,32",
+            "--batch-2d", "2", "--device", "cpu", "--no-progress", "--no-estimate", "--threads", "2"]
+    assert main(args) == 0
+    assert json.loads((out / "recipe.json").read_text())["class_balanced"] is True
+    assert ("[run] patches: 70% centred on a foreground voxel (each class equally often, then a voxel of it; "
+            "--no-class-balanced: classes by volume), 30% anywhere (--fg-ratio)") in capsys.readouterr().out
+    assert main([*args, "--overwrite", "--no-class-balanced", "--fg-ratio", "0.5"]) == 0
+    rec = json.loads((out / "recipe.json").read_text())
+    assert rec["class_balanced"] is False and rec["fg_ratio"] == 0.5
+    assert "[run] patches: 50% centred on a foreground voxel (classes by volume" in capsys.readouterr().out

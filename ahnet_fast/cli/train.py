@@ -206,8 +206,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(default from --preset: auto under cpu-small, native under the GPU presets)")
     # defaults of None: with --resume, an option not given keeps the resumed run's value
     p.add_argument("--fg-ratio", type=float, default=None, help="share of patches centred on foreground (0.7)")
-    p.add_argument("--class-balanced", action="store_true", default=None,
-                   help="draw the foreground class uniformly first")
+    p.add_argument("--class-balanced", action=argparse.BooleanOptionalAction, default=None,
+                   help="draw the foreground class uniformly first, then a voxel of it; --no-class-balanced: "
+                        "a foreground voxel uniformly, so classes in proportion to their volume "
+                        "(" + _preset_default("class_balanced") + ")")
     p.add_argument("--no-augment", action="store_true", default=None,
                    help="no augmentation at all (rotation, scaling, mirroring, intensity)")
     p.add_argument("--aug-rotation", type=float, default=None, metavar="DEG",

@@ -95,7 +95,10 @@ def preset_values(name: str) -> dict[str, Any]:
 
 
 def describe_default(field: str, fmt: Any = None) -> str:
-    """``"cpu-small: 60, gpu-paper: 4000, gpu-12gb: 4000"``: a field's value under every preset (help texts)."""
+    """``"cpu-small: 60, gpu-paper: 4000, gpu-12gb: 4000"``: a field's value under every preset (help texts).
+
+    A preset that leaves the field out shows RecipeConfig's default, which is what it runs with.
+    """
     def show(v: Any) -> str:
         if fmt is not None:
             return fmt(v)
@@ -103,7 +106,14 @@ def describe_default(field: str, fmt: Any = None) -> str:
             return ",".join(str(x) for x in v)
         return str(v)
 
-    return ", ".join(f"{n}: {show(p[field])}" for n, p in PRESETS.items() if field in p)
+    # a preset that does not set the field runs with RecipeConfig's default (imported here: recipe imports this module)
+    import dataclasses
+
+    from ahnet_fast.train.recipe import RecipeConfig
+
+    base = {f.name: f.default for f in dataclasses.fields(RecipeConfig) if f.default is not dataclasses.MISSING}
+    return ", ".join(f"{n}: {show(p[field] if field in p else base[field])}"
+                     for n, p in PRESETS.items() if field in p or field in base)
 
 
 def _cpu_flags() -> set[str]:

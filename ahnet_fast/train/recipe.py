@@ -617,6 +617,10 @@ class _Recipe:
         lines.append(f"data: {self.spec.source}: {n_tr} training case(s); {val}")
         lines.append(f"intensity: {self.intensity.to_dict()}" + ("" if c.intensity else
                      f" (default for modality {self.spec.modality or 'unknown'})"))
+        fg = f"{c.fg_ratio:.0%} centred on a foreground voxel"
+        fg += (" (each class equally often, then a voxel of it; --no-class-balanced: classes by volume)"
+               if c.class_balanced else " (classes by volume; --class-balanced: each class equally often)")
+        lines.append(f"patches: {fg}, {1 - c.fg_ratio:.0%} anywhere (--fg-ratio)")
         lines.append("augmentation: " + _describe_augment(c.augment))
         if c.ema:
             lines.append(f"weights: an exponential moving average (decay {c.ema:g}, --ema) is validated and saved in "
