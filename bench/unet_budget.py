@@ -28,6 +28,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -135,16 +136,20 @@ def run_ahnet(data: Path, out: Path, budget_s: float, threads: int, extra: Seque
     return [{"method": method, "seconds": seconds, "steps": steps, **row} for row in rows]
 
 
-def run_unet(data: Path, budget_s: float, threads: int, seed: int = 0) -> dict[str, Any]:
-    """The small MONAI UNet, trained for ``budget_s`` seconds of wall time (module docstring)."""
+def run_unet(data: Path, budget_s: float, threads: int, seed: int = 0,
+             intensity_stats: str = "case") -> list[dict[str, Any]]:
+    """The small MONAI UNet, trained for ``budget_s`` seconds of wall time (module docstring), its
+    images normalised as AH-Net's are: the modality's default, with ``intensity_stats`` as
+    ``train --intensity-stats`` (``"training"``: the training cases' pooled percentiles for every case)."""
     import torch
     from monai.inferers import sliding_window_inference
     from monai.losses import DiceCELoss
     from monai.networks.nets import UNet
 
     from ahnet_fast.data.dataset import load_case, read_dataset
-    from ahnet_fast.data.intensity import IntensityConfig
+    from ahnet_fast.data.intensity import IntensityConfig, training_window
     from ahnet_fast.data.loader import PatchDataset, make_loader
+    from ahnet_fast.data.nifti import load_volume
     from ahnet_fast.data.sampling import AugmentConfig
 
     torch.set_num_threads(threads)
@@ -154,6 +159,9 @@ def run_unet(data: Path, budget_s: float, threads: int, seed: int = 0) -> dict[s
     if k is None:
         raise SystemExit(f"{data}: declare \"labels\" in dataset.json")
     intensity = IntensityConfig.for_modality(spec.modality)
+    if intensity_stats != "case":
+        intensity = training_window([load_volume(r.image).array for r in spec.training],
+                                    dataclasses.replace(intensity, stats=intensity_stats))
     t0 = time.time()
     train = [load_case(r, k, intensity) for r in spec.training]
     patch = (64, 64, 16)
@@ -190,7 +198,9 @@ def run_unet(data: Path, budget_s: float, threads: int, seed: int = 0) -> dict[s
                     logits = logits + (y.flip(d) if d else y)
                 counts.append(_dice(logits.argmax(1)[0].numpy(), case.label, k))
         dice = [float(np.nanmean([c[i] for c in counts])) for i in range(k)]
-        rows.append({"method": "MONAI UNet 16-32-64, DiceCE, 64x64x16 patches", "seconds": seconds,
+        method = "MONAI UNet 16-32-64, DiceCE, 64x64x16 patches" + (
+            f", intensity stats {intensity_stats}" if intensity_stats != "case" else "")
+        rows.append({"method": method, "seconds": seconds,
                      "steps": {"train": steps}, "inference": "64x64x16 windows, mirroring "
                      + ("H,W" if len(flips) > 1 else "none"), "dice": dice, "mean_fg_dice": _mean_fg(dice)})
     return rows
@@ -221,6 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--ahnet-args", default="", help="extra `ahnet-fast train` options, e.g. '--preset cpu-small'")
     p.add_argument("--score-only", action="store_true",
                    help="AH-Net: score the model.pt of an earlier run in --out instead of training")
+    p.add_argument("--intensity-stats", choices=("case", "training"), default="case",
+                   help="both methods: each case scaled by its own percentiles (default), or by the training "
+                        "cases' pooled ones (AH-Net: `train --intensity-stats training`)")
     args = p.parse_args(argv)
     budget = parse_duration(args.budget)
     out = Path(args.out)
@@ -230,12 +243,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     names = spec.class_names or [str(i) for i in range(spec.num_classes or 0)]
     results = []
     if args.which in ("both", "ahnet"):
-        results += run_ahnet(data, out, budget, args.threads, args.ahnet_args.split(), train=not args.score_only)
+        extra = args.ahnet_args.split()
+        if args.intensity_stats != "case" and "--intensity-stats" not in extra:
+            extra += ["--intensity-stats", args.intensity_stats]
+        results += run_ahnet(data, out, budget, args.threads, extra, train=not args.score_only)
     if args.which in ("both", "unet"):
-        results += run_unet(data, budget, args.threads)
+        results += run_unet(data, budget, args.threads, intensity_stats=args.intensity_stats)
     import torch
 
     record = {"budget_s": budget, "threads": args.threads, "data": str(data), "split": args.split,
+              "intensity_stats": args.intensity_stats,
               "class_names": names, "machine": platform.processor() or platform.machine(),
               "cpu_count": os.cpu_count(), "torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                             time.gmtime()),

@@ -124,3 +124,53 @@ def test_foreground_mask_rule_and_edge_cases():
     assert IntensityConfig.from_dict(cfg.to_dict()) == cfg
     _, st = normalise_with_stats(x, IntensityConfig(mode="ct"))
     assert describe_stats(st) == "intensity: CT window [-125, 225] HU -> [0, 1]"
+
+
+def test_training_window_pools_the_training_foreground():
+    """stats="training": one fixed window from the training images' pooled foreground percentiles; with
+    one image it is that image's own percentile scaling, and every other image is scaled by it."""
+    from ahnet_fast.data.intensity import IntensityConfig, normalise, normalise_with_stats, training_window
+
+    rng = np.random.default_rng(0)
+    a = np.zeros((20, 20, 8), np.float32)
+    a[4:16, 4:16] = rng.uniform(50, 150, (12, 12, 8))
+    b = np.zeros((20, 20, 8), np.float32)
+    b[2:18, 2:18] = rng.uniform(80, 300, (16, 16, 8))
+    req = IntensityConfig(mode="percentile", percentiles=(1.0, 99.0), stats="training")
+    one = training_window([a], req)
+    assert one.mode == "window" and one.stats == "case" and one.percentiles == (1.0, 99.0)
+    np.testing.assert_allclose(normalise(a, one), normalise(a, IntensityConfig(mode="percentile",
+                                                                               percentiles=(1.0, 99.0))))
+    both = training_window([a, b], req)
+    fg = np.concatenate([a[a > 0], b[b > 0]])
+    np.testing.assert_allclose(both.window, np.percentile(fg, [1.0, 99.0]), rtol=1e-6)
+    y, st = normalise_with_stats(b, both)
+    lo, hi = both.window
+    np.testing.assert_allclose(y, np.clip((b - lo) / (hi - lo), 0, 1), atol=1e-6)
+    assert st == {"mode": "window", "lo": lo, "hi": hi}
+    assert "fixed window" in describe_stats(st)
+    # per-case requests pass through; recorded windows survive a round trip; old records are per-case
+    per_case = IntensityConfig(mode="percentile")
+    assert training_window([a], per_case) is per_case
+    assert IntensityConfig.from_dict(both.to_dict()) == both
+    assert IntensityConfig.from_dict({"mode": "percentile"}).stats == "case"
+
+
+def test_training_window_refuses_what_it_cannot_do():
+    from ahnet_fast.data.intensity import IntensityConfig, normalise, training_window
+
+    with pytest.raises(ValueError, match="applies to percentile scaling only, not to mode 'ct'"):
+        IntensityConfig(mode="ct", stats="training")
+    with pytest.raises(ValueError, match="intensity stats must be one of"):
+        IntensityConfig(mode="percentile", stats="dataset")
+    req = IntensityConfig(mode="percentile", stats="training")
+    with pytest.raises(ValueError, match="must be resolved into a fixed window first"):
+        normalise(np.ones((4, 4, 4), np.float32), req)
+    with pytest.raises(ValueError, match="needs at least one training image"):
+        training_window([], req)
+    flat = np.zeros((8, 8, 4), np.float32)
+    flat[2:6, 2:6] = 7.0
+    with pytest.raises(ValueError, match="no intensity range to scale"):
+        training_window([flat], req)
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        training_window([np.full((4, 4, 4), np.nan, np.float32)], req)

@@ -201,3 +201,38 @@ def test_class_balanced_sampling_can_be_turned_off(tmp_path, capsys):
     rec = json.loads((out / "recipe.json").read_text())
     assert rec["class_balanced"] is False and rec["fg_ratio"] == 0.5
     assert "[run] patches: 50% centred on a foreground voxel (classes by volume" in capsys.readouterr().out
+
+
+def test_intensity_stats_from_the_training_cases(tmp_path, capsys):
+    """--intensity-stats training: the request is recorded in recipe.json, the fixed window it resolves to
+    (the training case's percentiles) in the checkpoints for `segment`; the start-up summary says so; a
+    CT window with it is a one-line error; a run recorded before the option resumes as per-case."""
+    from ahnet_fast.data.intensity import IntensityConfig, normalise_with_stats
+    from ahnet_fast.data.mni import build_mni_dataset
+    from ahnet_fast.data.nifti import load_volume
+    from ahnet_fast.train.checkpoint import load_checkpoint
+
+    js = build_mni_dataset(tmp_path / "data", inplane_step=3)
+    out = tmp_path / "run"
+    args = ["train", str(js), "--out", str(out), "--stages", "2d", "--steps-2d", "1", "--patch-2d", "32,32",
+            "--batch-2d", "2", "--device", "cpu", "--no-progress", "--no-estimate", "--threads", "2"]
+    assert main([*args, "--intensity-stats", "training"]) == 0
+    assert json.loads((out / "recipe.json").read_text())["intensity"]["stats"] == "training"
+    saved = load_checkpoint(out / "2d" / "last.pt")["preprocessing"]["intensity"]
+    train_image = json.loads(js.read_text())["training"][0]["image"]
+    own = normalise_with_stats(load_volume(js.parent / train_image).array, IntensityConfig(mode="percentile"))[1]
+    assert saved["mode"] == "window" and saved["window"] == pytest.approx([own["lo"], own["hi"]])
+    text = capsys.readouterr().out
+    assert "--intensity-stats training: percentiles 0.5-99.5 of the 1 training case(s)' foreground" in text
+    assert main([*args, "--overwrite", "--intensity", "ct", "--intensity-stats", "training"]) == 2
+    err = capsys.readouterr().err
+    assert "intensity stats 'training' applies to percentile scaling only" in err and "Traceback" not in err
+    # per-case (the default) is said in the summary; a record without "stats" resumes as per-case
+    args += ["--percentiles", "1", "99"]
+    assert main([*args, "--overwrite"]) == 0
+    assert "each case scaled by its own percentiles; --intensity-stats training" in capsys.readouterr().out
+    rec = json.loads((out / "recipe.json").read_text())
+    assert rec["intensity"]["percentiles"] == [1, 99] and rec["intensity"].pop("stats") == "case"
+    (out / "recipe.json").write_text(json.dumps(rec))
+    assert main([*args, "--resume"]) == 0
+    assert main([*args, "--resume", "--intensity-stats", "training"]) == 2  # a real change is still refused

@@ -195,6 +195,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="HU window for --intensity ct (default -125 225, the paper's)")
     p.add_argument("--percentiles", type=float, nargs=2, metavar=("LO", "HI"), default=None,
                    help="percentiles for --intensity percentile (default 0.5 99.5)")
+    p.add_argument("--intensity-stats", choices=["case", "training"], default=None,
+                   help="for --intensity percentile: 'case' scales each image by its own percentiles (default); "
+                        "'training' by the training cases' pooled percentiles, one fixed window for every case, "
+                        "recorded in model.pt for `segment` (for one subject or one scanner protocol, where the "
+                        "per-case percentiles of a partial view shift with what it holds)")
     p.add_argument("--spacing", nargs="+", metavar="H W D|auto|native", default=None,
                    help="resample every case to this voxel size in mm (in-plane, in-plane, slice axis) for training; "
                         "recorded in model.pt so `segment` resamples its inputs to it and the result back. AH-Net "
@@ -385,6 +390,7 @@ def _run_one(args: argparse.Namespace, ctx) -> int:
     def go() -> int:
         import dataclasses
 
+        from ahnet_fast.data.dataset import read_dataset
         from ahnet_fast.data.intensity import IntensityConfig
         from ahnet_fast.data.sampling import AugmentConfig
         from ahnet_fast.train.presets import preset_values
@@ -410,13 +416,15 @@ def _run_one(args: argparse.Namespace, ctx) -> int:
                 log_line(f"[run] preset {name} ({why})")
         # replace() runs the checks of RecipeConfig again (stages put in recipe order)
         cfg = dataclasses.replace(base, stages=_stages(args.stages))
-        if args.intensity is not None:
-            cfg.intensity = IntensityConfig(args.intensity, tuple(args.ct_window or (-125.0, 225.0)),
-                                            tuple(args.percentiles or (0.5, 99.5)))
-        elif (args.ct_window or args.percentiles) and cfg.intensity is not None:
-            cfg.intensity = IntensityConfig(cfg.intensity.mode, tuple(args.ct_window or cfg.intensity.window),
-                                            tuple(args.percentiles or cfg.intensity.percentiles),
-                                            cfg.intensity.nonzero)
+        if args.intensity is not None or args.ct_window or args.percentiles or args.intensity_stats:
+            # the options given change the mode named (or the run's, or the modality's default) field by field
+            if args.intensity is not None:
+                was = IntensityConfig(args.intensity)
+            else:
+                was = cfg.intensity or IntensityConfig.for_modality(read_dataset(args.data).modality)
+            cfg.intensity = IntensityConfig(was.mode, tuple(args.ct_window or was.window),
+                                            tuple(args.percentiles or was.percentiles), was.nonzero,
+                                            was.fg_threshold, args.intensity_stats or was.stats)
         if args.spacing is not None:
             cfg.spacing = _spacing(args.spacing)
         for field_, value in (("num_classes", args.num_classes), ("fg_ratio", args.fg_ratio),

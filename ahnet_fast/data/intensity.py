@@ -13,6 +13,14 @@ Both map the useful intensity range to [0, 1] (float32):
   1% of the image's robust range). So the same scan stored as float32 with a
   background of tiny non-zero values (0 .. 0.001 after resampling) and as int16
   with a scale slope (background exactly 0) gets the same statistics.
+* ``"window"``: clip to a fixed ``[lo, hi]`` in the image's own units and scale
+  linearly, the same for every case. Training writes it for ``percentile`` with
+  ``stats="training"``: the percentiles of the training cases' foreground, pooled
+  (:func:`training_window`), then applied unchanged to every case it trains,
+  validates and segments. Per-case percentiles depend on what the image holds
+  (a crop with less of the darkest tissue gets a higher ``lo``, and every tissue
+  in it maps lower); one subject or one scanner protocol has consistent
+  intensities, and a window from the training data keeps them consistent.
 * ``"none"``: leave values as they are (must already be finite).
 """
 from __future__ import annotations
@@ -25,9 +33,10 @@ import numpy as np
 from ahnet_fast.data.errors import DataError
 
 __all__ = ["IntensityConfig", "normalise", "normalise_with_stats", "ct_window", "percentile_normalise",
-           "foreground_mask", "describe_stats"]
+           "foreground_mask", "describe_stats", "training_window"]
 
-_MODES = ("ct", "percentile", "none")
+_MODES = ("ct", "percentile", "window", "none")
+_STATS = ("case", "training")
 
 
 @dataclass(frozen=True)
@@ -35,12 +44,15 @@ class IntensityConfig:
     """How to normalise intensities (see module docstring).
 
     Attributes:
-        mode: ``"ct"``, ``"percentile"`` or ``"none"``.
-        window: ``(lo, hi)`` for ``"ct"``, lo < hi.
+        mode: ``"ct"``, ``"percentile"``, ``"window"`` or ``"none"``.
+        window: ``(lo, hi)`` for ``"ct"`` (HU) and ``"window"`` (the image's units), lo < hi.
         percentiles: ``(lower, upper)`` in [0, 100] for ``"percentile"``, lower < upper.
         nonzero: percentiles over the foreground mask only (:func:`foreground_mask`).
         fg_threshold: the mask's threshold as a fraction of the image's robust range
             (``min`` to the 99.9th percentile), in [0, 0.5).
+        stats: for ``"percentile"``: ``"case"``, each image's own percentiles, or
+            ``"training"``, the training cases' pooled percentiles as a fixed window
+            (resolved by :func:`training_window` into mode ``"window"`` before use).
     """
 
     mode: str = "ct"
@@ -48,6 +60,7 @@ class IntensityConfig:
     percentiles: tuple[float, float] = (0.5, 99.5)
     nonzero: bool = True
     fg_threshold: float = 0.01
+    stats: str = "case"
 
     def __post_init__(self) -> None:
         if self.mode not in _MODES:
@@ -60,6 +73,10 @@ class IntensityConfig:
             raise ValueError(f"percentiles must satisfy 0 <= lower < upper <= 100, got {self.percentiles}")
         if not 0 <= self.fg_threshold < 0.5:
             raise ValueError(f"fg_threshold must be in [0, 0.5), got {self.fg_threshold}")
+        if self.stats not in _STATS:
+            raise ValueError(f"intensity stats must be one of {_STATS}, got {self.stats!r}")
+        if self.stats == "training" and self.mode != "percentile":
+            raise ValueError(f"intensity stats 'training' applies to percentile scaling only, not to mode {self.mode!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -75,6 +92,7 @@ class IntensityConfig:
             percentiles=tuple(d.get("percentiles", (0.5, 99.5))),  # type: ignore[arg-type]
             nonzero=bool(d.get("nonzero", True)),
             fg_threshold=float(d.get("fg_threshold", 0.01)),
+            stats=str(d.get("stats", "case")),  # records written before the setting: per-case statistics
         )
 
     @classmethod
@@ -161,7 +179,13 @@ def normalise_with_stats(
     if cfg.mode == "ct":
         lo, hi = cfg.window
         return ct_window(x, lo, hi), {"mode": "ct", "lo": float(lo), "hi": float(hi)}
+    if cfg.mode == "window":
+        lo, hi = cfg.window
+        return _scale(x, lo, hi), {"mode": "window", "lo": float(lo), "hi": float(hi)}
     if cfg.mode == "percentile":
+        if cfg.stats != "case":
+            raise ValueError("intensity stats 'training' must be resolved into a fixed window first "
+                             "(ahnet_fast.data.intensity.training_window)")
         st = _percentile_stats(x, *cfg.percentiles, nonzero=cfg.nonzero, fg_threshold=cfg.fg_threshold)
         return _scale(x, st["lo"], st["hi"]), st
     return x, {"mode": "none", "lo": float(x.min()), "hi": float(x.max())}
@@ -172,6 +196,8 @@ def describe_stats(stats: dict[str, Any]) -> str:
     mode = stats.get("mode")
     if mode == "ct":
         return f"intensity: CT window [{stats['lo']:g}, {stats['hi']:g}] HU -> [0, 1]"
+    if mode == "window":
+        return f"intensity: fixed window [{stats['lo']:.6g}, {stats['hi']:.6g}] -> [0, 1]"
     if mode == "percentile":
         plo, phi = stats["percentiles"]
         line = (f"intensity: percentiles {plo:g}-{phi:g} of {stats['mask']}: [{stats['lo']:.6g}, {stats['hi']:.6g}] "
@@ -183,3 +209,37 @@ def describe_stats(stats: dict[str, Any]) -> str:
 def normalise(x: np.ndarray, cfg: IntensityConfig, where: str | None = None) -> np.ndarray:
     """Apply ``cfg`` to image ``x``; refuses NaN/Inf (naming ``where``)."""
     return normalise_with_stats(x, cfg, where)[0]
+
+
+#: foreground voxels per image that :func:`training_window` pools at most (an even subsample beyond)
+_POOL_PER_IMAGE = 2_000_000
+
+
+def training_window(images: "list[np.ndarray]", cfg: IntensityConfig) -> IntensityConfig:
+    """Resolve ``cfg`` (percentile, ``stats="training"``) into a fixed window: the percentiles of the
+    training images' foreground voxels pooled (each image's own :func:`foreground_mask`; at most
+    ``_POOL_PER_IMAGE`` evenly spaced voxels of each, so a large image does not cost its size in
+    memory). Returns ``IntensityConfig(mode="window", window=(lo, hi), ...)``; ``cfg`` itself when it
+    asks for per-case statistics.
+
+    Raises ``ValueError`` when there is no image or the pooled range is empty (a constant foreground).
+    """
+    if cfg.mode != "percentile" or cfg.stats != "training":
+        return cfg
+    if not images:
+        raise ValueError("intensity stats 'training' needs at least one training image")
+    pooled = []
+    for x in images:
+        x = np.asarray(x, dtype=np.float32)
+        if not np.all(np.isfinite(x)):
+            raise ValueError(f"a training image holds {int((~np.isfinite(x)).sum())} NaN/Inf voxels")
+        vals = foreground_mask(x, cfg.fg_threshold)[0] if cfg.nonzero else np.ones(x.shape, dtype=bool)
+        v = x[vals] if vals.any() else x.ravel()
+        step = max(1, -(-v.size // _POOL_PER_IMAGE))
+        pooled.append(v[::step])
+    lo, hi = (float(t) for t in np.percentile(np.concatenate(pooled), list(cfg.percentiles)))
+    if not hi > lo:
+        raise ValueError(f"the training images' percentiles {cfg.percentiles[0]:g} and {cfg.percentiles[1]:g} "
+                         f"are equal ({lo:g}): no intensity range to scale; use --intensity none or per-case statistics")
+    return IntensityConfig(mode="window", window=(lo, hi), percentiles=cfg.percentiles, nonzero=cfg.nonzero,
+                           fg_threshold=cfg.fg_threshold)

@@ -50,7 +50,8 @@ import torch
 from torch import nn
 
 from ahnet_fast.data.dataset import Case, DatasetSpec, check_headers, load_case, read_dataset, require_labels
-from ahnet_fast.data.intensity import IntensityConfig
+from ahnet_fast.data.intensity import IntensityConfig, training_window
+from ahnet_fast.data.nifti import load_volume
 from ahnet_fast.data.spacing import (
     AUTO_MAX_VOXELS,
     check_target_spacing,
@@ -298,6 +299,11 @@ class _Recipe:
             raise ValueError(f"need at least 2 classes (background + 1), got {k}")
         self.k = int(k)
         self.intensity = cfg.intensity or IntensityConfig.for_modality(self.spec.modality)
+        if self.intensity.stats == "training":
+            # one fixed window from the training images, recorded in model.pt: every case (training,
+            # validation, `segment`'s inputs) is scaled the same way (ahnet_fast.data.intensity)
+            self.intensity = training_window([load_volume(r.image).array for r in self.spec.training],
+                                             self.intensity)
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {cfg.device}: CUDA is not available on this machine; use --device cpu "
@@ -615,8 +621,16 @@ class _Recipe:
             val = ("no validation cases: best.pt and model.pt are chosen on the Dice of the training batches "
                    "(optimistic; says nothing about unseen data; add a \"validation\" list to dataset.json)")
         lines.append(f"data: {self.spec.source}: {n_tr} training case(s); {val}")
-        lines.append(f"intensity: {self.intensity.to_dict()}" + ("" if c.intensity else
-                     f" (default for modality {self.spec.modality or 'unknown'})"))
+        note = "" if c.intensity else f" (default for modality {self.spec.modality or 'unknown'})"
+        if self.intensity.mode == "window" and c.intensity is not None and c.intensity.stats == "training":
+            lo, hi = self.intensity.window
+            plo, phi = self.intensity.percentiles
+            note = (f" (--intensity-stats training: percentiles {plo:g}-{phi:g} of the {len(self.spec.training)} "
+                    f"training case(s)' foreground, pooled: [{lo:.6g}, {hi:.6g}] -> [0, 1] for every case, "
+                    "recorded in model.pt for `segment`)")
+        elif self.intensity.mode == "percentile":
+            note += " (each case scaled by its own percentiles; --intensity-stats training for one fixed window)"
+        lines.append(f"intensity: {self.intensity.to_dict()}{note}")
         fg = f"{c.fg_ratio:.0%} centred on a foreground voxel"
         fg += (" (each class equally often, then a voxel of it; --no-class-balanced: classes by volume)"
                if c.class_balanced else " (classes by volume; --class-balanced: each class equally often)")
@@ -1025,6 +1039,9 @@ def _read_saved_record(out: Path) -> dict[str, Any]:
         # a run recorded before an augmentation setting existed ran with its default (off): read so,
         # an earlier run's record compares equal to the same settings written now
         rec["augment"] = {**AugmentConfig().to_dict(), **rec["augment"]}
+    if isinstance(rec.get("intensity"), dict):
+        # likewise a run recorded before --intensity-stats scaled each case by its own statistics
+        rec["intensity"] = {"stats": "case", **rec["intensity"]}
     return rec
 
 
