@@ -621,16 +621,16 @@ class _Recipe:
             val = ("no validation cases: best.pt and model.pt are chosen on the Dice of the training batches "
                    "(optimistic; says nothing about unseen data; add a \"validation\" list to dataset.json)")
         lines.append(f"data: {self.spec.source}: {n_tr} training case(s); {val}")
-        note = "" if c.intensity else f" (default for modality {self.spec.modality or 'unknown'})"
+        notes = [] if c.intensity else [f"default for modality {self.spec.modality or 'unknown'}"]
         if self.intensity.mode == "window" and c.intensity is not None and c.intensity.stats == "training":
             lo, hi = self.intensity.window
             plo, phi = self.intensity.percentiles
-            note = (f" (--intensity-stats training: percentiles {plo:g}-{phi:g} of the {len(self.spec.training)} "
-                    f"training case(s)' foreground, pooled: [{lo:.6g}, {hi:.6g}] -> [0, 1] for every case, "
-                    "recorded in model.pt for `segment`)")
+            notes.append(f"--intensity-stats training: percentiles {plo:g}-{phi:g} of the {len(self.spec.training)} "
+                         f"training case(s)' foreground, pooled: [{lo:.6g}, {hi:.6g}] -> [0, 1] for every case, "
+                         "recorded in model.pt for `segment`")
         elif self.intensity.mode == "percentile":
-            note += " (each case scaled by its own percentiles; --intensity-stats training for one fixed window)"
-        lines.append(f"intensity: {self.intensity.to_dict()}{note}")
+            notes.append("each case scaled by its own percentiles; --intensity-stats training for one fixed window")
+        lines.append(f"intensity: {self.intensity.to_dict()}" + (f" ({'; '.join(notes)})" if notes else ""))
         fg = f"{c.fg_ratio:.0%} centred on a foreground voxel"
         fg += (" (each class equally often, then a voxel of it; --no-class-balanced: classes by volume)"
                if c.class_balanced else " (classes by volume; --class-balanced: each class equally often)")
