@@ -146,10 +146,9 @@ def run_unet(data: Path, budget_s: float, threads: int, seed: int = 0,
     from monai.losses import DiceCELoss
     from monai.networks.nets import UNet
 
-    from ahnet_fast.data.dataset import load_case, read_dataset
-    from ahnet_fast.data.intensity import IntensityConfig, training_window
+    from ahnet_fast.data.dataset import load_case, read_dataset, training_intensity
+    from ahnet_fast.data.intensity import IntensityConfig
     from ahnet_fast.data.loader import PatchDataset, make_loader
-    from ahnet_fast.data.nifti import load_volume
     from ahnet_fast.data.sampling import AugmentConfig
 
     torch.set_num_threads(threads)
@@ -158,10 +157,8 @@ def run_unet(data: Path, budget_s: float, threads: int, seed: int = 0,
     k = spec.num_classes
     if k is None:
         raise SystemExit(f"{data}: declare \"labels\" in dataset.json")
-    intensity = IntensityConfig.for_modality(spec.modality)
-    if intensity_stats != "case":
-        intensity = training_window([load_volume(r.image).array for r in spec.training],
-                                    dataclasses.replace(intensity, stats=intensity_stats))
+    intensity = training_intensity(spec, dataclasses.replace(IntensityConfig.for_modality(spec.modality),
+                                                             stats=intensity_stats))
     t0 = time.time()
     train = [load_case(r, k, intensity) for r in spec.training]
     patch = (64, 64, 16)

@@ -39,10 +39,11 @@ from typing import Any
 import numpy as np
 
 from ahnet_fast.data.errors import DataError
-from ahnet_fast.data.intensity import IntensityConfig, normalise_with_stats
+from ahnet_fast.data.intensity import IntensityConfig, normalise_with_stats, training_window
 from ahnet_fast.data.nifti import is_nifti_path, load_label, load_volume
 
-__all__ = ["CaseRef", "DatasetSpec", "Case", "read_dataset", "load_case", "check_headers", "require_labels"]
+__all__ = ["CaseRef", "DatasetSpec", "Case", "read_dataset", "load_case", "check_headers", "require_labels",
+           "training_intensity"]
 
 
 @dataclass(frozen=True)
@@ -397,3 +398,12 @@ def load_case(ref: CaseRef, num_classes: int | None, intensity: IntensityConfig)
     image, stats = normalise_with_stats(vol.array, intensity, where=ref.image)
     vol.array = np.empty((0, 0, 0), np.float32)  # keep the header/transform, drop the voxels
     return Case(image, label, tuple(vol.spacing), ref.name, ref.image, ref.label, vol, stats)
+
+
+def training_intensity(spec: DatasetSpec, cfg: IntensityConfig) -> IntensityConfig:
+    """``cfg`` ready for :func:`load_case`: percentile scaling with ``stats="training"`` becomes the
+    fixed window of ``spec``'s training images (:func:`~ahnet_fast.data.intensity.training_window`;
+    they are read for it); any other setting is returned as it is."""
+    if cfg.mode != "percentile" or cfg.stats != "training":
+        return cfg
+    return training_window([load_volume(r.image).array for r in spec.training], cfg)

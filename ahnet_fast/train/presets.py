@@ -55,7 +55,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "patch_2d": (224, 224), "batch_2d": 8, "steps_2d": 4000,
         "patch_3d": (192, 192, 32), "batch_3d": 2, "steps_decoder": 4000, "steps_finetune": 8000,
         "steps_per_epoch": 200, "lr_2d": 5e-4, "lr_3d": 1e-3, "lr_schedule": "constant",
-        "num_workers": 4, "amp": "none", "loss": "ce_then_focal",
+        "num_workers": 4, "amp": "none", "loss": "ce_then_focal", "class_balanced": False,
     },
     "gpu-12gb": {
         "model_config": {"layers": (3, 4, 6, 3), "psp_block_num": 4, "upsample_mode": "transpose"},
@@ -63,7 +63,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "patch_2d": (224, 224), "batch_2d": 8, "steps_2d": 4000,
         "patch_3d": (192, 192, 32), "batch_3d": 2, "steps_decoder": 4000, "steps_finetune": 8000,
         "steps_per_epoch": 200, "lr_2d": 5e-4, "lr_3d": 1e-3, "lr_schedule": "constant",
-        "num_workers": 4, "amp": "bf16", "max_memory": 11.0, "loss": "ce_then_focal",
+        "num_workers": 4, "amp": "bf16", "max_memory": 11.0, "loss": "ce_then_focal", "class_balanced": False,
     },
 }
 
@@ -95,10 +95,7 @@ def preset_values(name: str) -> dict[str, Any]:
 
 
 def describe_default(field: str, fmt: Any = None) -> str:
-    """``"cpu-small: 60, gpu-paper: 4000, gpu-12gb: 4000"``: a field's value under every preset (help texts).
-
-    A preset that leaves the field out shows RecipeConfig's default, which is what it runs with.
-    """
+    """``"cpu-small: 60, gpu-paper: 4000, gpu-12gb: 4000"``: a field's value under every preset (help texts)."""
     def show(v: Any) -> str:
         if fmt is not None:
             return fmt(v)
@@ -106,14 +103,7 @@ def describe_default(field: str, fmt: Any = None) -> str:
             return ",".join(str(x) for x in v)
         return str(v)
 
-    # a preset that does not set the field runs with RecipeConfig's default (imported here: recipe imports this module)
-    import dataclasses
-
-    from ahnet_fast.train.recipe import RecipeConfig
-
-    base = {f.name: f.default for f in dataclasses.fields(RecipeConfig) if f.default is not dataclasses.MISSING}
-    return ", ".join(f"{n}: {show(p[field] if field in p else base[field])}"
-                     for n, p in PRESETS.items() if field in p or field in base)
+    return ", ".join(f"{n}: {show(p[field])}" for n, p in PRESETS.items() if field in p)
 
 
 def _cpu_flags() -> set[str]:

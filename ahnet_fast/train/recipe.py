@@ -49,9 +49,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ahnet_fast.data.dataset import Case, DatasetSpec, check_headers, load_case, read_dataset, require_labels
-from ahnet_fast.data.intensity import IntensityConfig, training_window
-from ahnet_fast.data.nifti import load_volume
+from ahnet_fast.data.dataset import (
+    Case, DatasetSpec, check_headers, load_case, read_dataset, require_labels, training_intensity,
+)
+from ahnet_fast.data.intensity import IntensityConfig
 from ahnet_fast.data.spacing import (
     AUTO_MAX_VOXELS,
     check_target_spacing,
@@ -298,12 +299,9 @@ class _Recipe:
         if k < 2:
             raise ValueError(f"need at least 2 classes (background + 1), got {k}")
         self.k = int(k)
-        self.intensity = cfg.intensity or IntensityConfig.for_modality(self.spec.modality)
-        if self.intensity.stats == "training":
-            # one fixed window from the training images, recorded in model.pt: every case (training,
-            # validation, `segment`'s inputs) is scaled the same way (ahnet_fast.data.intensity)
-            self.intensity = training_window([load_volume(r.image).array for r in self.spec.training],
-                                             self.intensity)
+        # --intensity-stats training: one fixed window, recorded in model.pt, so every case (training,
+        # validation, `segment`'s inputs) is scaled the same way (ahnet_fast.data.intensity)
+        self.intensity = training_intensity(self.spec, cfg.intensity or IntensityConfig.for_modality(self.spec.modality))
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {cfg.device}: CUDA is not available on this machine; use --device cpu "
