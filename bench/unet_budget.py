@@ -137,10 +137,11 @@ def run_ahnet(data: Path, out: Path, budget_s: float, threads: int, extra: Seque
 
 
 def run_unet(data: Path, budget_s: float, threads: int, seed: int = 0,
-             intensity_stats: str = "case") -> list[dict[str, Any]]:
+             intensity_stats: str = "case", intensity_mode: str | None = None) -> list[dict[str, Any]]:
     """The small MONAI UNet, trained for ``budget_s`` seconds of wall time (module docstring), its
-    images normalised as AH-Net's are: the modality's default, with ``intensity_stats`` as
-    ``train --intensity-stats`` (``"training"``: the training cases' pooled percentiles for every case)."""
+    images normalised as AH-Net's are: ``intensity_mode`` as ``train --intensity`` (None: the modality's
+    default), with ``intensity_stats`` as ``train --intensity-stats`` (``"training"``: the training cases'
+    pooled percentiles for every case)."""
     import torch
     from monai.inferers import sliding_window_inference
     from monai.losses import DiceCELoss
@@ -157,8 +158,8 @@ def run_unet(data: Path, budget_s: float, threads: int, seed: int = 0,
     k = spec.num_classes
     if k is None:
         raise SystemExit(f"{data}: declare \"labels\" in dataset.json")
-    intensity = training_intensity(spec, dataclasses.replace(IntensityConfig.for_modality(spec.modality),
-                                                             stats=intensity_stats))
+    base = IntensityConfig(intensity_mode) if intensity_mode else IntensityConfig.for_modality(spec.modality)
+    intensity = training_intensity(spec, dataclasses.replace(base, stats=intensity_stats))
     t0 = time.time()
     train = [load_case(r, k, intensity) for r in spec.training]
     patch = (64, 64, 16)
@@ -196,6 +197,7 @@ def run_unet(data: Path, budget_s: float, threads: int, seed: int = 0,
                 counts.append(_dice(logits.argmax(1)[0].numpy(), case.label, k))
         dice = [float(np.nanmean([c[i] for c in counts])) for i in range(k)]
         method = "MONAI UNet 16-32-64, DiceCE, 64x64x16 patches" + (
+            f", intensity {intensity_mode}" if intensity_mode else "") + (
             f", intensity stats {intensity_stats}" if intensity_stats != "case" else "")
         rows.append({"method": method, "seconds": seconds,
                      "steps": {"train": steps}, "inference": "64x64x16 windows, mirroring "
@@ -231,6 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--intensity-stats", choices=("case", "training"), default="case",
                    help="both methods: each case scaled by its own percentiles (default), or by the training "
                         "cases' pooled ones (AH-Net: `train --intensity-stats training`)")
+    p.add_argument("--intensity", choices=("percentile", "zscore"), default=None,
+                   help="both methods: this normalisation instead of the modality's default "
+                        "(AH-Net: `train --intensity`)")
     args = p.parse_args(argv)
     budget = parse_duration(args.budget)
     out = Path(args.out)
@@ -243,13 +248,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra = args.ahnet_args.split()
         if args.intensity_stats != "case" and "--intensity-stats" not in extra:
             extra += ["--intensity-stats", args.intensity_stats]
+        if args.intensity and "--intensity" not in extra:
+            extra += ["--intensity", args.intensity]
         results += run_ahnet(data, out, budget, args.threads, extra, train=not args.score_only)
     if args.which in ("both", "unet"):
-        results += run_unet(data, budget, args.threads, intensity_stats=args.intensity_stats)
+        results += run_unet(data, budget, args.threads, intensity_stats=args.intensity_stats,
+                            intensity_mode=args.intensity)
     import torch
 
     record = {"budget_s": budget, "threads": args.threads, "data": str(data), "split": args.split,
-              "intensity_stats": args.intensity_stats,
+              "intensity_stats": args.intensity_stats, "intensity": args.intensity,
               "class_names": names, "machine": platform.processor() or platform.machine(),
               "cpu_count": os.cpu_count(), "torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                             time.gmtime()),

@@ -71,6 +71,10 @@ def test_float32_and_int16_with_slope_give_the_same_labels(pair, tmp_path):
     assert abs(sa["foreground_fraction"] - sb["foreground_fraction"]) < 1e-3
     assert float(np.abs(na - nb).max()) < 2e-3
 
+    # the z-score's foreground statistics come from the same mask: equal too
+    za, zb = normalise(a, IntensityConfig(mode="zscore")), normalise(b, IntensityConfig(mode="zscore"))
+    assert float(np.abs(za - zb).max()) < 2e-3
+
     # the old rule (every voxel above the minimum) is what made them differ
     old = IntensityConfig(mode="percentile", fg_threshold=0.0)
     assert float(np.abs(normalise(a, old) - normalise(b, old)).max()) > 0.005
@@ -126,6 +130,49 @@ def test_foreground_mask_rule_and_edge_cases():
     assert describe_stats(st) == "intensity: CT window [-125, 225] HU -> [0, 1]"
 
 
+def test_zscore_of_the_foreground():
+    """mode "zscore": (x - mean) / sd over the foreground mask, clipped at +-3 sd and mapped to [0, 1]; the
+    same for any gain and offset of the scan; background and padding stay at 0."""
+    from ahnet_fast.data.intensity import ZSCORE_CLIP
+
+    rng = np.random.default_rng(0)
+    x = np.zeros((30, 30, 12), np.float32)
+    x[5:25, 5:25] = rng.normal(150.0, 30.0, (20, 20, 12)).clip(20, None)
+    x[6, 6, 6] = 5000.0  # one bright outlier: clipped at +3 sd
+    cfg = IntensityConfig(mode="zscore")
+    y, st = normalise_with_stats(x, cfg)
+    fg = foreground_mask(x)[0]
+    w = np.clip(x[fg], *np.percentile(x[fg], [0.5, 99.5]))  # the outlier does not set the spread
+    m, sd = float(w.mean(dtype=np.float64)), float(w.std(dtype=np.float64))
+    assert sd < 40
+    assert st["mean"] == pytest.approx(m) and st["std"] == pytest.approx(sd)
+    assert (st["lo"], st["hi"]) == pytest.approx((m - ZSCORE_CLIP * sd, m + ZSCORE_CLIP * sd))
+    np.testing.assert_allclose(y, np.clip((x - m) / (2 * ZSCORE_CLIP * sd) + 0.5, 0, 1), atol=1e-6)
+    assert y.dtype == np.float32 and y[0, 0, 0] == 0.0 and y[6, 6, 6] == pytest.approx(1.0)
+    assert 0.4 < float(np.median(y[fg])) < 0.6
+    # gain and offset (another scanner setting, another storage scale) change nothing
+    np.testing.assert_allclose(normalise(2.5 * x + 40.0, cfg), y, atol=1e-5)
+    # statistics over every voxel when asked; a constant image maps to zeros
+    every = np.clip(x, *np.percentile(x, [0.5, 99.5]))
+    assert normalise_with_stats(x, IntensityConfig(mode="zscore", nonzero=False))[1]["mean"] == pytest.approx(
+        float(every.mean(dtype=np.float64)))
+    assert np.all(normalise(np.full((4, 4, 4), 7.0), cfg) == 0)
+    line = describe_stats(st)
+    assert line.startswith("intensity: z-score of voxels > ") and "(+-3 sd) -> [0, 1]" in line
+    assert IntensityConfig.from_dict(cfg.to_dict()) == cfg
+    # stats="training": the training foreground's pooled mean and sd as one fixed window; with one image
+    # that image's own z-score
+    from ahnet_fast.data.intensity import training_window
+
+    one = training_window([x], IntensityConfig(mode="zscore", stats="training"))
+    assert one.mode == "window" and one.window == pytest.approx((st["lo"], st["hi"]))
+    np.testing.assert_allclose(normalise(x, one), y, atol=1e-6)
+    flat = np.zeros((8, 8, 4), np.float32)
+    flat[2:6, 2:6] = 7.0
+    with pytest.raises(ValueError, match="foreground is constant"):
+        training_window([flat], IntensityConfig(mode="zscore", stats="training"))
+
+
 def test_training_window_pools_the_training_foreground():
     """stats="training": one fixed window from the training images' pooled foreground percentiles; with
     one image it is that image's own percentile scaling, and every other image is scaled by it."""
@@ -159,7 +206,7 @@ def test_training_window_pools_the_training_foreground():
 def test_training_window_refuses_what_it_cannot_do():
     from ahnet_fast.data.intensity import IntensityConfig, normalise, training_window
 
-    with pytest.raises(ValueError, match="applies to percentile scaling only, not to mode 'ct'"):
+    with pytest.raises(ValueError, match="applies to percentile and zscore scaling only, not to mode 'ct'"):
         IntensityConfig(mode="ct", stats="training")
     with pytest.raises(ValueError, match="intensity stats must be one of"):
         IntensityConfig(mode="percentile", stats="dataset")

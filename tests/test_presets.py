@@ -226,7 +226,7 @@ def test_intensity_stats_from_the_training_cases(tmp_path, capsys):
     assert "--intensity-stats training: percentiles 0.5-99.5 of the 1 training case(s)' foreground" in text
     assert main([*args, "--overwrite", "--intensity", "ct", "--intensity-stats", "training"]) == 2
     err = capsys.readouterr().err
-    assert "intensity stats 'training' applies to percentile scaling only" in err and "Traceback" not in err
+    assert "intensity stats 'training' applies to percentile and zscore scaling only" in err and "Traceback" not in err
     # per-case (the default) is said in the summary; a record without "stats" resumes as per-case
     args += ["--percentiles", "1", "99"]
     assert main([*args, "--overwrite"]) == 0
@@ -236,3 +236,27 @@ def test_intensity_stats_from_the_training_cases(tmp_path, capsys):
     (out / "recipe.json").write_text(json.dumps(rec))
     assert main([*args, "--resume"]) == 0
     assert main([*args, "--resume", "--intensity-stats", "training"]) == 2  # a real change is still refused
+
+
+def test_zscore_intensity_is_recorded_and_used(tmp_path, capsys):
+    """--intensity zscore: recorded in recipe.json and in the checkpoints, so `segment` applies it; the
+    summary says how cases are scaled; options only another mode reads are refused in one line."""
+    from ahnet_fast.data.mni import build_mni_dataset
+    from ahnet_fast.infer.segment import intensity_from_meta
+    from ahnet_fast.train.checkpoint import load_checkpoint
+
+    js = build_mni_dataset(tmp_path / "data", inplane_step=3)
+    out = tmp_path / "run"
+    args = ["train", str(js), "--out", str(out), "--stages", "2d", "--steps-2d", "1", "--patch-2d", "32,32",
+            "--batch-2d", "2", "--device", "cpu", "--no-progress", "--no-estimate", "--threads", "2"]
+    assert main([*args, "--intensity", "zscore"]) == 0
+    assert json.loads((out / "recipe.json").read_text())["intensity"]["mode"] == "zscore"
+    ck = load_checkpoint(out / "2d" / "last.pt")
+    assert intensity_from_meta(ck, None).mode == "zscore"
+    assert "each case scaled by its own foreground mean and standard deviation" in capsys.readouterr().out
+    assert main([*args, "--overwrite", "--intensity", "zscore", "--ct-window", "-100", "200"]) == 2
+    err = capsys.readouterr().err
+    assert "--ct-window applies to --intensity ct, and this run normalises with 'zscore'" in err
+    assert "Traceback" not in err
+    assert main([*args, "--overwrite", "--intensity", "ct", "--percentiles", "1", "99"]) == 2
+    assert "--percentiles applies to --intensity percentile or --intensity zscore" in capsys.readouterr().err

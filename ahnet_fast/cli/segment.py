@@ -61,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cascade-factor", type=int, default=2)
     p.add_argument("--split", default="test", choices=("test", "validation", "training"),
                    help="which list of a dataset.json to segment (default test)")
-    p.add_argument("--intensity", choices=("ct", "percentile", "none"), default=None,
+    p.add_argument("--intensity", choices=("ct", "percentile", "zscore", "none"), default=None,
                    help="override the checkpoint's intensity normalisation")
     p.add_argument("--ct-window", type=float, nargs=2, metavar=("LO", "HI"), default=None,
                    help="HU window for --intensity ct (default -125 225)")

@@ -189,17 +189,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--stages", default="all", help=STAGE_HELP)
     p.add_argument("--num-classes", type=int, help="classes incl. background (default: dataset.json 'labels')")
-    p.add_argument("--intensity", choices=["ct", "percentile", "none"],
-                   help="ct window (default for CT) or percentile scaling (default otherwise)")
+    p.add_argument("--intensity", choices=["ct", "percentile", "zscore", "none"],
+                   help="ct window (default for CT), percentile scaling (default otherwise) or zscore (each case's "
+                        "foreground mean and standard deviation, clipped at +-3 sd, as nnU-Net normalises MRI)")
     p.add_argument("--ct-window", type=float, nargs=2, metavar=("LO", "HI"), default=None,
                    help="HU window for --intensity ct (default -125 225, the paper's)")
     p.add_argument("--percentiles", type=float, nargs=2, metavar=("LO", "HI"), default=None,
-                   help="percentiles for --intensity percentile (default 0.5 99.5)")
+                   help="percentiles for --intensity percentile (default 0.5 99.5); for zscore the range the "
+                        "foreground is clipped to before its mean and standard deviation are taken")
     p.add_argument("--intensity-stats", choices=["case", "training"], default=None,
-                   help="for --intensity percentile: 'case' scales each image by its own percentiles (default); "
-                        "'training' by the training cases' pooled percentiles, one fixed window for every case, "
+                   help="for --intensity percentile or zscore: 'case' scales each image by its own statistics "
+                        "(default); 'training' by the training cases' pooled ones, one fixed window for every case, "
                         "recorded in model.pt for `segment` (for one subject or one scanner protocol, where the "
-                        "per-case percentiles of a partial view shift with what it holds)")
+                        "statistics of a partial view shift with what it holds)")
     p.add_argument("--spacing", nargs="+", metavar="H W D|auto|native", default=None,
                    help="resample every case to this voxel size in mm (in-plane, in-plane, slice axis) for training; "
                         "recorded in model.pt so `segment` resamples its inputs to it and the result back. AH-Net "
@@ -425,6 +427,13 @@ def _run_one(args: argparse.Namespace, ctx) -> int:
             cfg.intensity = IntensityConfig(was.mode, tuple(args.ct_window or was.window),
                                             tuple(args.percentiles or was.percentiles), was.nonzero,
                                             was.fg_threshold, args.intensity_stats or was.stats)
+            # an option the mode does not read would be dropped without a word
+            for given, option, modes in ((args.ct_window, "--ct-window", ("ct",)),
+                                         (args.percentiles, "--percentiles", ("percentile", "zscore"))):
+                if given and cfg.intensity.mode not in modes:
+                    names = " or ".join(f"--intensity {m}" for m in modes)
+                    raise ValueError(f"{option} applies to {names}, and this run normalises with "
+                                     f"{cfg.intensity.mode!r}; give {names} or leave {option} out")
         if args.spacing is not None:
             cfg.spacing = _spacing(args.spacing)
         for field_, value in (("num_classes", args.num_classes), ("fg_ratio", args.fg_ratio),

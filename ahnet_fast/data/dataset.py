@@ -401,9 +401,9 @@ def load_case(ref: CaseRef, num_classes: int | None, intensity: IntensityConfig)
 
 
 def training_intensity(spec: DatasetSpec, cfg: IntensityConfig) -> IntensityConfig:
-    """``cfg`` ready for :func:`load_case`: percentile scaling with ``stats="training"`` becomes the
+    """``cfg`` ready for :func:`load_case`: percentile or z-score scaling with ``stats="training"`` becomes the
     fixed window of ``spec``'s training images (:func:`~ahnet_fast.data.intensity.training_window`;
     they are read for it); any other setting is returned as it is."""
-    if cfg.mode != "percentile" or cfg.stats != "training":
+    if cfg.stats != "training":
         return cfg
     return training_window([load_volume(r.image).array for r in spec.training], cfg)

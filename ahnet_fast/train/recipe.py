@@ -52,7 +52,7 @@ from torch import nn
 from ahnet_fast.data.dataset import (
     Case, DatasetSpec, check_headers, load_case, read_dataset, require_labels, training_intensity,
 )
-from ahnet_fast.data.intensity import IntensityConfig
+from ahnet_fast.data.intensity import ZSCORE_CLIP, IntensityConfig
 from ahnet_fast.data.spacing import (
     AUTO_MAX_VOXELS,
     check_target_spacing,
@@ -623,11 +623,15 @@ class _Recipe:
         if self.intensity.mode == "window" and c.intensity is not None and c.intensity.stats == "training":
             lo, hi = self.intensity.window
             plo, phi = self.intensity.percentiles
-            notes.append(f"--intensity-stats training: percentiles {plo:g}-{phi:g} of the {len(self.spec.training)} "
+            what = (f"mean +-{ZSCORE_CLIP:g} sd" if c.intensity.mode == "zscore" else f"percentiles {plo:g}-{phi:g}")
+            notes.append(f"--intensity-stats training: {what} of the {len(self.spec.training)} "
                          f"training case(s)' foreground, pooled: [{lo:.6g}, {hi:.6g}] -> [0, 1] for every case, "
                          "recorded in model.pt for `segment`")
         elif self.intensity.mode == "percentile":
             notes.append("each case scaled by its own percentiles; --intensity-stats training for one fixed window")
+        elif self.intensity.mode == "zscore":
+            notes.append("each case scaled by its own foreground mean and standard deviation; "
+                         "--intensity-stats training for one fixed window")
         lines.append(f"intensity: {self.intensity.to_dict()}" + (f" ({'; '.join(notes)})" if notes else ""))
         fg = f"{c.fg_ratio:.0%} centred on a foreground voxel"
         fg += (" (each class equally often, then a voxel of it; --no-class-balanced: classes by volume)"
