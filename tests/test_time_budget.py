@@ -263,3 +263,50 @@ def test_a_stage_is_resized_to_the_time_it_has_left(tmp_path):
     tr.world = 2
     r._fit_to_budget(tr, {"seconds_per_step": 0.1})
     assert calls == []
+
+
+def test_time_saved_on_an_early_stage_is_shared_with_the_later_ones(tmp_path):
+    """The decoder's warm-up measured 2 s/step on a busy moment; it runs at 0.5 s/step. It is lengthened
+    only by the share of the time saved that the configured steps (10 : 100) give it, not to its whole
+    deadline, so the fine-tuning stage keeps the time the plan meant for it. A stage behind the plan is
+    never lengthened (the validation of its last epoch cannot be spread over its steps)."""
+    from types import SimpleNamespace
+
+    from ahnet_fast.train.recipe import RecipeConfig, _Recipe
+
+    clock = _Clock()
+    r = _Recipe.__new__(_Recipe)
+    r.cfg = RecipeConfig(data=str(tmp_path), out_dir=str(tmp_path), stages=("decoder", "finetune"),
+                         steps_decoder=10, steps_finetune=100, time_budget=130.0)
+    r.out, r.clock, r.replan, r.run_end, r.spe_fixed = tmp_path, clock, True, 130.0, {}
+    r.base_steps = {"decoder": 10, "finetune": 100}
+    r.rates = {}
+    r.costs = {"decoder": StageCost(2.0, 0.0, 5, 4), "finetune": StageCost(1.0, 0.0, 50, 4)}
+    r.log = lambda m: None
+    calls = []
+
+    def resize(n, why):
+        calls.append((n, why))
+        tr.cfg.steps = n
+
+    tr = SimpleNamespace(stage="decoder", step=5, world=1, cfg=TrainConfig(steps=10, steps_per_epoch=5, batch_size=1),
+                         resize_steps=resize)
+    clock.t = 10.0
+    r._fit_to_budget(tr, {"seconds_per_step": 0.5})
+    # the deadline (130 - 100 s of fine-tuning) would take 10 + int(0.85 * 17.5 / 0.5) = 39 steps; the
+    # shared plan: 10 k * 0.5 + 100 k * 1.0 = 120 + 2.5 s  ->  k = 1.17, 11 decoder steps
+    shared = plan_steps({"decoder": 10, "finetune": 100},
+                        {"decoder": StageCost(0.5, 0.0, 5, 4), "finetune": StageCost(1.0, 0.0, 50, 4)},
+                        seconds=122.5)["decoder"]
+    assert shared == 11 and calls == [(11, calls[0][1])] and "ahead of the plan" in calls[0][1]
+    assert r.cfg.steps_decoder == 11
+
+    # the last stage, two steps before its end, with a whole epoch's validation still to come
+    r.costs["finetune"] = StageCost(1.0, 10.0, 5, 4)
+    tr = SimpleNamespace(stage="finetune", step=18, world=1,
+                         cfg=TrainConfig(steps=20, steps_per_epoch=5, batch_size=1), resize_steps=resize)
+    r.cfg.steps_finetune = 20
+    calls.clear()
+    clock.t = 130.0 - 10.5
+    r._fit_to_budget(tr, {"seconds_per_step": 1.0})
+    assert calls == []

@@ -62,7 +62,7 @@ from ahnet_fast.data.spacing import (
 from ahnet_fast.data.loader import PatchDataset
 from ahnet_fast.data.sampling import AugmentConfig
 from ahnet_fast.train import distributed as ddp_util
-from ahnet_fast.train.budget import format_duration
+from ahnet_fast.train.budget import StageCost, format_duration
 from ahnet_fast.train.presets import PRESETS, resolve_amp
 from ahnet_fast.train.checkpoint import load_checkpoint, save_checkpoint
 from ahnet_fast.train.models import (
@@ -738,11 +738,29 @@ class _Recipe:
             return f"run ETA {format_duration(left)} (budget left {format_duration(budget_left)})"
         return f"run ETA {format_duration(left)}"
 
+    def _steps_sharing_the_time_saved(self, stage: str, done: int, rate: float, cost: StageCost) -> int | None:
+        """Steps of ``stage`` when the stages from it on are planned again with its cost at the speed seen now
+        (``rate`` s/step; one common factor on the configured steps, :func:`~ahnet_fast.train.budget.plan_steps`),
+        so the time its faster steps save is shared with the later stages as the configured steps share the
+        budget. The ``done`` steps count as if run at that speed. None when no later stage is planned."""
+        from ahnet_fast.train.budget import plan_steps
+
+        base = getattr(self, "base_steps", {})
+        later = [s for s in base if STAGES.index(s) > STAGES.index(stage) and s in self.costs]
+        if stage not in base or not later or self.run_end is None:
+            return None
+        costs = {s: self.costs[s] for s in later}
+        costs[stage] = dataclasses.replace(cost, seconds_per_step=rate)
+        available = self.run_end - self.clock() + costs[stage].seconds(done)
+        return plan_steps({s: base[s] for s in (stage, *later)}, costs, seconds=max(available, 0.0))[stage]
+
     def _fit_to_budget(self, trainer: Trainer, rec: dict[str, Any]) -> None:
         """Under a time budget, after an epoch: a stage running faster than its warm-up measured (the first
-        steps of a process are the slowest) is lengthened to use the time its share leaves; one running
-        slower (a busy machine) is shortened to what fits, so that its learning rate still anneals before
-        the budget ends it. The speed is the median of the stage's last three epochs."""
+        steps of a process are the slowest; the machine was busy during the warm-up) is lengthened, by the
+        share of the time saved that the configured steps give it (:meth:`_steps_sharing_the_time_saved`;
+        the last stage takes all the time left); one running slower (a busy machine) is shortened to what
+        fits, so that its learning rate still anneals before the budget ends it. The speed is the median
+        of the stage's last three epochs."""
         cost = self.costs.get(trainer.stage)
         deadline = self.stage_deadline(trainer.stage)
         if rec.get("seconds_per_step"):
@@ -758,13 +776,20 @@ class _Recipe:
         need = todo * rate + (-(-todo // spe)) * cost.seconds_per_epoch
         if left - need > max(0.15 * left, 2 * rate):
             steps = trainer.cfg.steps + int(0.85 * (left - need) / per_step)
+            # a warm-up measured on a busy moment must not hand this stage the later stages' time: it keeps
+            # the share the configured steps give it at the speed seen now (at most its deadline allows)
+            shared = self._steps_sharing_the_time_saved(trainer.stage, trainer.step, rate, cost)
+            if shared is not None:
+                steps = min(steps, shared)
             why = "ahead of the plan"
         elif need > 1.1 * left:
-            steps = trainer.step + max(1, int(0.9 * left / per_step))
+            # never lengthens: near a stage's end its last epoch's validation cannot be spread over the steps
+            steps = min(trainer.cfg.steps, trainer.step + max(1, int(0.9 * left / per_step)))
             why = "behind the plan"
         else:
             return
-        if steps == trainer.cfg.steps or steps <= trainer.step:
+        if steps <= trainer.step or (steps <= trainer.cfg.steps if why == "ahead of the plan" else
+                                     steps == trainer.cfg.steps):
             return
         trainer.resize_steps(steps, f"{why} ({rate:.2f} s/step in the recent epochs, {cost.seconds_per_step:.2f} "
                                     f"in the warm-up; {format_duration(max(left, 0.0))} left for this stage)")
