@@ -216,7 +216,7 @@ def test_intensity_stats_from_the_training_cases(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", str(js), "--out", str(out), "--stages", "2d", "--steps-2d", "1", "--patch-2d", "32,32",
             "--batch-2d", "2", "--device", "cpu", "--no-progress", "--no-estimate", "--threads", "2"]
-    assert main([*args, "--intensity-stats", "training"]) == 0
+    assert main([*args, "--intensity", "percentile", "--intensity-stats", "training"]) == 0
     assert json.loads((out / "recipe.json").read_text())["intensity"]["stats"] == "training"
     saved = load_checkpoint(out / "2d" / "last.pt")["preprocessing"]["intensity"]
     train_image = json.loads(js.read_text())["training"][0]["image"]
@@ -228,7 +228,7 @@ def test_intensity_stats_from_the_training_cases(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "intensity stats 'training' applies to percentile and zscore scaling only" in err and "Traceback" not in err
     # per-case (the default) is said in the summary; a record without "stats" resumes as per-case
-    args += ["--percentiles", "1", "99"]
+    args += ["--intensity", "percentile", "--percentiles", "1", "99"]
     assert main([*args, "--overwrite"]) == 0
     assert "each case scaled by its own percentiles; --intensity-stats training" in capsys.readouterr().out
     rec = json.loads((out / "recipe.json").read_text())
@@ -239,8 +239,9 @@ def test_intensity_stats_from_the_training_cases(tmp_path, capsys):
 
 
 def test_zscore_intensity_is_recorded_and_used(tmp_path, capsys):
-    """--intensity zscore: recorded in recipe.json and in the checkpoints, so `segment` applies it; the
-    summary says how cases are scaled; options only another mode reads are refused in one line."""
+    """The z-score, the default for data other than CT: recorded in recipe.json and in the checkpoints, so
+    `segment` applies it; the summary says how cases are scaled; options only another mode reads are
+    refused in one line."""
     from ahnet_fast.data.mni import build_mni_dataset
     from ahnet_fast.infer.segment import intensity_from_meta
     from ahnet_fast.train.checkpoint import load_checkpoint
@@ -249,7 +250,7 @@ def test_zscore_intensity_is_recorded_and_used(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", str(js), "--out", str(out), "--stages", "2d", "--steps-2d", "1", "--patch-2d", "32,32",
             "--batch-2d", "2", "--device", "cpu", "--no-progress", "--no-estimate", "--threads", "2"]
-    assert main([*args, "--intensity", "zscore"]) == 0
+    assert main(args) == 0  # the default for data other than CT
     assert json.loads((out / "recipe.json").read_text())["intensity"]["mode"] == "zscore"
     ck = load_checkpoint(out / "2d" / "last.pt")
     assert intensity_from_meta(ck, None).mode == "zscore"

@@ -57,7 +57,7 @@ def test_recipe_end_to_end_on_mni(mni, tmp_path):
 
     model, meta = load_model(out / "model.pt")
     assert meta["model_config"]["out_channels"] == 4
-    assert meta["preprocessing"]["intensity"]["mode"] == "percentile"
+    assert meta["preprocessing"]["intensity"]["mode"] == "zscore"  # the default for data other than CT
     assert any("2D->3D transfer" in m for m in logs) and any("[finetune] epoch 1" in m for m in logs)
 
 

@@ -190,8 +190,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stages", default="all", help=STAGE_HELP)
     p.add_argument("--num-classes", type=int, help="classes incl. background (default: dataset.json 'labels')")
     p.add_argument("--intensity", choices=["ct", "percentile", "zscore", "none"],
-                   help="ct window (default for CT), percentile scaling (default otherwise) or zscore (each case's "
-                        "foreground mean and standard deviation, clipped at +-3 sd, as nnU-Net normalises MRI)")
+                   help="ct window (default for CT), zscore (default otherwise: each case's foreground mean and "
+                        "standard deviation, clipped at +-3 sd, as nnU-Net normalises MRI) or percentile scaling")
     p.add_argument("--ct-window", type=float, nargs=2, metavar=("LO", "HI"), default=None,
                    help="HU window for --intensity ct (default -125 225, the paper's)")
     p.add_argument("--percentiles", type=float, nargs=2, metavar=("LO", "HI"), default=None,

@@ -1,6 +1,8 @@
-"""Intensity normalisation: CT windowing or percentile scaling (MRI).
+"""Intensity normalisation: CT windowing, z-score or percentile scaling (MRI).
 
-Both map the useful intensity range to [0, 1] (float32):
+Each maps the useful intensity range to [0, 1] (float32). The default
+(:meth:`IntensityConfig.for_modality`) is the CT window for CT and the z-score
+for everything else (MRI, unknown), as nnU-Net does:
 
 * ``"ct"``: clip to a Hounsfield window ``[lo, hi]`` (default the paper's
   ``[-125, 225]`` HU, a soft-tissue/liver window) and scale linearly.
@@ -117,8 +119,11 @@ class IntensityConfig:
 
     @classmethod
     def for_modality(cls, modality: str | None) -> "IntensityConfig":
-        """CT window for CT, percentile scaling for everything else (MRI, unknown)."""
-        return cls(mode="ct") if (modality or "").strip().upper() == "CT" else cls(mode="percentile")
+        """CT window for CT, the foreground z-score for everything else (MRI, unknown; module docstring).
+
+        Percentile scaling was the default for non-CT data before the z-score; checkpoints record the
+        mode they were trained with, so `segment` keeps applying theirs."""
+        return cls(mode="ct") if (modality or "").strip().upper() == "CT" else cls(mode="zscore")
 
 
 def ct_window(x: np.ndarray, lo: float = -125.0, hi: float = 225.0) -> np.ndarray:

@@ -20,8 +20,10 @@ schedule (4000 + 4000 + 8000 steps of a ResNet50 AH-Net: days on a CPU).
   prediction then lies on the scan's own grid. Validation every 100 steps (``steps_per_epoch``):
   it runs on the whole, now larger, grid. On the 1 x 1 x 4 mm MNI task, held-out mean foreground
   Dice under a 20-minute budget, two splits: 0.849 / 0.837 on the cases' own grid, 0.891-0.901 /
-  0.861-0.874 with thick slices halved, 0.905-0.908 / 0.884-0.889 with in-plane halved too
-  (bench/results/unet_budget.md). `ahnet-fast demo` with it: 5.0 minutes on two cores.
+  0.861-0.874 with thick slices halved, 0.905-0.908 / 0.884-0.889 with in-plane halved too,
+  0.911 / 0.882 with the foreground z-score that is now the default intensity normalisation for
+  MRI (bench/results/unet_budget.md). `ahnet-fast demo` with it: 6.4 minutes on two cores of an
+  Intel Xeon, held-out Dice 0.880.
 * ``gpu-paper``: the paper's settings (ResNet50 encoder, MC-FCN, 224 x 224 2D and
   192 x 192 x 32 3D patches, 4000 / 4000 / 8000 steps, fp32), fast AH-Net, 4 workers.
 * ``gpu-12gb``: the paper's model and schedule in bf16, with the memory chooser fitting
