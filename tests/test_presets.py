@@ -255,6 +255,15 @@ def test_zscore_intensity_is_recorded_and_used(tmp_path, capsys):
     ck = load_checkpoint(out / "2d" / "last.pt")
     assert intensity_from_meta(ck, None).mode == "zscore"
     assert "each case scaled by its own foreground mean and standard deviation" in capsys.readouterr().out
+    # a run recorded before the resolved setting was written ("intensity": null) used the default of
+    # then, per-case percentiles for MRI: a resume keeps it
+    from ahnet_fast.train.recipe import _read_saved_record, recipe_config_from_record
+
+    rec = json.loads((out / "recipe.json").read_text())
+    rec["intensity"] = None
+    (out / "recipe.json").write_text(json.dumps(rec))
+    assert _read_saved_record(out)["intensity"]["mode"] == "percentile"
+    assert recipe_config_from_record(rec, data=str(js), out_dir=str(out)).intensity.mode == "percentile"
     assert main([*args, "--overwrite", "--intensity", "zscore", "--ct-window", "-100", "200"]) == 2
     err = capsys.readouterr().err
     assert "--ct-window applies to --intensity ct, and this run normalises with 'zscore'" in err

@@ -301,7 +301,12 @@ class _Recipe:
         self.k = int(k)
         # --intensity-stats training: one fixed window, recorded in model.pt, so every case (training,
         # validation, `segment`'s inputs) is scaled the same way (ahnet_fast.data.intensity)
-        self.intensity = training_intensity(self.spec, cfg.intensity or IntensityConfig.for_modality(self.spec.modality))
+        self.intensity_is_default = cfg.intensity is None
+        if cfg.intensity is None:
+            # recorded as resolved (recipe.json, checkpoints): a later change of the modality's default
+            # cannot change what a resumed run normalises with
+            cfg.intensity = IntensityConfig.for_modality(self.spec.modality)
+        self.intensity = training_intensity(self.spec, cfg.intensity)
         self.device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {cfg.device}: CUDA is not available on this machine; use --device cpu "
@@ -619,7 +624,7 @@ class _Recipe:
             val = ("no validation cases: best.pt and model.pt are chosen on the Dice of the training batches "
                    "(optimistic; says nothing about unseen data; add a \"validation\" list to dataset.json)")
         lines.append(f"data: {self.spec.source}: {n_tr} training case(s); {val}")
-        notes = [] if c.intensity else [f"default for modality {self.spec.modality or 'unknown'}"]
+        notes = [f"default for modality {self.spec.modality or 'unknown'}"] if self.intensity_is_default else []
         if self.intensity.mode == "window" and c.intensity is not None and c.intensity.stats == "training":
             lo, hi = self.intensity.window
             plo, phi = self.intensity.percentiles
@@ -901,6 +906,8 @@ def recipe_config_from_record(record: dict[str, Any], data: str, out_dir: str) -
             kw[k] = tuple(kw[k])
     if isinstance(kw.get("model_config"), dict):
         kw["model_config"] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in kw["model_config"].items()}
+    if "intensity" in record and record["intensity"] is None:
+        kw["intensity"] = _intensity_default_before_zscore(data)
     if isinstance(kw.get("intensity"), dict):
         kw["intensity"] = IntensityConfig.from_dict(kw["intensity"])
     if isinstance(kw.get("augment"), dict):
@@ -1066,10 +1073,25 @@ def _read_saved_record(out: Path) -> dict[str, Any]:
         # a run recorded before an augmentation setting existed ran with its default (off): read so,
         # an earlier run's record compares equal to the same settings written now
         rec["augment"] = {**AugmentConfig().to_dict(), **rec["augment"]}
+    if "intensity" in rec and rec["intensity"] is None and isinstance(rec.get("data"), str):
+        # a run recorded before the resolved normalisation was written used the modality's default of then
+        rec["intensity"] = _intensity_default_before_zscore(rec["data"]).to_dict()
     if isinstance(rec.get("intensity"), dict):
         # likewise a run recorded before --intensity-stats scaled each case by its own statistics
         rec["intensity"] = {"stats": "case", **rec["intensity"]}
     return rec
+
+
+def _intensity_default_before_zscore(data: str) -> IntensityConfig:
+    """What a run recorded with ``intensity: null`` normalised with: the default of the versions that
+    wrote such records, the CT window for CT and per-case percentiles for everything else (the
+    foreground z-score became the default for non-CT data later, and runs now record the resolved
+    setting)."""
+    try:
+        modality = read_dataset(data).modality
+    except (OSError, ValueError):
+        modality = None  # the data is gone: resuming fails on it anyway, with its own message
+    return IntensityConfig(mode="ct") if (modality or "").strip().upper() == "CT" else IntensityConfig(mode="percentile")
 
 
 #: seconds kept at the end of a time budget for the transfer stage, model.pt, summary.json and progress.png
