@@ -222,30 +222,40 @@ def test_extending_a_stage_continues_the_same_sample_stream(tmp_path):
         grown.resize_steps(8, "again")
 
 
-def test_a_stage_is_resized_to_the_time_it_has_left(tmp_path):
-    """The warm-up measured 2 s/step, the epoch just run took 1 s/step: the last stage is lengthened to
-    use the time left (its epoch length is recorded, so a resume rebuilds the same stage); then the
-    machine gets busy: shortened to what fits, so its learning rate still anneals."""
+def _budgeted_recipe(tmp_path, costs, run_end, base_steps, **steps):
+    """A recipe under a time budget ending at ``run_end`` (clock seconds) with measured ``costs``, as
+    :meth:`_Recipe._fit_to_budget` sees it; returns it, its clock, the resizes it asks for and a
+    factory of stage trainers ``trainer(stage, step, steps, steps_per_epoch)``."""
     from types import SimpleNamespace
 
     from ahnet_fast.train.recipe import RecipeConfig, _Recipe
 
     clock = _Clock()
     r = _Recipe.__new__(_Recipe)
-    r.cfg = RecipeConfig(data=str(tmp_path), out_dir=str(tmp_path), stages=("finetune",), steps_finetune=20,
-                         time_budget=100.0)
-    r.out, r.clock, r.replan, r.run_end, r.spe_fixed, r.base_steps = tmp_path, clock, True, 100.0, {}, {}
-    r.rates = {}
-    r.costs = {"finetune": StageCost(2.0, 0.0, 5, 4)}
-    r.log = lambda m: None
+    r.cfg = RecipeConfig(data=str(tmp_path), out_dir=str(tmp_path), stages=tuple(costs), time_budget=run_end, **steps)
+    r.out, r.clock, r.replan, r.run_end, r.spe_fixed, r.base_steps = tmp_path, clock, True, run_end, {}, base_steps
+    r.rates, r.costs, r.log = {}, costs, lambda m: None
     calls = []
 
-    def resize(n, why):
-        calls.append((n, why))
-        tr.cfg.steps = n
+    def trainer(stage, step, steps, steps_per_epoch):
+        def resize(n, why):
+            calls.append((n, why))
+            tr.cfg.steps = n
 
-    tr = SimpleNamespace(stage="finetune", step=5, world=1, cfg=TrainConfig(steps=20, steps_per_epoch=5, batch_size=1),
-                         resize_steps=resize)
+        tr = SimpleNamespace(stage=stage, step=step, world=1, resize_steps=resize,
+                             cfg=TrainConfig(steps=steps, steps_per_epoch=steps_per_epoch, batch_size=1))
+        return tr
+
+    return r, clock, calls, trainer
+
+
+def test_a_stage_is_resized_to_the_time_it_has_left(tmp_path):
+    """The warm-up measured 2 s/step, the epoch just run took 1 s/step: the last stage is lengthened to
+    use the time left (its epoch length is recorded, so a resume rebuilds the same stage); then the
+    machine gets busy: shortened to what fits, so its learning rate still anneals."""
+    r, clock, calls, trainer = _budgeted_recipe(tmp_path, {"finetune": StageCost(2.0, 0.0, 5, 4)}, 100.0, {},
+                                                steps_finetune=20)
+    tr = trainer("finetune", 5, 20, 5)
     clock.t = 10.0
     r._fit_to_budget(tr, {"seconds_per_step": 1.0})
     # 90 s left, 15 steps need 15 s: about 0.85 * 75 more steps
@@ -270,27 +280,10 @@ def test_time_saved_on_an_early_stage_is_shared_with_the_later_ones(tmp_path):
     only by the share of the time saved that the configured steps (10 : 100) give it, not to its whole
     deadline, so the fine-tuning stage keeps the time the plan meant for it. A stage behind the plan is
     never lengthened (the validation of its last epoch cannot be spread over its steps)."""
-    from types import SimpleNamespace
-
-    from ahnet_fast.train.recipe import RecipeConfig, _Recipe
-
-    clock = _Clock()
-    r = _Recipe.__new__(_Recipe)
-    r.cfg = RecipeConfig(data=str(tmp_path), out_dir=str(tmp_path), stages=("decoder", "finetune"),
-                         steps_decoder=10, steps_finetune=100, time_budget=130.0)
-    r.out, r.clock, r.replan, r.run_end, r.spe_fixed = tmp_path, clock, True, 130.0, {}
-    r.base_steps = {"decoder": 10, "finetune": 100}
-    r.rates = {}
-    r.costs = {"decoder": StageCost(2.0, 0.0, 5, 4), "finetune": StageCost(1.0, 0.0, 50, 4)}
-    r.log = lambda m: None
-    calls = []
-
-    def resize(n, why):
-        calls.append((n, why))
-        tr.cfg.steps = n
-
-    tr = SimpleNamespace(stage="decoder", step=5, world=1, cfg=TrainConfig(steps=10, steps_per_epoch=5, batch_size=1),
-                         resize_steps=resize)
+    r, clock, calls, trainer = _budgeted_recipe(
+        tmp_path, {"decoder": StageCost(2.0, 0.0, 5, 4), "finetune": StageCost(1.0, 0.0, 50, 4)}, 130.0,
+        {"decoder": 10, "finetune": 100}, steps_decoder=10, steps_finetune=100)
+    tr = trainer("decoder", 5, 10, 5)
     clock.t = 10.0
     r._fit_to_budget(tr, {"seconds_per_step": 0.5})
     # the deadline (130 - 100 s of fine-tuning) would take 10 + int(0.85 * 17.5 / 0.5) = 39 steps; the
@@ -303,8 +296,7 @@ def test_time_saved_on_an_early_stage_is_shared_with_the_later_ones(tmp_path):
 
     # the last stage, two steps before its end, with a whole epoch's validation still to come
     r.costs["finetune"] = StageCost(1.0, 10.0, 5, 4)
-    tr = SimpleNamespace(stage="finetune", step=18, world=1,
-                         cfg=TrainConfig(steps=20, steps_per_epoch=5, batch_size=1), resize_steps=resize)
+    tr = trainer("finetune", 18, 20, 5)
     r.cfg.steps_finetune = 20
     calls.clear()
     clock.t = 130.0 - 10.5
