@@ -141,7 +141,7 @@ def run_unet(data: Path, budget_s: float, threads: int, seed: int = 0,
     """The small MONAI UNet, trained for ``budget_s`` seconds of wall time (module docstring), its
     images normalised as AH-Net's are: ``intensity_mode`` as ``train --intensity`` (None: the modality's
     default), with ``intensity_stats`` as ``train --intensity-stats`` (``"training"``: the training cases'
-    pooled percentiles for every case)."""
+    pooled statistics for every case)."""
     import torch
     from monai.inferers import sliding_window_inference
     from monai.losses import DiceCELoss
@@ -231,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--score-only", action="store_true",
                    help="AH-Net: score the model.pt of an earlier run in --out instead of training")
     p.add_argument("--intensity-stats", choices=("case", "training"), default="case",
-                   help="both methods: each case scaled by its own percentiles (default), or by the training "
+                   help="both methods: each case scaled by its own statistics (default), or by the training "
                         "cases' pooled ones (AH-Net: `train --intensity-stats training`)")
     p.add_argument("--intensity", choices=("percentile", "zscore"), default=None,
                    help="both methods: this normalisation instead of the modality's default "

@@ -393,7 +393,7 @@ def _run_one(args: argparse.Namespace, ctx) -> int:
         import dataclasses
 
         from ahnet_fast.data.dataset import read_dataset
-        from ahnet_fast.data.intensity import IntensityConfig
+        from ahnet_fast.data.intensity import STATISTICS_MODES, IntensityConfig
         from ahnet_fast.data.sampling import AugmentConfig
         from ahnet_fast.train.presets import preset_values
         from ahnet_fast.train.recipe import RecipeConfig, recipe_config_from_record, run_recipe
@@ -429,7 +429,7 @@ def _run_one(args: argparse.Namespace, ctx) -> int:
                                             was.fg_threshold, args.intensity_stats or was.stats)
             # an option the mode does not read would be dropped without a word
             for given, option, modes in ((args.ct_window, "--ct-window", ("ct",)),
-                                         (args.percentiles, "--percentiles", ("percentile", "zscore"))):
+                                         (args.percentiles, "--percentiles", STATISTICS_MODES)):
                 if given and cfg.intensity.mode not in modes:
                     names = " or ".join(f"--intensity {m}" for m in modes)
                     raise ValueError(f"{option} applies to {names}, and this run normalises with "

@@ -48,9 +48,11 @@ import numpy as np
 from ahnet_fast.data.errors import DataError
 
 __all__ = ["IntensityConfig", "normalise", "normalise_with_stats", "ct_window", "percentile_normalise",
-           "foreground_mask", "describe_stats", "training_window", "ZSCORE_CLIP"]
+           "foreground_mask", "describe_stats", "training_window", "ZSCORE_CLIP", "STATISTICS_MODES"]
 
 _MODES = ("ct", "percentile", "zscore", "window", "none")
+#: the modes that scale by statistics of the image (per case, or pooled over the training cases)
+STATISTICS_MODES = ("percentile", "zscore")
 
 #: ``"zscore"`` clips at this many standard deviations either side of the foreground mean
 ZSCORE_CLIP = 3.0
@@ -96,7 +98,7 @@ class IntensityConfig:
             raise ValueError(f"fg_threshold must be in [0, 0.5), got {self.fg_threshold}")
         if self.stats not in _STATS:
             raise ValueError(f"intensity stats must be one of {_STATS}, got {self.stats!r}")
-        if self.stats == "training" and self.mode not in ("percentile", "zscore"):
+        if self.stats == "training" and self.mode not in STATISTICS_MODES:
             raise ValueError("intensity stats 'training' applies to percentile and zscore scaling only, "
                              f"not to mode {self.mode!r}")
 
@@ -227,7 +229,7 @@ def normalise_with_stats(
     if cfg.mode == "window":
         lo, hi = cfg.window
         return _scale(x, lo, hi), {"mode": "window", "lo": float(lo), "hi": float(hi)}
-    if cfg.mode in ("percentile", "zscore") and cfg.stats != "case":
+    if cfg.mode in STATISTICS_MODES and cfg.stats != "case":
         raise ValueError("intensity stats 'training' must be resolved into a fixed window first "
                          "(ahnet_fast.data.intensity.training_window)")
     if cfg.mode == "percentile":
@@ -277,7 +279,7 @@ def training_window(images: "list[np.ndarray]", cfg: IntensityConfig) -> Intensi
 
     Raises ``ValueError`` when there is no image or the pooled range is empty (a constant foreground).
     """
-    if cfg.mode not in ("percentile", "zscore") or cfg.stats != "training":
+    if cfg.mode not in STATISTICS_MODES or cfg.stats != "training":
         return cfg
     if not images:
         raise ValueError("intensity stats 'training' needs at least one training image")
@@ -294,13 +296,12 @@ def training_window(images: "list[np.ndarray]", cfg: IntensityConfig) -> Intensi
     if cfg.mode == "zscore":
         mean, std = _robust_mean_std(values, cfg.percentiles)
         lo, hi = mean - ZSCORE_CLIP * std, mean + ZSCORE_CLIP * std
-        if not hi > lo:
-            raise ValueError(f"the training images' foreground is constant ({mean:g}): no intensity range to "
-                             "scale; use --intensity none or per-case statistics")
+        what = f"the training images' foreground is constant ({mean:g})"
     else:
         lo, hi = (float(t) for t in np.percentile(values, list(cfg.percentiles)))
+        what = (f"the training images' percentiles {cfg.percentiles[0]:g} and {cfg.percentiles[1]:g} are equal "
+                f"({lo:g})")
     if not hi > lo:
-        raise ValueError(f"the training images' percentiles {cfg.percentiles[0]:g} and {cfg.percentiles[1]:g} "
-                         f"are equal ({lo:g}): no intensity range to scale; use --intensity none or per-case statistics")
+        raise ValueError(f"{what}: no intensity range to scale; use --intensity none or per-case statistics")
     return IntensityConfig(mode="window", window=(lo, hi), percentiles=cfg.percentiles, nonzero=cfg.nonzero,
                            fg_threshold=cfg.fg_threshold)

@@ -62,7 +62,7 @@ from ahnet_fast.data.spacing import (
 from ahnet_fast.data.loader import PatchDataset
 from ahnet_fast.data.sampling import AugmentConfig
 from ahnet_fast.train import distributed as ddp_util
-from ahnet_fast.train.budget import StageCost, format_duration
+from ahnet_fast.train.budget import StageCost, format_duration, plan_steps
 from ahnet_fast.train.presets import PRESETS, resolve_amp
 from ahnet_fast.train.checkpoint import load_checkpoint, save_checkpoint
 from ahnet_fast.train.models import (
@@ -748,8 +748,6 @@ class _Recipe:
         (``rate`` s/step; one common factor on the configured steps, :func:`~ahnet_fast.train.budget.plan_steps`),
         so the time its faster steps save is shared with the later stages as the configured steps share the
         budget. The ``done`` steps count as if run at that speed. None when no later stage is planned."""
-        from ahnet_fast.train.budget import plan_steps
-
         base = getattr(self, "base_steps", {})
         later = [s for s in base if STAGES.index(s) > STAGES.index(stage) and s in self.costs]
         if stage not in base or not later or self.run_end is None:
@@ -1091,7 +1089,8 @@ def _intensity_default_before_zscore(data: str) -> IntensityConfig:
         modality = read_dataset(data).modality
     except (OSError, ValueError):
         modality = None  # the data is gone: resuming fails on it anyway, with its own message
-    return IntensityConfig(mode="ct") if (modality or "").strip().upper() == "CT" else IntensityConfig(mode="percentile")
+    now = IntensityConfig.for_modality(modality)
+    return now if now.mode == "ct" else IntensityConfig(mode="percentile")
 
 
 #: seconds kept at the end of a time budget for the transfer stage, model.pt, summary.json and progress.png
@@ -1101,8 +1100,6 @@ def _reserve(budget: float) -> float:
 
 def _plan_budget(r: _Recipe, resume: bool, saved: dict[str, Any], estimate: bool) -> None:
     """Measure (or take the resumed run's measurements), then plan steps for a budget (module docstring)."""
-    from ahnet_fast.train.budget import StageCost, format_duration, plan_steps
-
     c = r.cfg
     trained = [s for s in c.stages if s in ("2d", "decoder", "finetune")]
     plan_rec = saved.get("plan") if resume else None
@@ -1142,8 +1139,6 @@ def _plan_budget(r: _Recipe, resume: bool, saved: dict[str, Any], estimate: bool
 
 def _replan(r: _Recipe, stage: str) -> None:
     """At a stage start: fit the steps of this and the later stages into the time left."""
-    from ahnet_fast.train.budget import format_duration, plan_steps
-
     assert r.run_end is not None
     rest = {s: n for s, n in r.base_steps.items() if STAGES.index(s) >= STAGES.index(stage) and s in r.costs}
     if not rest:
