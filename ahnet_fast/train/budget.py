@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ahnet_fast.train.optim import make_adam
+
 __all__ = ["parse_duration", "format_duration", "StageCost", "measure_stage", "plan_steps", "epochs_for"]
 
 _UNITS = {"h": 3600.0, "m": 60.0, "s": 1.0}
@@ -119,7 +121,7 @@ def measure_stage(
     """
     model = model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=1e-6)
+    opt = make_adam(params, lr=1e-6)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     (train_mode or (lambda m: m.train()))(model)
 

@@ -143,6 +143,7 @@ def measure_step_bytes(
 ) -> int | None:
     """Measured peak CUDA bytes of one real training step; None if it runs out of memory."""
     from ahnet_fast.train.models import enable_activation_checkpointing
+    from ahnet_fast.train.optim import make_adam
 
     device = torch.device(device)
     if device.type != "cuda":
@@ -154,7 +155,7 @@ def measure_step_bytes(
         model = model_factory().to(device).train()
         if checkpointing:
             enable_activation_checkpointing(model)
-        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+        opt = make_adam([p for p in model.parameters() if p.requires_grad], lr=1e-6)
         x = torch.randn(*input_shape, device=device)
         y = torch.randint(0, num_classes, (input_shape[0], *input_shape[2:]), device=device)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)

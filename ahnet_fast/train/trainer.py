@@ -57,6 +57,7 @@ from ahnet_fast.data.loader import PatchDataset, make_loader
 from ahnet_fast.train import distributed as ddp_util
 from ahnet_fast.train.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from ahnet_fast.train.models import enable_activation_checkpointing
+from ahnet_fast.train.optim import load_optimizer_state, make_adam
 from ahnet_fast.train.report import json_safe
 from ahnet_fast.losses import dice_ce_loss
 
@@ -333,8 +334,7 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters")
-        self.optimizer = torch.optim.Adam(params, lr=config.lr, betas=(0.9, 0.999), eps=1e-8,
-                                          weight_decay=config.weight_decay)
+        self.optimizer = make_adam(params, lr=config.lr, weight_decay=config.weight_decay)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp == "fp16")
         self.schedule = LossSchedule(config.loss, config.plateau_patience, config.plateau_min_delta)
         from ahnet_fast.losses import FocalLoss
@@ -475,7 +475,7 @@ class Trainer:
         self.step, self.epoch = int(ck["step"]), int(ck["epoch"])
         self.schedule.load_state_dict(ck["schedule"])
         if "optimizer" in ck:
-            self.optimizer.load_state_dict(ck["optimizer"])
+            load_optimizer_state(self.optimizer, ck["optimizer"])
             self.scaler.load_state_dict(ck["scaler"])
             restore_rng(ck["rng"])
         elif self.step < self.cfg.steps:
