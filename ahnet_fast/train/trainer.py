@@ -6,7 +6,8 @@ for a fixed number of optimizer steps, grouped into epochs of
 ``batch_size`` patches (sample indices ``(step * grad_accum + m) * batch_size + i``,
 so the stream is independent of the worker count and of interruptions).
 
-* Optimiser: Adam (betas 0.9/0.999, eps 1e-8), the paper's settings.
+* Optimiser: Adam (betas 0.9/0.999, eps 1e-8), the paper's settings; torch's fused kernel on CPU and CUDA
+  (:func:`ahnet_fast.train.optim.make_adam`).
 * Loss: cross-entropy, switched to the focal loss once the epoch loss
   plateaus (:class:`LossSchedule`); or ``"ce"`` / ``"focal"`` throughout.
 * Mixed precision: ``amp="bf16"`` or ``"fp16"`` autocast; fp16 uses a GradScaler.
