@@ -288,8 +288,7 @@ def training_window(images: "list[np.ndarray]", cfg: IntensityConfig) -> Intensi
         x = np.asarray(x, dtype=np.float32)
         if not np.all(np.isfinite(x)):
             raise ValueError(f"a training image holds {int((~np.isfinite(x)).sum())} NaN/Inf voxels")
-        vals = foreground_mask(x, cfg.fg_threshold)[0] if cfg.nonzero else np.ones(x.shape, dtype=bool)
-        v = x[vals] if vals.any() else x.ravel()
+        v = _foreground_values(x, cfg.nonzero, cfg.fg_threshold, {}).ravel()
         step = max(1, -(-v.size // _POOL_PER_IMAGE))
         pooled.append(v[::step])
     values = np.concatenate(pooled)

@@ -275,6 +275,7 @@ class _Recipe:
         self.t_start = clock()
         self._choices: dict[str, tuple[tuple[int, ...], int, bool]] = {}
         self.costs: dict[str, Any] = {}  # stage -> budget.StageCost (measured warm-up)
+        self.base_steps: dict[str, int] = {}  # stage -> configured steps the budget plan scales (_plan_budget)
         self.run_end: float | None = None  # clock time the budget ends
         self.replan = False  # re-plan the steps of the stages still to run at each stage start
         self.model_best = -math.inf  # Dice of the weights in model.pt (this run)
@@ -748,7 +749,7 @@ class _Recipe:
         (``rate`` s/step; one common factor on the configured steps, :func:`~ahnet_fast.train.budget.plan_steps`),
         so the time its faster steps save is shared with the later stages as the configured steps share the
         budget. The ``done`` steps count as if run at that speed. None when no later stage is planned."""
-        base = getattr(self, "base_steps", {})
+        base = self.base_steps
         later = [s for s in base if STAGES.index(s) > STAGES.index(stage) and s in self.costs]
         if stage not in base or not later or self.run_end is None:
             return None
@@ -784,15 +785,16 @@ class _Recipe:
             shared = self._steps_sharing_the_time_saved(trainer.stage, trainer.step, rate, cost)
             if shared is not None:
                 steps = min(steps, shared)
+            if steps <= trainer.cfg.steps:  # ahead never shortens
+                return
             why = "ahead of the plan"
         elif need > 1.1 * left:
             # never lengthens: near a stage's end its last epoch's validation cannot be spread over the steps
-            steps = min(trainer.cfg.steps, trainer.step + max(1, int(0.9 * left / per_step)))
+            steps = trainer.step + max(1, int(0.9 * left / per_step))
+            if steps >= trainer.cfg.steps:
+                return
             why = "behind the plan"
         else:
-            return
-        if steps <= trainer.step or (steps <= trainer.cfg.steps if why == "ahead of the plan" else
-                                     steps == trainer.cfg.steps):
             return
         trainer.resize_steps(steps, f"{why} ({rate:.2f} s/step in the recent epochs, {cost.seconds_per_step:.2f} "
                                     f"in the warm-up; {format_duration(max(left, 0.0))} left for this stage)")
@@ -898,14 +900,13 @@ def recipe_config_from_record(record: dict[str, Any], data: str, out_dir: str) -
     entries this version does not know are ignored.
     """
     known = {f.name for f in dataclasses.fields(RecipeConfig)} - {"data", "out_dir", "stages"}
+    record = _upgrade_legacy_record(dict(record), data)
     kw: dict[str, Any] = {k: v for k, v in record.items() if k in known}
     for k in ("patch_2d", "patch_3d", "val_window", "spacing"):
         if isinstance(kw.get(k), list):
             kw[k] = tuple(kw[k])
     if isinstance(kw.get("model_config"), dict):
         kw["model_config"] = {k: (tuple(v) if isinstance(v, list) else v) for k, v in kw["model_config"].items()}
-    if "intensity" in record and record["intensity"] is None:
-        kw["intensity"] = _intensity_default_before_zscore(data)
     if isinstance(kw.get("intensity"), dict):
         kw["intensity"] = IntensityConfig.from_dict(kw["intensity"])
     if isinstance(kw.get("augment"), dict):
@@ -1067,13 +1068,20 @@ def _read_saved_record(out: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: cannot read the settings of the run to resume ({exc})") from exc
     if not isinstance(rec, dict):
         return {}
+    return _upgrade_legacy_record(rec, rec.get("data"))
+
+
+def _upgrade_legacy_record(rec: dict[str, Any], data: str | None) -> dict[str, Any]:
+    """``rec`` (a ``recipe.json`` record, changed in place) with the entries older versions wrote
+    differently or left out read as what those runs did; ``data``: the run's dataset.json (for the
+    modality's default of then)."""
     if isinstance(rec.get("augment"), dict):
         # a run recorded before an augmentation setting existed ran with its default (off): read so,
         # an earlier run's record compares equal to the same settings written now
         rec["augment"] = {**AugmentConfig().to_dict(), **rec["augment"]}
-    if "intensity" in rec and rec["intensity"] is None and isinstance(rec.get("data"), str):
+    if "intensity" in rec and rec["intensity"] is None and isinstance(data, str):
         # a run recorded before the resolved normalisation was written used the modality's default of then
-        rec["intensity"] = _intensity_default_before_zscore(rec["data"]).to_dict()
+        rec["intensity"] = _intensity_default_before_zscore(data).to_dict()
     if isinstance(rec.get("intensity"), dict):
         # likewise a run recorded before --intensity-stats scaled each case by its own statistics
         rec["intensity"] = {"stats": "case", **rec["intensity"]}
@@ -1161,7 +1169,7 @@ def _write_record(r: _Recipe, history: list[Any]) -> None:
     record = _merged_record(r.out, r.cfg)
     record["overrides"] = history
     record["plan"] = {"costs": {s: v.to_dict() for s, v in r.costs.items()},
-                      "base_steps": getattr(r, "base_steps", {}), "steps_per_epoch": r.spe_fixed}
+                      "base_steps": r.base_steps, "steps_per_epoch": r.spe_fixed}
     atomic_write_text(r.out / "recipe.json", json.dumps(_plain(record), indent=2, default=str))
 
 
