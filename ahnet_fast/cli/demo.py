@@ -10,7 +10,7 @@
    and prints the Dice per class and the time per stage.
 
 On a CPU it uses the ``cpu-small`` preset (AH-Net with one residual block per
-layer, one PSP branch, trilinear upsampling, 64 x 64 x 32 patches) sized to
+layer, one PSP branch, nearest upsampling, 64 x 64 x 32 patches) sized to
 finish in about five minutes on two cores; on a GPU the paper's full
 configuration with the fast AH-Net and bf16, its patches narrowed to the
 demo's volumes.

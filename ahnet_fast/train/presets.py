@@ -5,7 +5,7 @@ steps, workers, precision); options given on the command line win over it. Witho
 the device decides (:func:`default_preset`): a CPU gets ``cpu-small``, never the paper's GPU
 schedule (4000 + 4000 + 8000 steps of a ResNet50 AH-Net: days on a CPU).
 
-* ``cpu-small``: AH-Net with one residual block per layer, one PSP branch, trilinear upsampling,
+* ``cpu-small``: AH-Net with one residual block per layer, one PSP branch, nearest upsampling,
   64 x 64 x 32 patches, the plain FCN for the 2D stage, 60 / 40 / 500 steps, class-balanced
   sampling, cosine learning rate, patches drawn in the main process (``workers 0``: a worker
   process would take a core from torch's threads). The fast AH-Net (its CPU training path is
@@ -22,8 +22,14 @@ schedule (4000 + 4000 + 8000 steps of a ResNet50 AH-Net: days on a CPU).
   Dice under a 20-minute budget, two splits: 0.849 / 0.837 on the cases' own grid, 0.891-0.901 /
   0.861-0.874 with thick slices halved, 0.905-0.908 / 0.884-0.889 with in-plane halved too,
   0.911 / 0.882 with the foreground z-score that is now the default intensity normalisation for
-  MRI (bench/results/unet_budget.md). `ahnet-fast demo` with it: 6.4 minutes on two cores of an
-  Intel Xeon, held-out Dice 0.880.
+  MRI (bench/results/unet_budget.md). ``upsample_mode "nearest"`` (MONAI's option; with it the
+  stem's max-pool is 2 x 2 x 2 instead of 3 x 3 x 3 padded): MONAI's trilinear upsampling has
+  ``align_corners=True``, whose x2 sampling positions drift by half an input voxel from one side of
+  a window to the other, so each upsampled map meets its skip feature misaligned by an amount that
+  depends on the position in the patch; nearest upsampling shifts every position alike (which of
+  the two changes carries the gain was not separated). Held-out Dice 0.911-0.919 / 0.894 instead
+  of 0.906-0.911 / 0.880-0.882 under the same budget.
+  `ahnet-fast demo` with it: 5.8 minutes on two cores of an Intel Xeon, held-out Dice 0.884.
 * ``gpu-paper``: the paper's settings (ResNet50 encoder, MC-FCN, 224 x 224 2D and
   192 x 192 x 32 3D patches, 4000 / 4000 / 8000 steps, fp32), fast AH-Net, 4 workers.
 * ``gpu-12gb``: the paper's model and schedule in bf16, with the memory chooser fitting
@@ -43,7 +49,7 @@ AMP_CHOICES = ("none", "bf16", "fp16", "auto")
 
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu-small": {
-        "model_config": {"layers": (1, 1, 1, 1), "psp_block_num": 1, "upsample_mode": "trilinear"},
+        "model_config": {"layers": (1, 1, 1, 1), "psp_block_num": 1, "upsample_mode": "nearest"},
         "model_2d": "fcn",
         "patch_2d": (64, 64), "batch_2d": 8, "steps_2d": 60,
         "patch_3d": (64, 64, 32), "batch_3d": 2, "steps_decoder": 40, "steps_finetune": 500,
