@@ -38,6 +38,17 @@ def _grad_errors(ref: torch.nn.Module, fast: torch.nn.Module) -> dict[str, float
     return out
 
 
+def _assert_same_grads(ref: torch.nn.Module, fast: torch.nn.Module, y_ref: torch.Tensor, y_fast: torch.Tensor,
+                       tol: float) -> None:
+    """Backpropagate ``mean(y**2)`` through both models; every parameter gradient within ``tol``
+    (:func:`_grad_errors`)."""
+    y_ref.square().mean().backward()
+    y_fast.square().mean().backward()
+    errs = _grad_errors(ref, fast)
+    worst = max(errs, key=errs.get)
+    assert errs[worst] <= tol, f"grad of {worst} off by {errs[worst]:.2e}"
+
+
 def _fresh_input(shape, dtype=torch.float32) -> torch.Tensor:
     return torch.randn(*shape, dtype=dtype)
 
@@ -75,11 +86,7 @@ def test_parity_with_monai_eval_float32(cfg):
     y_m, y_f = monai(x.clone()), fast(x.clone())
     assert torch.isfinite(y_f).all()
     assert _rel(y_f, y_m) <= 1e-4
-    y_m.square().mean().backward()
-    y_f.square().mean().backward()
-    errs = _grad_errors(monai, fast)
-    worst = max(errs, key=errs.get)
-    assert errs[worst] <= 1e-4, f"grad of {worst} off by {errs[worst]:.2e}"
+    _assert_same_grads(monai, fast, y_m, y_f, 1e-4)
 
 
 def test_parity_with_monai_training_float32():
@@ -132,11 +139,7 @@ def test_cpu_small_model_trains_like_the_reference_float64():
     x = _fresh_input((2, 1, 32, 32, 32), torch.float64)
     y_r, y_f = ref(x), fast(x)
     assert _rel(y_f, y_r) <= 1e-9
-    y_r.square().mean().backward()
-    y_f.square().mean().backward()
-    errs = _grad_errors(ref, fast)
-    worst = max(errs, key=errs.get)
-    assert errs[worst] <= 1e-9, f"grad of {worst} off by {errs[worst]:.2e}"
+    _assert_same_grads(ref, fast, y_r, y_f, 1e-9)
     for (name, r), (_, f) in zip(ref.named_buffers(), fast.named_buffers()):
         if r.is_floating_point():
             assert _rel(f, r) <= 1e-9, name
