@@ -15,6 +15,7 @@ import ahnet_fast
 from ahnet_fast.models.fast import FAST_BLOCKS, FastAHNet
 from ahnet_fast.ops import use_backend
 from ahnet_fast.reference import AHNet as ReferenceAHNet
+from ahnet_fast.train.presets import PRESETS
 
 monai_nets = pytest.importorskip("monai.networks.nets")
 
@@ -129,12 +130,12 @@ def test_parity_with_reference_float64_every_psp_and_mode():
 
 
 def test_cpu_small_model_trains_like_the_reference_float64():
-    """The ``cpu-small`` preset's model (nearest upsampling, one PSP branch, 4 classes) in training
+    """The ``cpu-small`` preset's model (4 classes; nearest upsampling, one PSP branch) in training
     mode, float64: output, every parameter gradient and every updated running statistic within
     1e-9 of the reference model (float32 rounding at the 1x1x1 deep levels would hide a real
     difference below MONAI's own float32 error, so the comparison is made in float64)."""
     torch.manual_seed(3)
-    ref = ReferenceAHNet(**SMALL, out_channels=4, psp_block_num=1, upsample_mode="nearest").double().train()
+    ref = ReferenceAHNet(**PRESETS["cpu-small"]["model_config"], out_channels=4).double().train()
     fast = FastAHNet.from_monai(ref).double().train()
     x = _fresh_input((2, 1, 32, 32, 32), torch.float64)
     y_r, y_f = ref(x), fast(x)
