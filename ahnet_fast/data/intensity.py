@@ -179,8 +179,12 @@ def percentile_normalise(
     return _scale(x, st["lo"], st["hi"])
 
 
-def _foreground_values(x: np.ndarray, nonzero: bool, fg_threshold: float, stats: dict[str, Any]) -> np.ndarray:
-    """The voxels statistics are taken over (the foreground when ``nonzero``); records the mask in ``stats``."""
+def _foreground_values(x: np.ndarray, nonzero: bool, fg_threshold: float,
+                       stats: dict[str, Any] | None = None) -> np.ndarray:
+    """The voxels statistics are taken over (the foreground when ``nonzero``); records the mask in
+    ``stats`` when given."""
+    if stats is None:
+        stats = {}
     if not nonzero:
         stats.update(mask="all voxels", foreground_fraction=1.0)
         return x
@@ -288,7 +292,7 @@ def training_window(images: "list[np.ndarray]", cfg: IntensityConfig) -> Intensi
         x = np.asarray(x, dtype=np.float32)
         if not np.all(np.isfinite(x)):
             raise ValueError(f"a training image holds {int((~np.isfinite(x)).sum())} NaN/Inf voxels")
-        v = _foreground_values(x, cfg.nonzero, cfg.fg_threshold, {}).ravel()
+        v = _foreground_values(x, cfg.nonzero, cfg.fg_threshold).ravel()
         step = max(1, -(-v.size // _POOL_PER_IMAGE))
         pooled.append(v[::step])
     values = np.concatenate(pooled)
