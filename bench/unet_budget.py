@@ -198,7 +198,8 @@ def run_unet(data: Path, budget_s: float, threads: int, seed: int = 0,
         dice = [float(np.nanmean([c[i] for c in counts])) for i in range(k)]
         method = "MONAI UNet 16-32-64, DiceCE, 64x64x16 patches" + (
             f", intensity {intensity_mode}" if intensity_mode else "") + (
-            f", intensity stats {intensity_stats}" if intensity_stats != "case" else "")
+            f", intensity stats {intensity_stats}" if intensity_stats != "case" else "") + (
+            f", seed {seed}" if seed else "")
         rows.append({"method": method, "seconds": seconds,
                      "steps": {"train": steps}, "inference": "64x64x16 windows, mirroring "
                      + ("H,W" if len(flips) > 1 else "none"), "dice": dice, "mean_fg_dice": _mean_fg(dice)})
@@ -236,6 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--intensity", choices=("percentile", "zscore"), default=None,
                    help="both methods: this normalisation instead of the modality's default "
                         "(AH-Net: `train --intensity`)")
+    p.add_argument("--unet-seed", type=int, default=0,
+                   help="UNet: seed of its weights and patch draws (AH-Net takes `--seed` in --ahnet-args)")
     args = p.parse_args(argv)
     budget = parse_duration(args.budget)
     out = Path(args.out)
@@ -252,11 +255,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             extra += ["--intensity", args.intensity]
         results += run_ahnet(data, out, budget, args.threads, extra, train=not args.score_only)
     if args.which in ("both", "unet"):
-        results += run_unet(data, budget, args.threads, intensity_stats=args.intensity_stats,
+        results += run_unet(data, budget, args.threads, seed=args.unet_seed, intensity_stats=args.intensity_stats,
                             intensity_mode=args.intensity)
     import torch
 
     record = {"budget_s": budget, "threads": args.threads, "data": str(data), "split": args.split,
+              "unet_seed": args.unet_seed,
               "intensity_stats": args.intensity_stats, "intensity": args.intensity,
               "class_names": names, "machine": platform.processor() or platform.machine(),
               "cpu_count": os.cpu_count(), "torch": torch.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ",
