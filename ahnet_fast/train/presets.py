@@ -27,8 +27,10 @@ schedule (4000 + 4000 + 8000 steps of a ResNet50 AH-Net: days on a CPU).
   ``align_corners=True``, whose x2 sampling positions drift by half an input voxel from one side of
   a window to the other, so each upsampled map meets its skip feature misaligned by an amount that
   depends on the position in the patch; nearest upsampling shifts every position alike (which of
-  the two changes carries the gain was not separated). Held-out Dice 0.911-0.919 / 0.879-0.894
-  (two seeds) instead of 0.906-0.911 / 0.880-0.882 under the same budget.
+  the two changes carries the gain was not separated). Held-out Dice 0.911-0.921 / 0.879-0.894
+  (three seeds) instead of 0.906-0.911 / 0.880-0.882 under the same budget; over the seeds as
+  good as the small MONAI UNet trained for the same time (0.901 against 0.895 as each is run,
+  0.901 against 0.904 both mirrored; bench/results/unet_budget.md).
   `ahnet-fast demo` with it: 5.8 minutes on two cores of an Intel Xeon, held-out Dice 0.884.
 * ``gpu-paper``: the paper's settings (ResNet50 encoder, MC-FCN, 224 x 224 2D and
   192 x 192 x 32 3D patches, 4000 / 4000 / 8000 steps, fp32), fast AH-Net, 4 workers.
