@@ -20,6 +20,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from _spawn import spawn_ranks
+
 WORLD = 2
 SPLIT = (2, 1)  # samples per rank
 
@@ -288,20 +290,8 @@ def _worker_teardown(rank: int, store_file: str) -> None:
 
 
 def _spawn(fn, tmp_path) -> None:
-    """Run ``fn`` on WORLD ranks. A rank killed by a signal (not a failed assertion: those are
-    raised as ProcessRaisedException) is retried once. The known cause of such aborts, gloo
-    threads outliving the group into interpreter shutdown, is removed at its root (the
-    workers call preload_group_pinning_modules before init_process_group, and
-    test_destroy_process_group_frees_gloo_after_fused_ops checks it); the retry guards what is
-    not known. A second abort is reported."""
-    for attempt in range(2):
-        store = tmp_path / f"store{attempt}"
-        try:
-            mp.spawn(fn, args=(str(store),), nprocs=WORLD, join=True)
-            return
-        except mp.ProcessExitedException as exc:
-            if attempt or exc.signal_name is None:
-                raise
+    """Run ``fn`` on WORLD ranks, a rank killed by a signal retried once (tests/_spawn.py)."""
+    spawn_ranks(fn, WORLD, lambda attempt: (str(tmp_path / f"store{attempt}"),))
 
 
 @pytest.mark.timeout(120)

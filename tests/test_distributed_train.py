@@ -25,6 +25,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from _spawn import spawn_ranks
+
 WORLD = 2
 K = 4  # background, CSF/other, GM, WM
 PATCH = (24, 24, 8)
@@ -123,8 +125,9 @@ def test_ddp_two_processes_equal_one_process_and_resume(tmp_path):
 
     from ahnet_fast.train.checkpoint import load_checkpoint
 
-    ddp_out = tmp_path / "ddp"
-    mp.spawn(_train_worker, args=(str(tmp_path / "store"), str(ddp_out)), nprocs=WORLD, join=True)
+    attempt = spawn_ranks(_train_worker, WORLD,
+                          lambda a: (str(tmp_path / f"store{a}"), str(tmp_path / f"ddp{a}")))
+    ddp_out = tmp_path / f"ddp{attempt}"
 
     single = _trainer(tmp_path / "one", batch=4, steps=3)
     single.fit(stop_at_step=2)
