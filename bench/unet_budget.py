@@ -10,8 +10,9 @@ warm-up measurement included; UNet: its training loop), and are scored on the sa
   training patch, mirrored along the trained in-plane flips), and in one pass without mirroring.
 * UNet: ``monai.networks.nets.UNet`` (channels 16-32-64, strides 2-2, two residual units), Dice +
   cross-entropy loss, Adam 1e-3, random 64 x 64 x 16 patches (batch 2; half of them centred on
-  foreground), trained until the budget is spent, then MONAI's sliding-window inference (64 x 64 x 16
-  windows, overlap 0.25), alone and averaged over the same in-plane mirroring.
+  foreground; weights and draws seeded by ``--unet-seed``), trained until the budget is spent, then
+  MONAI's sliding-window inference (64 x 64 x 16 windows, overlap 0.25), alone and averaged over
+  the same in-plane mirroring.
 
 Data: a dataset.json (``--data``; held-out cases = its "test" list with labels, else "validation"),
 or by default the MNI152 tissue task of :mod:`ahnet_fast.data.mni` with a chosen split

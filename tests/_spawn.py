@@ -18,13 +18,13 @@ def spawn_ranks(fn: Callable[..., None], nprocs: int, args_for: Callable[[int], 
     init_process_group; test_destroy_process_group_frees_gloo_after_fused_ops checks it). What
     the retry guards is not known: gloo has aborted a rank with "terminate called without an
     active exception" about once in twenty to a hundred 2-process runs on a loaded 2-core
-    machine, at start-up or around the first collectives.
+    machine (in the sync-BN tests and once in the DDP training test).
     """
-    for attempt in range(2):
-        try:
-            mp.spawn(fn, args=args_for(attempt), nprocs=nprocs, join=True)
-            return attempt
-        except mp.ProcessExitedException as exc:
-            if attempt or exc.signal_name is None:
-                raise
-    raise AssertionError("unreachable")
+    try:
+        mp.spawn(fn, args=args_for(0), nprocs=nprocs, join=True)
+        return 0
+    except mp.ProcessExitedException as exc:
+        if exc.signal_name is None:
+            raise
+    mp.spawn(fn, args=args_for(1), nprocs=nprocs, join=True)
+    return 1
